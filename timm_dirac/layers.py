@@ -14,12 +14,14 @@ from typing import Optional, Tuple, Union
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from timm.layers import register_notrace_function
 
 __all__ = ['DiracConv1d', 'DiracConv2d', 'DiracConv3d', 'dirac_kernel', 'fold_bn']
 
 _size_any = Union[int, Tuple[int, ...]]
 
 
+@register_notrace_function
 def dirac_kernel(weight: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
     """ Compute `alpha * delta + beta * normalize(weight)` for a conv weight of shape (C_out, C_in, *kernel).
 
@@ -30,6 +32,9 @@ def dirac_kernel(weight: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor) 
     delta[:, :, flat.shape[2] // 2] = torch.eye(flat.shape[0], flat.shape[1], dtype=flat.dtype, device=flat.device)
     normalized = F.normalize(flat.flatten(1), dim=1).view_as(flat)
     return (alpha[:, None, None] * delta + beta[:, None, None] * normalized).view_as(weight)
+
+
+torch.fx.wrap('dirac_kernel')  # a leaf for torch.fx: its in-place delta fill is not symbolically traceable
 
 
 @torch.no_grad()

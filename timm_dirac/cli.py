@@ -1,0 +1,30 @@
+""" `timm-dirac` command line: one subcommand per job, each defined in its own module.
+
+A subcommand module provides `add_arguments(parser)` and `run(args) -> int`; it is imported only when used,
+so `timm-dirac convert` does not pay for onnxruntime and `timm-dirac benchmark` does not need huggingface_hub.
+"""
+import argparse
+import importlib
+import sys
+from typing import List, Optional
+
+# subcommand -> (module, one-line help)
+COMMANDS = {
+    'demo': ('timm_dirac.demo', 'build a DiracNet, fold it, check the outputs match and time both forms'),
+}
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog='timm-dirac', description=__doc__.splitlines()[0])
+    subparsers = parser.add_subparsers(dest='command', required=True, metavar='COMMAND')
+    chosen = (argv if argv is not None else sys.argv[1:])[:1]
+    for name, (module_name, help_text) in COMMANDS.items():
+        sub = subparsers.add_parser(name, help=help_text, description=help_text)
+        if name in chosen:
+            importlib.import_module(module_name).add_arguments(sub)
+    args = parser.parse_args(argv)
+    return importlib.import_module(COMMANDS[args.command][0]).run(args) or 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
