@@ -132,6 +132,13 @@ class DiracStage(nn.Module):
             for i in range(depth)
         ])
 
+    def set_grad_checkpointing(self, enable: bool = True):
+        """ Checkpointed segments re-run from their saved input, so no ReLU may then work in place on it. """
+        self.grad_checkpointing = enable
+        downsample = isinstance(self.pool, nn.MaxPool2d)
+        for i, block in enumerate(self.blocks):
+            block.act.inplace = not enable and (downsample or i > 0)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.pool(x)
         if self.grad_checkpointing and not torch.jit.is_scripting():
@@ -268,7 +275,7 @@ class DiracNet(nn.Module):
     def set_grad_checkpointing(self, enable: bool = True):
         for stage in self.stages:
             if isinstance(stage, DiracStage):
-                stage.grad_checkpointing = enable
+                stage.set_grad_checkpointing(enable)
 
     @torch.jit.ignore
     def get_classifier(self) -> nn.Module:
@@ -419,9 +426,21 @@ def _cifar_cfg(url: str = '', **kwargs) -> Dict[str, Any]:
         mean=CIFAR_MEAN, std=CIFAR_STD, **kwargs)
 
 
+# The authors' ImageNet weights (folded v2) load from their own address and are converted on load
+# (convert.checkpoint_filter_fn); their repository has no licence file, so they are not re-hosted. Weights this
+# project trains itself go to the Hub namespace hub.HUB_NAMESPACE (env TIMM_DIRAC_HUB_NAMESPACE) as
+# `hf_hub_id=f'{HUB_NAMESPACE}/<model>.<tag>'`. Reported accuracy: hub.REPORTED_RESULTS.
 default_cfgs = generate_default_cfgs({
-    'diracnet18': _cfg(),
-    'diracnet34': _cfg(),
+    'diracnet18.v2_in1k': _cfg(
+        url='https://s3.amazonaws.com/modelzoo-networks/diracnet18v2folded-a2174e15.pth',
+        origin_url='https://github.com/szagoruyko/diracnets', license='unknown',
+        notes=("The authors' folded v2 weights, downloaded from their address and converted on load.",
+               "ImageNet-1k val top-1 69.63 / top-5 89.12 reported in the authors' export notebook.")),
+    'diracnet34.v2_in1k': _cfg(
+        url='https://s3.amazonaws.com/modelzoo-networks/diracnet34v2folded-dfb15d34.pth',
+        origin_url='https://github.com/szagoruyko/diracnets', license='unknown',
+        notes=("The authors' folded v2 weights, downloaded from their address and converted on load.",
+               'ImageNet-1k val top-1 72.21 reported in the DiracNets paper.')),
     'diracnet28_10_cifar': _cifar_cfg(),
     'diracnet28_5_cifar': _cifar_cfg(),
     'diracnet34_1_cifar': _cifar_cfg(),

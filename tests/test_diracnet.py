@@ -1,0 +1,271 @@
+""" DiracNet models: the authors' v2 architecture, the whole family, folding and timm integration. """
+import copy
+
+import pytest
+import timm
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import timm_dirac
+from timm_dirac import DiracNet, fold_state_dict, unfold_state_dict
+
+SMALL_INPUT = {'imagenet': (3, 64, 64), 'cifar': (3, 32, 32)}
+
+# trainable parameters with the default heads (1000 classes ImageNet, 10 classes CIFAR): REFERENCE.md section 2
+PARAM_COUNTS = {
+    'diracnet18': (11_523_368, 11_511_784),
+    'diracnet34': (21_638_952, 21_616_232),
+    'diracnet28_10_cifar': (36_450_090, None),
+    'diracnet28_5_cifar': (9_124_250, None),
+    'diracnet34_1_cifar': (466_394, None),
+    'diracnet34_2_cifar': (1_854_378, None),
+}
+
+
+def num_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def style_of(model: DiracNet) -> str:
+    return 'imagenet' if isinstance(model.stem.pool, nn.MaxPool2d) else 'cifar'
+
+
+def randomize(model: nn.Module, seed: int = 0) -> nn.Module:
+    """ Give alpha, beta and BN statistics non-trivial values so equivalence checks can fail. """
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(('alpha', 'beta')):
+                p.copy_(torch.rand(p.shape, generator=gen) * 1.5 - 0.25)
+            elif name.endswith('bias'):
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.copy_(torch.randn(m.num_features, generator=gen) * 0.1)
+                m.running_var.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
+    return model.eval()
+
+
+def authors_forward(params: dict, x: torch.Tensor, style: str, layers) -> torch.Tensor:
+    """ The authors' functional v2 forward, written from the paper's formulas (REFERENCE.md sections 1-2). """
+    def bn(x, prefix):
+        return F.batch_norm(x, params[prefix + 'running_mean'], params[prefix + 'running_var'],
+                            params[prefix + 'weight'], params[prefix + 'bias'], training=False, eps=1e-5)
+
+    def dirac_conv(x, prefix):
+        w, alpha, beta = params[prefix + 'weight'], params[prefix + 'alpha'], params[prefix + 'beta']
+        delta = nn.init.dirac_(torch.empty_like(w))
+        w_hat = alpha[:, None, None, None] * delta + beta[:, None, None, None] * w / w.flatten(1).norm(dim=1)[
+            :, None, None, None]
+        return F.conv2d(x, w_hat, padding=1)
+
+    if style == 'imagenet':
+        x = bn(F.conv2d(x, params['stem.conv.weight'], stride=2, padding=3), 'stem.bn.')
+        x = F.max_pool2d(x, 3, 2, 1)
+    else:
+        x = F.relu(bn(F.conv2d(x, params['stem.conv.weight'], padding=1), 'stem.bn.'))
+    for g, num_layers in enumerate(layers):
+        if g > 0:
+            x = F.max_pool2d(x, 2)
+        for b in range(num_layers):
+            prefix = f'stages.{g}.blocks.{b}.'
+            x = bn(dirac_conv(F.relu(x), prefix + 'conv.'), prefix + 'bn.')
+    x = F.adaptive_avg_pool2d(F.relu(x), 1).flatten(1)
+    return F.linear(x, params['head.fc.weight'], params['head.fc.bias'])
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+def test_plugin_registers_the_family():
+    assert set(PARAM_COUNTS) <= set(timm.list_models('diracnet*'))
+
+
+@pytest.mark.parametrize('name', PARAM_COUNTS)
+def test_parameter_counts_match_the_authors(name):
+    train_count, folded_count = PARAM_COUNTS[name]
+    model = timm.create_model(name)
+    assert num_params(model) == train_count
+    if folded_count is not None:
+        assert num_params(timm.create_model(name, inference_mode=True)) == folded_count
+        model.eval().reparameterize()
+        assert num_params(model) == folded_count
+
+
+@pytest.mark.parametrize('name,layers', [('diracnet18', (4, 4, 4, 4)), ('diracnet34', (6, 8, 12, 6)),
+                                         ('diracnet34_1_cifar', (10, 10, 10)), ('diracnet28_5_cifar', (8, 8, 8))])
+def test_forward_matches_the_authors_functional_formulation(name, layers):
+    model = randomize(timm.create_model(name))
+    style = style_of(model)
+    x = torch.randn(2, *SMALL_INPUT[style])
+    params = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+    with torch.no_grad():
+        assert rel_err(model(x), authors_forward(params, x, style, layers)) <= 1e-5
+
+
+def test_initial_values_follow_the_authors():
+    model = timm.create_model('diracnet34_1_cifar')
+    conv, bn = model.stages[1].blocks[0].conv, model.stages[1].blocks[0].bn
+    assert torch.all(conv.alpha == 1.) and torch.all(conv.beta == 0.1)
+    assert torch.all((bn.weight >= 0) & (bn.weight < 1)) and bn.weight.std() > 0 and torch.all(bn.bias == 0)
+    assert [type(m) for m in model.stages[0].blocks[0].children()] == [nn.ReLU, timm_dirac.DiracConv2d,
+                                                                      nn.BatchNorm2d]
+    assert not any(n.endswith('skip') or n.endswith('shortcut') for n, _ in model.named_modules())
+
+
+def test_downsampling_is_max_pooling_between_stages():
+    model = timm.create_model('diracnet18')
+    assert [type(s.pool) for s in model.stages] == [nn.Identity, nn.MaxPool2d, nn.MaxPool2d, nn.MaxPool2d]
+    assert [f['reduction'] for f in model.feature_info] == [2, 4, 8, 16, 32]
+    _, feats = model.forward_intermediates(torch.randn(1, 3, 224, 224))
+    assert [f.shape[-1] for f in feats] == [112, 56, 28, 14, 7]
+
+
+@pytest.mark.parametrize('depth,layers', [(10, (2, 2, 2)), (40, (12, 12, 12)), (100, (32, 32, 32))])
+def test_any_valid_cifar_depth_builds(depth, layers):
+    model = timm.create_model('diracnet34_1_cifar', depth=depth, width=2)
+    assert tuple(len(s.blocks) for s in model.stages) == layers
+    assert [f['num_chs'] for f in model.feature_info] == [32, 32, 64, 128]
+    assert model(torch.randn(1, 3, 32, 32)).shape == (1, 10)
+
+
+def test_layers_override_depth():
+    model = timm.create_model('diracnet18', layers=(1, 2, 3, 1), width=0.5)
+    assert tuple(len(s.blocks) for s in model.stages) == (1, 2, 3, 1)
+    assert model.num_features == 256
+
+
+@pytest.mark.parametrize('name,depth,valid', [('diracnet34_1_cifar', 30, '10, 16, 22, 28, 34'),
+                                              ('diracnet18', 50, '[18, 34]')])
+def test_invalid_depth_lists_the_valid_ones(name, depth, valid):
+    with pytest.raises(ValueError, match=valid.replace('[', r'\[').replace(']', r'\]')):
+        timm.create_model(name, depth=depth)
+
+
+def test_without_dirac_switch_builds_the_plain_baseline():
+    model = timm.create_model('diracnet34_1_cifar', dirac=False)
+    assert not any(isinstance(m, timm_dirac.DiracConv2d) for m in model.modules())
+    alpha_beta = 2 * 10 * (16 + 32 + 64)  # one alpha and one beta per channel of each of the 30 Dirac layers
+    assert num_params(model) == PARAM_COUNTS['diracnet34_1_cifar'][0] - alpha_beta
+    model = randomize(model)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = model(x)
+        model.reparameterize()
+        assert rel_err(model(x), expected) <= 1e-5
+
+
+def test_timm_kwargs_num_classes_in_chans_drop_rate():
+    model = timm.create_model('diracnet34', num_classes=10, in_chans=1, drop_rate=0.2)
+    assert model.stem.conv.in_channels == 1 and model.head.drop.p == 0.2
+    assert model(torch.randn(2, 1, 64, 64)).shape == (2, 10)
+
+
+def test_features_only_out_indices():
+    model = timm.create_model('diracnet18', features_only=True, out_indices=(1, 2, 3))
+    feats = model(torch.randn(1, 3, 64, 64))
+    assert model.feature_info.channels() == [64, 128, 256]
+    assert [f.shape[1:] for f in feats] == [(64, 16, 16), (128, 8, 8), (256, 4, 4)]
+
+
+FOLDED_TYPES = (nn.Conv2d, nn.ReLU, nn.MaxPool2d, nn.AdaptiveAvgPool2d, nn.Linear, nn.Identity, nn.Flatten,
+                nn.Dropout)
+
+
+@pytest.mark.parametrize('name', PARAM_COUNTS)
+def test_folding_keeps_eval_outputs_and_leaves_a_plain_chain(name):
+    model = randomize(timm.create_model(name))
+    x = torch.randn(2, *SMALL_INPUT[style_of(model)])
+    with torch.no_grad():
+        expected = model(x)
+        model.reparameterize()
+        model.reparameterize()  # idempotent
+        assert rel_err(model(x), expected) <= 1e-5
+    leaves = [m for m in model.modules() if not list(m.children())]
+    assert all(type(m) in FOLDED_TYPES or type(m).__name__ == 'SelectAdaptivePool2d' or
+               isinstance(m, timm.layers.adaptive_avgmax_pool.FastAdaptiveAvgPool) for m in leaves), \
+        {type(m).__name__ for m in leaves}
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    assert all(type(c) is nn.Conv2d and c.bias is not None for c in convs)
+    assert not any(n.endswith(('alpha', 'beta')) or '.bn.' in n for n, _ in model.named_parameters())
+    assert model.inference_mode
+
+
+def test_timm_reparameterize_model_folds_a_copy():
+    model = randomize(timm.create_model('diracnet34_1_cifar'))
+    folded = timm.utils.reparameterize_model(model)
+    x = torch.randn(2, 3, 32, 32)
+    assert any(isinstance(m, nn.BatchNorm2d) for m in model.modules())  # original untouched
+    assert not any(isinstance(m, (nn.BatchNorm2d, timm_dirac.DiracConv2d)) for m in folded.modules())
+    with torch.no_grad():
+        assert rel_err(folded(x), model(x)) <= 1e-5
+
+
+def test_inference_mode_builds_folded_and_loads_folded_state_dict_strictly():
+    model = randomize(timm.create_model('diracnet34_1_cifar'))
+    folded = timm.create_model('diracnet34_1_cifar', inference_mode=True).eval()
+    folded.load_state_dict(fold_state_dict(model.state_dict()), strict=True)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert rel_err(folded(x), model(x)) <= 1e-5
+
+
+def test_unfolding_a_folded_state_dict_is_exact_enough_to_fine_tune():
+    model = randomize(timm.create_model('diracnet34_1_cifar'))
+    train_form = timm.create_model('diracnet34_1_cifar').eval()
+    train_form.load_state_dict(unfold_state_dict(fold_state_dict(model.state_dict())), strict=True)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert rel_err(train_form(x), model(x)) <= 1e-5
+
+
+def test_loading_the_wrong_form_says_which_form_and_what_to_do():
+    train_sd = timm.create_model('diracnet34_1_cifar').state_dict()
+    folded = timm.create_model('diracnet34_1_cifar', inference_mode=True)
+    with pytest.raises(RuntimeError, match='train-form DiracNet.*inference_mode=False.*reparameterize'):
+        folded.load_state_dict(train_sd)
+    with pytest.raises(RuntimeError, match='folded DiracNet.*inference_mode=True'):
+        timm.create_model('diracnet34_1_cifar').load_state_dict(folded.state_dict())
+
+
+def test_folded_model_scripts_traces_and_exports():
+    model = randomize(timm.create_model('diracnet34_1_cifar', depth=10))
+    model.reparameterize()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = model(x)
+        torch.testing.assert_close(torch.jit.script(model)(x), expected)
+        torch.testing.assert_close(torch.fx.symbolic_trace(model)(x), expected)
+        torch.testing.assert_close(torch.export.export(model, (x,)).module()(x), expected)
+
+
+def test_train_form_traces_with_plain_torch_fx():
+    model = randomize(timm.create_model('diracnet34_1_cifar', depth=10))
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(torch.fx.symbolic_trace(model)(x), model(x))
+
+
+def test_model_folded_after_creation_round_trips_through_save_for_hf(tmp_path):
+    model = randomize(timm.create_model('diracnet34_1_cifar', depth=16))
+    model.reparameterize()
+    timm.models.save_for_hf(model, tmp_path / 'folded', safe_serialization=True)
+    loaded = timm.create_model(f'local-dir:{tmp_path / "folded"}', pretrained=True).eval()
+    assert loaded.inference_mode and not any(isinstance(m, nn.BatchNorm2d) for m in loaded.modules())
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model(x))
+
+
+def test_grad_checkpointing_keeps_outputs_and_gradients():
+    model = timm.create_model('diracnet34_1_cifar', depth=10)
+    x = torch.randn(2, 3, 32, 32)
+    reference = copy.deepcopy(model)
+    model.set_grad_checkpointing()
+    out, ref = model(x), reference(x)
+    torch.testing.assert_close(out, ref)
+    out.sum().backward()
+    ref.sum().backward()
+    torch.testing.assert_close(model.stem.conv.weight.grad, reference.stem.conv.weight.grad)
