@@ -1,22 +1,39 @@
-""" State-dict conversion between the train form and the folded form of DiracNets
+""" State-dict conversion for DiracNets: train form <-> folded form, and the authors' checkpoint formats
 
 Train form: `stem.conv.weight` + `stem.bn.*`, per Dirac layer `...conv.{weight,alpha,beta}` + `...bn.*`.
 Folded form: `stem.conv.{weight,bias}`, per layer `...conv.{weight,bias}`, no BatchNorm.
 
 Folding (REFERENCE.md section 3) uses the BN running statistics; unfolding is exact: a folded conv (Wf, bf)
 is reproduced by alpha = 0, beta = ||Wf[o]||, W = Wf, BN weight 1, bias bf, mean 0, var 1 - eps.
+
+The authors' releases (github.com/szagoruyko/diracnets, v2) come in two formats, told apart by their keys:
+- folded state dicts: `features.conv.*`, `features.group{g}.block{b}.conv.*`, `fc.*`;
+- functional checkpoints: `{'params': ..., 'stats': ...}` or `{'params': ..., 'epoch': ..., 'optimizer': ...}` with
+  `conv`, `bn.*`, `group{g}.block{b}.{conv,alpha,beta,bn.*}`, `fc.*` and identity tensors `eye*` (dropped).
+`checkpoint_filter_fn` converts either (and our own forms) into the form of the model being loaded.
 """
-from typing import Dict
+import argparse
+import os
+import re
+from pathlib import Path
+from typing import Any, Dict, Mapping, Optional, Tuple
 
 import torch
 import torch.nn as nn
 
 from .layers import dirac_kernel
 
-__all__ = ['fold_state_dict', 'unfold_state_dict', 'is_folded_state_dict', 'checkpoint_filter_fn']
+__all__ = [
+    'fold_state_dict', 'unfold_state_dict', 'is_folded_state_dict', 'checkpoint_filter_fn', 'detect_format',
+    'convert_authors_checkpoint', 'to_timm_state_dict', 'load_checkpoint_file',
+]
 
 BN_EPS = 1e-5
 _BN_STATS = ('weight', 'bias', 'running_mean', 'running_var', 'num_batches_tracked')
+_AUTHORS_FOLDED_RE = re.compile(r'^features\.group(\d+)\.block(\d+)\.conv\.(weight|bias)$')
+_AUTHORS_LAYER_RE = re.compile(r'^group(\d+)\.block(\d+)\.(conv|alpha|beta|bn\.\w+)$')
+_LAYER_RE = re.compile(r'^stages\.(\d+)\.blocks\.(\d+)\.conv\.weight$')
+_FORMATS = ('timm', 'timm_folded', 'authors_folded', 'authors_functional')
 
 
 def is_folded_state_dict(state_dict: Dict[str, torch.Tensor]) -> bool:
@@ -72,8 +89,174 @@ def unfold_state_dict(
     return out
 
 
-def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: nn.Module) -> Dict[str, torch.Tensor]:
-    """ timm `pretrained_filter_fn`: bring a DiracNet state dict into the form (train or folded) of `model`. """
+def _unwrap(checkpoint: Any) -> Mapping[str, Any]:
+    """ The state dict inside common checkpoint containers, with DDP / torch.compile key prefixes removed. """
+    if not isinstance(checkpoint, Mapping):
+        raise ValueError(f'Not a DiracNet checkpoint: it holds a {type(checkpoint).__name__}, not a dict of tensors.')
+    for key in ('state_dict_ema', 'model_ema', 'state_dict', 'model'):
+        if isinstance(checkpoint.get(key), Mapping):
+            checkpoint = checkpoint[key]
+            break
+    out = {}
+    for k, v in checkpoint.items():
+        k = str(k)
+        for prefix in ('module.', '_orig_mod.'):
+            k = k[len(prefix):] if k.startswith(prefix) else k
+        out[k] = v
+    return out
+
+
+def detect_format(checkpoint: Any) -> str:
+    """ Which DiracNet checkpoint format `checkpoint` is, from its keys: 'timm' (train form), 'timm_folded',
+    'authors_folded' or 'authors_functional'. Raises ValueError, naming what it found, for anything else. """
+    if isinstance(checkpoint, Mapping) and isinstance(checkpoint.get('params'), Mapping):
+        return 'authors_functional'
+    state_dict = _unwrap(checkpoint)
+    if 'stem.conv.weight' in state_dict:
+        return 'timm_folded' if is_folded_state_dict(state_dict) else 'timm'
+    if 'features.conv.weight' in state_dict:
+        return 'authors_folded'
+    if 'conv' in state_dict and 'bn.running_var' in state_dict:
+        return 'authors_functional'  # a functional `params` dict saved on its own
+    keys = ', '.join(list(state_dict)[:8]) or 'no keys'
+    raise ValueError(
+        f'Not a DiracNet checkpoint: found {keys}{", ..." if len(state_dict) > 8 else ""}. Expected a timm-dirac state '
+        f'dict (stem.conv.weight, stages.*), an authors\' folded one (features.conv.weight, features.group*, fc.*) or '
+        f'an authors\' functional checkpoint (a dict with params). Check that the file is the DiracNet weight file.')
+
+
+def _tensor(name: str, value: Any) -> torch.Tensor:
+    if not isinstance(value, torch.Tensor):
+        raise ValueError(f'Not a DiracNet checkpoint: {name!r} holds a {type(value).__name__}, not a tensor.')
+    return value.detach()  # saved nn.Parameters / requires_grad tensors of torch 0.3/0.4 -> plain tensors
+
+
+def _flatten(tree: Mapping[str, Any], prefix: str = '') -> Dict[str, Any]:
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, Mapping):
+            out.update(_flatten(v, f'{prefix}{k}.'))
+        else:
+            out[f'{prefix}{k}'] = v
+    return out
+
+
+def _convert_authors_folded(state_dict: Mapping[str, Any]) -> Dict[str, torch.Tensor]:
+    out, unknown = {}, []
+    for k, v in state_dict.items():
+        if k in ('features.conv.weight', 'features.conv.bias'):
+            out['stem.' + k[len('features.'):]] = _tensor(k, v)
+        elif k in ('fc.weight', 'fc.bias'):
+            out['head.' + k] = _tensor(k, v)
+        elif m := _AUTHORS_FOLDED_RE.match(k):
+            out[f'stages.{m[1]}.blocks.{m[2]}.conv.{m[3]}'] = _tensor(k, v)
+        else:
+            unknown.append(k)
+    if unknown:
+        raise ValueError(f'Unexpected keys in an authors\' folded DiracNet checkpoint: {unknown[:8]}.')
+    if 'stem.conv.bias' not in out:  # bias-free stem conv: a zero bias keeps it a folded state dict
+        out['stem.conv.bias'] = torch.zeros(out['stem.conv.weight'].shape[0], dtype=out['stem.conv.weight'].dtype)
+    return out
+
+
+def _convert_authors_functional(checkpoint: Mapping[str, Any]) -> Dict[str, torch.Tensor]:
+    tensors = _flatten(checkpoint['params']) if isinstance(checkpoint.get('params'), Mapping) else dict(checkpoint)
+    if isinstance(checkpoint.get('stats'), Mapping):
+        tensors.update(_flatten(checkpoint['stats']))
+    out, unknown = {}, []
+    for k, v in tensors.items():
+        if k.startswith('eye'):
+            continue  # the identity kernels, recomputed by DiracConv2d
+        if k == 'conv':
+            out['stem.conv.weight'] = _tensor(k, v)
+        elif k.startswith('bn.'):
+            out['stem.' + k] = _tensor(k, v)
+        elif k in ('fc.weight', 'fc.bias'):
+            out['head.' + k] = _tensor(k, v)
+        elif m := _AUTHORS_LAYER_RE.match(k):
+            prefix, name = f'stages.{m[1]}.blocks.{m[2]}.', m[3]
+            out[prefix + {'conv': 'conv.weight', 'alpha': 'conv.alpha', 'beta': 'conv.beta'}.get(name, name)] = \
+                _tensor(k, v)
+        else:
+            unknown.append(k)
+    if unknown:
+        raise ValueError(f'Unexpected keys in an authors\' functional DiracNet checkpoint: {unknown[:8]}.')
+    for key in [k for k in out if k.endswith('conv.weight')]:
+        prefix, channels = key[:-len('conv.weight')], out[key].shape[0]
+        for name in ('alpha', 'beta'):  # v2 before April 2018 had one alpha / beta per layer: broadcast it
+            if prefix + 'conv.' + name in out:
+                out[prefix + 'conv.' + name] = out[prefix + 'conv.' + name].reshape(-1).expand(channels).clone()
+        missing = [n for n in _BN_STATS[:4] if prefix + 'bn.' + n not in out]
+        if missing:
+            raise ValueError(
+                f'The authors\' functional checkpoint lacks {", ".join(prefix + "bn." + n for n in missing)} '
+                f'(BatchNorm statistics; older checkpoints keep them under "stats"): it cannot be converted.')
+        out.setdefault(prefix + 'bn.num_batches_tracked', torch.tensor(0))
+    return out
+
+
+def convert_authors_checkpoint(checkpoint: Any) -> Dict[str, torch.Tensor]:
+    """ Convert one of the authors' v2 checkpoints into our keys: a folded one into the folded form, a functional
+    one (either layout, ImageNet or CIFAR) into the train form. """
+    fmt = detect_format(checkpoint)
+    if fmt == 'authors_folded':
+        return _convert_authors_folded(_unwrap(checkpoint))
+    if fmt == 'authors_functional':
+        return _convert_authors_functional(checkpoint)
+    raise ValueError(f'This is a {fmt} checkpoint, not one of the authors\'; use to_timm_state_dict().')
+
+
+def to_timm_state_dict(checkpoint: Any) -> Dict[str, torch.Tensor]:
+    """ Any supported DiracNet checkpoint (ours or the authors', any container) as our state dict, unchanged in
+    form (train or folded). """
+    fmt = detect_format(checkpoint)
+    if fmt.startswith('authors'):
+        return convert_authors_checkpoint(checkpoint)
+    return {k: _tensor(k, v) for k, v in _unwrap(checkpoint).items()}
+
+
+def _structure(state_dict: Mapping[str, torch.Tensor]) -> Tuple[Tuple[int, ...], Tuple[int, ...]]:
+    """ (Dirac layers per stage, stage widths) of a state dict in our keys. """
+    layers: Dict[int, int] = {}
+    widths: Dict[int, int] = {}
+    for k, v in state_dict.items():
+        if m := _LAYER_RE.match(k):
+            g, b = int(m[1]), int(m[2])
+            layers[g] = max(layers.get(g, 0), b + 1)
+            widths[g] = v.shape[0]
+    return tuple(layers[g] for g in sorted(layers)), tuple(widths[g] for g in sorted(widths))
+
+
+def _describe(layers: Tuple[int, ...], widths: Tuple[int, ...]) -> str:
+    """ The registered model matching a structure, or the kwargs that build it. """
+    from .diracnet import IMAGENET_LAYERS
+    if len(layers) == 4:
+        depth = next((d for d, ls in IMAGENET_LAYERS.items() if ls == layers), None)
+        if depth is not None and widths[0] == 64:
+            return f"'diracnet{depth}'"
+        return f"'diracnet18' with layers={layers}, width={widths[0] / 64:g}"
+    if len(layers) == 3 and len(set(layers)) == 1 and layers[0] % 2 == 0:
+        return f"depth={3 * layers[0] + 4}, width={widths[0] / 16:g}, style='cifar' (diracnet<depth>_<width>_cifar)"
+    return f'layers={layers} with stage widths {widths}'
+
+
+def check_structure(state_dict: Mapping[str, torch.Tensor], model: nn.Module):
+    """ Raise a clear error when a state dict (our keys) is for another DiracNet shape than `model`. """
+    want = _structure(model.state_dict())
+    got = _structure(state_dict)
+    if got != want:
+        name = getattr(model, 'pretrained_cfg', {}).get('architecture', type(model).__name__)
+        raise ValueError(
+            f'This checkpoint has Dirac layers per stage {got[0]} and widths {got[1]}, but the model {name} has '
+            f'{want[0]} and {want[1]}: the checkpoint is for another DiracNet. Create the model that matches it: '
+            f'{_describe(*got)}.')
+
+
+def checkpoint_filter_fn(state_dict: Dict[str, Any], model: nn.Module) -> Dict[str, torch.Tensor]:
+    """ timm `pretrained_filter_fn`: bring any supported DiracNet checkpoint (ours in either form, the authors'
+    folded or functional ones) into the form (train or folded) and keys of `model`. """
+    state_dict = to_timm_state_dict(state_dict)
+    check_structure(state_dict, model)
     model_folded = not isinstance(model.stem.bn, nn.BatchNorm2d)
     if model_folded and not is_folded_state_dict(state_dict):
         return fold_state_dict(state_dict)
@@ -81,3 +264,92 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: nn.Module) 
         dirac = any(name.endswith('conv.alpha') for name, _ in model.named_parameters())
         return unfold_state_dict(state_dict, dirac=dirac)
     return state_dict
+
+
+def load_checkpoint_file(path: os.PathLike) -> Any:
+    """ Read a checkpoint with `torch.load(weights_only=True)` (never unpickles code) or safetensors, with errors
+    that say what is wrong with the file. """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f'Checkpoint {path} does not exist.')
+    if path.suffix == '.safetensors':
+        from safetensors.torch import load_file
+        try:
+            return load_file(path)
+        except Exception as e:
+            raise ValueError(f'{path} is not a readable safetensors file ({e}); it may be truncated or corrupt: '
+                             f'download or write it again.') from e
+    try:
+        return torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as e:
+        raise ValueError(
+            f'{path} could not be read as a checkpoint with torch.load(weights_only=True): {type(e).__name__}: '
+            f'{str(e).splitlines()[0] if str(e) else ""}. It may be truncated, corrupt, or a pickle that is not a '
+            f'tensor checkpoint (arbitrary pickles are never unpickled).') from e
+
+
+def pretrained_source_error(
+        variant: str,
+        error: OSError,
+        pretrained_cfg: Optional[Any] = None,
+        pretrained_cfg_overlay: Optional[Dict[str, Any]] = None,
+) -> RuntimeError:
+    """ An error for pretrained weights that could not be fetched, naming the source and the offline fix.
+
+    For `_create_diracnet`: `except OSError as e: raise pretrained_source_error(variant, e, ...) from e`.
+    """
+    from timm.models._builder import _resolve_pretrained_source
+    from timm.models import resolve_pretrained_cfg
+
+    cfg = resolve_pretrained_cfg(variant, pretrained_cfg=pretrained_cfg, pretrained_cfg_overlay=pretrained_cfg_overlay)
+    cfg = cfg.to_dict() if hasattr(cfg, 'to_dict') else dict(cfg or {})
+    load_from, location = _resolve_pretrained_source(cfg)
+    name = f"{cfg.get('architecture', variant)}{'.' + cfg['tag'] if cfg.get('tag') else ''}"
+    where = {'hf-hub': 'the Hugging Face Hub repository', 'url': 'the address', 'file': 'the file'}.get(load_from, '')
+    filename = os.path.basename(str(cfg.get('url') or 'weights.pth'))
+    fix = (f"If you have a copy of the weights (e.g. {filename}"
+           f"{' from ' + cfg['url'] if cfg.get('url') else ''}), load it with timm.create_model('{name}', "
+           f"pretrained=True, pretrained_cfg_overlay=dict(file='/path/to/{filename}')).")
+    if load_from == 'url':
+        fix += f' Or copy it to {os.path.join(torch.hub.get_dir(), "checkpoints", filename)}, where timm looks first.'
+    if load_from == 'hf-hub':
+        fix += (' Hub weights are also read from the local Hugging Face cache (HF_HUB_CACHE, HF_HUB_OFFLINE=1) once '
+                f'downloaded, e.g. with `hf download {location if isinstance(location, str) else location[0]}`.')
+    return RuntimeError(f'Could not load the pretrained weights of {name} from {where} {location}: '
+                        f'{type(error).__name__}: {error}. {fix}')
+
+
+def add_arguments(parser: argparse.ArgumentParser):
+    parser.add_argument('source', help='checkpoint path or URL: ours (train or folded) or the authors\' (folded or '
+                                       'functional v2), read with weights_only=True')
+    parser.add_argument('--model', required=True, help='architecture (optionally .tag), e.g. diracnet18')
+    parser.add_argument('--out', required=True, help='output Hub folder (must not exist unless --overwrite)')
+    parser.add_argument('--form', choices=('auto', 'train', 'folded'), default='auto',
+                        help='form of the written weights; auto keeps the source\'s form (default)')
+    parser.add_argument('--overwrite', action='store_true', help='replace an existing output folder')
+
+
+def run(args: argparse.Namespace) -> int:
+    import timm
+    from .hub import save_hub_folder
+
+    source = args.source
+    if Path(args.out).exists() and not args.overwrite:
+        raise FileExistsError(f'{args.out} already exists; nothing was written. Choose another --out, or pass '
+                              f'--overwrite to replace it.')
+    if '://' in source:
+        checkpoint = torch.hub.load_state_dict_from_url(source, map_location='cpu', weights_only=True)
+    else:
+        checkpoint = load_checkpoint_file(source)
+    fmt = detect_format(checkpoint)
+    folded = fmt.endswith('folded') if args.form == 'auto' else args.form == 'folded'
+    overlay = dict(state_dict=checkpoint)
+    if not fmt.startswith('authors'):
+        overlay.update(url='', hf_hub_id=None, tag=None, origin_url=None, license=None)  # not the tag's weights
+    model = timm.create_model(args.model, pretrained=True, inference_mode=folded, pretrained_cfg_overlay=overlay)
+    model.pretrained_cfg.pop('state_dict', None)
+    train_info = {'converted from': f'{source} ({fmt} format)'}
+    out = save_hub_folder(model.eval(), args.out, train_info=train_info, overwrite=args.overwrite)
+    print(f'wrote {out}: {", ".join(sorted(p.name for p in out.iterdir()))} '
+          f'({"folded" if folded else "train"} form, from a checkpoint in the {fmt} format)')
+    return 0

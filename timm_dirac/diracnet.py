@@ -21,7 +21,7 @@ from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_c
 from timm.models._features import feature_take_indices
 from timm.models._input import update_model_args
 
-from .convert import checkpoint_filter_fn
+from .convert import checkpoint_filter_fn, pretrained_source_error
 from .layers import DiracConv2d, fold_bn
 
 __all__ = ['DiracNet', 'DiracBlock', 'DiracStage', 'DiracStem', 'dirac_layers']
@@ -392,14 +392,20 @@ def _init_bn(bn: nn.BatchNorm2d) -> nn.BatchNorm2d:
 
 def _create_diracnet(variant: str, pretrained: bool = False, **kwargs) -> DiracNet:
     num_levels = 1 + (4 if kwargs.get('style', 'imagenet') == 'imagenet' else 3)
-    return build_model_with_cfg(
-        DiracNet,
-        variant,
-        pretrained,
-        pretrained_filter_fn=checkpoint_filter_fn,
-        feature_cfg=dict(flatten_sequential=True, out_indices=tuple(range(num_levels))),
-        **kwargs,
-    )
+    try:
+        return build_model_with_cfg(
+            DiracNet,
+            variant,
+            pretrained,
+            pretrained_filter_fn=checkpoint_filter_fn,
+            feature_cfg=dict(flatten_sequential=True, out_indices=tuple(range(num_levels))),
+            **kwargs,
+        )
+    except OSError as e:  # URLError and huggingface_hub's network / cache errors are all OSErrors
+        if not pretrained:
+            raise
+        raise pretrained_source_error(
+            variant, e, kwargs.get('pretrained_cfg'), kwargs.get('pretrained_cfg_overlay')) from e
 
 
 def _cfg(url: str = '', **kwargs) -> Dict[str, Any]:

@@ -1,0 +1,154 @@
+""" `timm-dirac validate`: top-1 / top-5 accuracy and cross-entropy of a model on an image folder or a dataset
+
+The model's own preprocessing (timm `resolve_data_config` + `create_transform`, overridable) is used. Datasets:
+an image folder (one sub-folder per class), or `hfds/<Hub id or local path>` for a Hugging Face `datasets`
+dataset (e.g. `hfds/../shared/data/cifar10`), through timm's `create_dataset`. `--split test[:500]` picks a slice.
+Weights: `--pretrained` (the model's tag), `--checkpoint` (a Hub folder or a checkpoint file), or a model name
+`local-dir:<folder>` / `hf-hub:<repo id>`.
+"""
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+__all__ = ['create_validation_model', 'create_validation_dataset', 'validate']
+
+
+def create_validation_model(
+        model_name: str,
+        pretrained: bool = False,
+        checkpoint: Optional[str] = None,
+        **kwargs,
+) -> nn.Module:
+    """ A model for validation: `model_name` with its pretrained weights, a Hub folder or a checkpoint file.
+
+    A Hub folder's config.json must name `model_name`'s architecture (when a registry name is given).
+    """
+    import timm
+    from .hub import check_hub_folder
+
+    if checkpoint is None:
+        return timm.create_model(model_name, pretrained=pretrained or model_name.startswith(('local-dir:', 'hf-hub:')),
+                                 **kwargs)
+    path = Path(checkpoint)
+    if path.is_dir():
+        config = check_hub_folder(path)
+        arch = model_name.split('.')[0] if model_name else None
+        if arch and not arch.startswith(('local-dir:', 'hf-hub:')) and config['architecture'] != arch:
+            raise ValueError(f'{path / "config.json"} names architecture {config["architecture"]!r}, not {arch!r}: '
+                             f'the folder holds another model. Pass --model {config["architecture"]} or omit --model.')
+        return timm.create_model(f'local-dir:{path}', pretrained=True, **kwargs)
+    if not model_name:
+        raise ValueError(f'--checkpoint {checkpoint} is a file: name its architecture with --model.')
+    return timm.create_model(model_name, pretrained=True, pretrained_cfg_overlay=dict(file=str(path)), **kwargs)
+
+
+def create_validation_dataset(dataset: str, split: str = 'validation', transform=None):
+    """ `hfds/<id or path>` -> timm's Hugging Face datasets reader; otherwise an image folder (timm ImageDataset,
+    looking for a `split` sub-folder first). """
+    from timm.data import create_dataset
+
+    if dataset.lower().startswith('hfds/'):
+        return create_dataset(dataset, root=None, split=split, transform=transform)
+    if not Path(dataset).is_dir():
+        raise FileNotFoundError(f'Dataset {dataset} is not a folder. Give an image folder (one sub-folder per class) '
+                                f'or hfds/<Hub id or local path> for a Hugging Face datasets dataset.')
+    return create_dataset('', root=dataset, split=split, search_split=True, transform=transform)
+
+
+@torch.no_grad()
+def validate(
+        model: nn.Module,
+        dataset: torch.utils.data.Dataset,
+        batch_size: int = 128,
+        workers: int = 0,
+        device: str = 'cpu',
+        progress: bool = True,
+) -> Dict[str, Any]:
+    """ Top-1 / top-5 accuracy (%) and mean cross-entropy of `model` (eval mode) over `dataset`. """
+    from tqdm import tqdm
+
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers, shuffle=False)
+    model = model.eval().to(device)
+    count, correct1, correct5, loss_sum = 0, 0, 0, 0.
+    start = time.perf_counter()
+    for images, targets in tqdm(loader, desc='validate', unit='batch', disable=not progress, file=sys.stderr):
+        images, targets = images.to(device), targets.to(device)
+        logits = model(images)
+        if int(targets.max()) >= logits.shape[1]:
+            raise ValueError(f'The dataset has label {int(targets.max())} but the model has {logits.shape[1]} '
+                             f'classes: validate a model trained on this label set (or pass --num-classes).')
+        loss_sum += F.cross_entropy(logits.float(), targets, reduction='sum').item()
+        top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
+        hits = top5 == targets[:, None]
+        correct1 += hits[:, 0].sum().item()
+        correct5 += hits.any(dim=1).sum().item()
+        count += targets.shape[0]
+    if count == 0:
+        raise ValueError('The dataset is empty: check the path and --split.')
+    return dict(
+        samples=count,
+        top1=round(100. * correct1 / count, 3),
+        top5=round(100. * correct5 / count, 3),
+        loss=round(loss_sum / count, 5),
+        seconds=round(time.perf_counter() - start, 2),
+    )
+
+
+def add_arguments(parser: argparse.ArgumentParser):
+    parser.add_argument('--model', default='', help='model name (name.tag, local-dir:<folder>, hf-hub:<repo id>)')
+    src = parser.add_mutually_exclusive_group()
+    src.add_argument('--pretrained', action='store_true', help="load the model's pretrained weights")
+    src.add_argument('--checkpoint', default=None, help='Hub folder (config.json + model.safetensors) or a '
+                                                          'checkpoint file (ours or the authors\')')
+    parser.add_argument('--dataset', required=True, help='image folder, or hfds/<Hub id or local path>')
+    parser.add_argument('--split', default='validation', help='split, e.g. validation, test, test[:1000]')
+    parser.add_argument('--batch-size', type=int, default=128)
+    parser.add_argument('--workers', type=int, default=2)
+    parser.add_argument('--num-classes', type=int, default=None, help='override the classifier size')
+    parser.add_argument('--img-size', type=int, default=None, help='override the input size')
+    parser.add_argument('--crop-pct', type=float, default=None, help='override the crop fraction')
+    parser.add_argument('--interpolation', default=None, help='override the resize interpolation')
+    parser.add_argument('--reparam', action='store_true', help='fold the model (timm reparameterize_model) first')
+    parser.add_argument('--device', default='cpu')
+    parser.add_argument('--json', default=None, metavar='PATH', help="write the results as JSON ('-' for stdout)")
+    parser.add_argument('--no-progress', action='store_true', help='no progress bar')
+
+
+def run(args: argparse.Namespace) -> int:
+    from timm.data import create_transform, resolve_data_config
+    from timm.utils import reparameterize_model
+
+    if not args.model and not args.checkpoint:
+        raise SystemExit('validate: give --model NAME (with --pretrained or --checkpoint) or --checkpoint FOLDER.')
+    kwargs = {} if args.num_classes is None else dict(num_classes=args.num_classes)
+    model = create_validation_model(args.model, args.pretrained, args.checkpoint, **kwargs)
+    if args.reparam:
+        model = reparameterize_model(model)
+    overrides = {k: v for k, v in dict(
+        img_size=args.img_size, crop_pct=args.crop_pct, interpolation=args.interpolation).items() if v is not None}
+    data_config = resolve_data_config(overrides, model=model)
+    dataset = create_validation_dataset(args.dataset, args.split, create_transform(**data_config, is_training=False))
+    results = dict(
+        model=args.model or model.pretrained_cfg.get('architecture'),
+        weights=args.checkpoint or ('pretrained' if args.pretrained else 'random init'),
+        dataset=args.dataset, split=args.split, reparam=args.reparam,
+        param_count=round(sum(p.numel() for p in model.parameters()) / 1e6, 4),
+        input_size=list(data_config['input_size']), crop_pct=data_config['crop_pct'],
+        interpolation=data_config['interpolation'],
+        **validate(model, dataset, args.batch_size, args.workers, args.device, progress=not args.no_progress),
+    )
+    width = max(len(k) for k in results)
+    table = '\n'.join(f'{k:<{width}}  {v}' for k, v in results.items())
+    print(table, file=sys.stderr if args.json == '-' else sys.stdout)
+    if args.json == '-':
+        print(json.dumps(results))
+    elif args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2) + '\n')
+    return 0
