@@ -1,0 +1,131 @@
+""" timm_dirac.data: the shipped CIFAR-10 sample, image folders, transforms and exact sharded evaluation. """
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from torch.utils.data import TensorDataset
+from torchvision import transforms
+
+import timm
+import timm_dirac  # noqa: F401
+from timm.data import resolve_data_config
+from timm_dirac.data import DataError, eval_indices, eval_loader, eval_transform, load_split, train_transform
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """ accelerate keeps one process-wide state (precision, device); each test builds its own Accelerator. """
+    from accelerate.state import AcceleratorState
+
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+SAMPLE = f'hfds/{ROOT / "data" / "cifar10_sample"}'
+SHARED = ROOT.parent / 'shared' / 'data' / 'cifar10'
+
+
+def _cfg(name: str):
+    return resolve_data_config({}, model=timm.create_model(name, pretrained=False))
+
+
+def test_shipped_sample_loads_balanced():
+    train, classes = load_split(SAMPLE, None, 'train')
+    test, _ = load_split(SAMPLE, None, 'test')
+    assert classes == 10 and len(train) == 10000 and len(test) == 1000
+    image, label = test[0]
+    assert isinstance(image, Image.Image) and image.size == (32, 32) and 0 <= label < 10
+    counts = torch.bincount(torch.tensor(test.data['label']), minlength=10)
+    assert counts.tolist() == [100] * 10
+
+
+def test_sample_limit_is_a_fixed_subset():
+    a, _ = load_split(SAMPLE, None, 'train', num_samples=500)
+    b, _ = load_split(SAMPLE, None, 'train', num_samples=500)
+    assert len(a) == 500 and list(a.indices) == list(b.indices) and len(set(a.indices)) == 500
+    labels = torch.bincount(torch.tensor([a.dataset.data[i]['label'] for i in a.indices]), minlength=10)
+    assert labels.min() > 25  # a random subset of a balanced set stays roughly balanced
+
+
+@pytest.mark.skipif(not SHARED.is_dir(), reason='needs ../shared/data/cifar10 (the full CIFAR-10 copy)')
+def test_full_cifar10_copy_loads():
+    ds, classes = load_split(f'hfds/{SHARED}', None, 'test', num_samples=10)
+    assert classes == 10 and len(ds) == 10
+
+
+def test_unknown_split_names_the_fix():
+    with pytest.raises(DataError, match='--train-split/--val-split'):
+        load_split(SAMPLE, None, 'validation')
+
+
+def test_image_folders_split_aliases_and_bad_files(tmp_path):
+    for split in ('train', 'val'):
+        for cls in ('a', 'b', 'c'):
+            (tmp_path / split / cls).mkdir(parents=True)
+            Image.new('RGB', (40, 30), (10, 20, 30)).save(tmp_path / split / cls / 'x.jpg')
+    ds, classes = load_split('', str(tmp_path), 'validation')  # found as val/
+    assert classes == 3 and len(ds) == 3 and ds[2][1] == 2
+    with pytest.raises(DataError, match='no folder for split'):
+        load_split('', str(tmp_path), 'test')
+    (tmp_path / 'train' / 'b' / 'bad.jpg').write_bytes(b'\xff\xd8 truncated')
+    ds, _ = load_split('', str(tmp_path), 'train')
+    with pytest.raises(DataError, match='bad.jpg'):
+        [ds[i] for i in range(len(ds))]
+
+
+def test_cifar_transform_pads_reflect_and_crops():
+    cfg = _cfg('diracnet34_1_cifar')
+    tf = train_transform(cfg)
+    crop = next(t for t in tf.transforms if isinstance(t, transforms.RandomCrop))
+    assert crop.size == (32, 32) and crop.padding == 4 and crop.padding_mode == 'reflect'
+    assert any(isinstance(t, transforms.RandomHorizontalFlip) for t in tf.transforms)
+    x = tf(Image.new('RGB', (32, 32), (255, 0, 0)))
+    assert x.shape == (3, 32, 32)
+    # normalised with the model's CIFAR mean/std: a pure red image maps to (1 - mean) / std in channel 0
+    assert torch.allclose(x[0], torch.full((32, 32), (1 - cfg['mean'][0]) / cfg['std'][0]), atol=1e-5)
+    assert eval_transform(cfg)(Image.new('RGB', (32, 32))).shape == (3, 32, 32)
+    with pytest.raises(DataError, match='--aa'):
+        train_transform(cfg, auto_augment='rand-m9-mstd0.5')
+
+
+def test_imagenet_transform_is_timms():
+    cfg = _cfg('diracnet18')
+    tf = train_transform(cfg, auto_augment='rand-m9-mstd0.5')
+    names = [type(t).__name__ for t in tf.transforms]
+    assert names[0] == 'RandomResizedCropAndInterpolation' and 'RandAugment' in names
+    assert tf(Image.new('RGB', (300, 250))).shape == (3, 224, 224)
+    assert eval_transform(cfg)(Image.new('RGB', (300, 250))).shape == (3, 224, 224)
+
+
+@pytest.mark.parametrize('n,world', [(37, 1), (37, 2), (37, 3), (2, 4), (100, 8)])
+def test_eval_shards_partition_the_set(n, world):
+    shards = [list(eval_indices(n, r, world)) for r in range(world)]
+    flat = sorted(i for s in shards for i in s)
+    assert flat == list(range(n))
+
+
+def test_eval_loader_keeps_the_partial_last_batch_once():
+    data = TensorDataset(torch.arange(37))
+    seen = []
+    for rank in range(2):
+        batches = [b[0] for b in eval_loader(data, batch_size=8, workers=0, rank=rank, world_size=2)]
+        assert [len(b) for b in batches][-1] < 8  # a partial last batch, not dropped or padded
+        seen += torch.cat(batches).tolist()
+    assert sorted(seen) == list(range(37))
+
+
+def test_evaluate_counts_every_sample_once():
+    from accelerate import Accelerator
+    from timm_dirac.train import evaluate
+
+    torch.manual_seed(0)
+    x, y = torch.randn(37, 3, 8, 8), torch.randint(0, 10, (37,))
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(192, 10))
+    metrics = evaluate(model, eval_loader(TensorDataset(x, y), 8, 0, 0, 1), Accelerator(cpu=True))
+    with torch.no_grad():
+        logits = model(x)
+    assert metrics['count'] == 37
+    assert metrics['top1'] == pytest.approx(100 * (logits.argmax(1) == y).sum().item() / 37)
+    assert metrics['top5'] == pytest.approx(100 * (logits.topk(5).indices == y[:, None]).any(1).sum().item() / 37)
+    assert metrics['loss'] == pytest.approx(torch.nn.functional.cross_entropy(logits, y).item(), rel=1e-5)

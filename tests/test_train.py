@@ -1,0 +1,230 @@
+""" timm_dirac.train: real training runs on the shipped CIFAR-10 sample (CPU, a few seconds per epoch).
+
+One process: loss falls, accuracy beats chance, checkpoints/links/summary/Hub folders appear, and 1 epoch + resume
+gives bit-identical weights to 2 straight epochs. Two processes (`accelerate launch --multi_gpu`, gloo on CPU):
+distinct samples per rank, identical weights, global batch = 2 x per-rank batch, every val sample counted once.
+Config precedence and the one-line errors for bad input.
+"""
+import csv
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+import timm_dirac  # noqa: F401  registers the models
+import timm_dirac.train as train_module
+from timm_dirac.train import ConfigError, main, parse_args, train
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """ accelerate keeps one process-wide state (precision, device); each test builds its own Accelerator. """
+    from accelerate.state import AcceleratorState
+
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+SAMPLE = ROOT / 'data' / 'cifar10_sample'
+
+# a 3-layer DiracNet (widths 16/32/64), tiny enough for seconds per epoch
+TINY = ['--model', 'diracnet34_1_cifar', '--model-kwargs', 'layers=(1,1,1)', '--dataset', f'hfds/{SAMPLE}',
+        '--val-split', 'test', '--opt', 'momentum', '--lr', '0.05', '--sched', 'step', '--decay-epochs', '1',
+        '--decay-rate', '0.5', '--warmup-epochs', '0', '--workers', '1']
+
+
+def _summary(run_dir: Path):
+    with open(run_dir / 'summary.csv') as f:
+        return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
+
+
+def test_train_learns_checkpoints_and_resumes_exactly(tmp_path, monkeypatch, capsys):
+    """ 2 epochs straight vs interrupted after epoch 1 + --resume: same weights, EMA and metrics, bit for bit. """
+    args = TINY + ['--train-num-samples', '1024', '--val-num-samples', '200', '-b', '32', '--output', str(tmp_path),
+                   '--model-ema', '--model-ema-decay', '0.9', '--amp', '--amp-dtype', 'bfloat16', '--channels-last']
+    straight = train(parse_args(args + ['--epochs', '2', '--experiment', 'straight']))
+    run = tmp_path / 'straight'
+    rows = _summary(run)
+    assert [r['epoch'] for r in rows] == [1, 2]
+    assert rows[1]['train_loss'] < rows[0]['train_loss']
+    assert rows[1]['val_loss'] < rows[0]['val_loss']
+    assert rows[1]['val_top1'] > 15  # chance is 10%; 200 images
+    assert [r['lr'] for r in rows] == [0.05, 0.025]
+    assert os.readlink(run / 'last') == 'checkpoint-2'
+    assert (run / 'last' / 'model.safetensors').is_file() and (run / 'last' / 'optimizer.bin').is_file()
+    assert (run / 'best').resolve().parent == run
+    assert yaml.safe_load((run / 'args.yaml').read_text())['model_kwargs'] == {'layers': [1, 1, 1]}
+    assert not list(run.glob('.*tmp'))
+    for form in ('train', 'folded'):
+        assert {'model.safetensors', 'config.json', 'README.md'} <= {p.name for p in (run / f'hub-{form}').iterdir()}
+
+    # the same run, interrupted right after its first checkpoint, then resumed with the same flags
+    save = train_module.save_checkpoint
+
+    def save_then_interrupt(*a, **kw):
+        save(*a, **kw)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_module, 'save_checkpoint', save_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        train(parse_args(args + ['--epochs', '2', '--experiment', 'resumed']))
+    monkeypatch.undo()
+    resumed_run = tmp_path / 'resumed'
+    assert os.readlink(resumed_run / 'last') == 'checkpoint-1'
+    assert [r['epoch'] for r in _summary(resumed_run)] == [1]
+    resumed = train(parse_args(args + ['--epochs', '2', '--resume', str(resumed_run / 'last')]))
+    assert 'schedule flags changed' not in capsys.readouterr().out  # the scheduler state was restored
+    assert os.readlink(resumed_run / 'last') == 'checkpoint-2'
+    assert [r['epoch'] for r in _summary(resumed_run)] == [1, 2]
+
+    a, b = straight.state_dict(), resumed.state_dict()
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    ema_a = torch.load(run / 'last' / 'train_state.pt', weights_only=True)['ema']
+    ema_b = torch.load(resumed_run / 'last' / 'train_state.pt', weights_only=True)['ema']
+    assert all(torch.equal(ema_a[k], ema_b[k]) for k in ema_a)
+    metrics = ('train_loss', 'train_top1', 'val_loss', 'val_top1', 'val_top5', 'ema_val_top1')
+    assert [rows[1][m] for m in metrics] == [_summary(resumed_run)[1][m] for m in metrics]
+
+    # an existing run folder is never reused silently
+    with pytest.raises(ConfigError, match='exists'):
+        train(parse_args(args + ['--epochs', '1', '--experiment', 'straight']))
+
+
+_HARNESS = '''
+import os, sys, torch
+import timm_dirac.data as data
+from timm_dirac.train import parse_args, train
+
+seen = []
+get = data.HFImageDataset.__getitem__
+def record(self, index):
+    seen.append((self.data.split, index))
+    return get(self, index)
+data.HFImageDataset.__getitem__ = record
+model = train(parse_args(sys.argv[2:]))
+torch.save(dict(weights=model.state_dict(), seen=[(str(s), i) for s, i in seen]),
+           os.path.join(sys.argv[1], f"rank{os.environ['RANK']}.pt"))
+'''
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_process_launch(tmp_path):
+    """ Two gloo ranks through `accelerate launch --multi_gpu --num_processes 2` on CPU. """
+    harness = tmp_path / 'harness.py'
+    harness.write_text(_HARNESS)
+    cmd = [sys.executable, '-m', 'accelerate.commands.launch', '--multi_gpu', '--num_processes', '2',
+           '--num_machines', '1', '--mixed_precision', 'no', '--dynamo_backend', 'no',
+           '--main_process_port', str(_free_port()), str(harness), str(tmp_path),
+           *TINY, '--workers', '0', '--train-num-samples', '256', '--val-num-samples', '101', '-b', '16',
+           '--epochs', '1', '--output', str(tmp_path), '--experiment', 'ddp']
+    env = dict(os.environ, OMP_NUM_THREADS='1',
+               PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get('PYTHONPATH', '')]))
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert '2 process(es) on cpu' in proc.stdout
+    assert 'global batch 16 x 2 x 1 = 32' in proc.stdout
+    assert 'val (101 images)' in proc.stdout
+
+    r0, r1 = (torch.load(tmp_path / f'rank{r}.pt', weights_only=True) for r in (0, 1))
+    for k, v in r0['weights'].items():
+        assert torch.equal(v, r1['weights'][k]), k
+    train0 = [i for s, i in r0['seen'] if s == 'train']
+    train1 = [i for s, i in r1['seen'] if s == 'train']
+    assert len(train0) == len(train1) == 128  # 8 steps of 16 per rank
+    assert not set(train0) & set(train1)
+    val0 = [i for s, i in r0['seen'] if s == 'test']
+    val1 = [i for s, i in r1['seen'] if s == 'test']
+    assert not set(val0) & set(val1) and len(val0) + len(val1) == 101
+    state = torch.load(tmp_path / 'ddp' / 'last' / 'train_state.pt', weights_only=True)
+    assert state['num_updates'] == 256 // (2 * 16)  # one update per global batch of 2 x 16
+
+
+def test_config_precedence(tmp_path):
+    cfg = tmp_path / 'c.yaml'
+    cfg.write_text('model: diracnet18\nbatch_size: 64\nweight_decay: 1e-4\nmodel_kwargs: {depth: 34}\n'
+                   'decay-milestones: [3, 6]\n')
+    args = parse_args(['--config', str(cfg), '--batch-size', '8', '--model-kwargs', 'width=0.5'])
+    assert args.model == 'diracnet18'  # YAML over default
+    assert args.batch_size == 8  # command line over YAML
+    assert args.weight_decay == 1e-4 and isinstance(args.weight_decay, float)  # YAML's '1e-4' string converted
+    assert args.decay_milestones == [3, 6]
+    assert args.model_kwargs == {'depth': 34, 'width': 0.5}
+    assert args.epochs == 300  # default
+    assert parse_args([]).batch_size == 128
+
+
+def _fails(capsys, argv, *words):
+    """ main(argv) exits non-zero with one error line naming `words`, and writes no run folder. """
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code not in (0, None)
+    err = capsys.readouterr().err
+    assert 'Traceback' not in err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith('timm-dirac-train: error: '), err
+    for word in words:
+        assert word in last, last
+    return last
+
+
+def test_bad_input_one_error_line_nothing_written(tmp_path, capsys):
+    out = ['--output', str(tmp_path / 'out'), '--experiment', 'run', '--epochs', '1']
+    cfg = tmp_path / 'bad.yaml'
+    cfg.write_text('model: diracnet18\nbatch_sise: 8\n')
+    _fails(capsys, ['--config', str(cfg)] + out, "'batch_sise'", 'unknown key')
+    _fails(capsys, TINY + out + ['--model', 'diracnet99'], "'diracnet99'", 'diracnet34')
+    _fails(capsys, TINY + out + ['-b', '0'], '--batch-size')
+    _fails(capsys, TINY + out + ['--dataset', f'hfds/{tmp_path}/missing'], 'does not exist')
+    _fails(capsys, TINY + out + ['--dataset', '', '--data-dir', str(tmp_path / 'nowhere')], 'does not exist')
+    _fails(capsys, TINY + out + ['--num-classes', '100', '--train-num-samples', '64', '--val-num-samples', '8'],
+           '--num-classes 100', '10 classes')
+    assert not (tmp_path / 'out').exists()
+
+
+def test_unreadable_image_one_error_line(tmp_path, capsys):
+    for split in ('train', 'val'):
+        for cls in ('cat', 'dog'):
+            (tmp_path / 'imgs' / split / cls).mkdir(parents=True)
+            for i in range(4):
+                Image.new('RGB', (32, 32), (60 * i, 0, 200 if cls == 'cat' else 0)).save(
+                    tmp_path / 'imgs' / split / cls / f'{i}.png')
+    (tmp_path / 'imgs' / 'train' / 'cat' / 'broken.png').write_bytes(b'not an image at all')
+    argv = TINY + ['--dataset', '', '--data-dir', str(tmp_path / 'imgs'), '--val-split', 'val', '-b', '9',
+                   '--epochs', '1', '--output', str(tmp_path / 'out'), '--experiment', 'run']
+    _fails(capsys, argv, 'broken.png', 'cannot read image')
+    assert not (tmp_path / 'out').exists()
+
+
+def test_imagenet_path_mixup_accumulation_ema(tmp_path):
+    """ Image folders, timm's transforms (RandAugment) at 96 px, mixup/cutmix, gradient accumulation, clipping, EMA. """
+    for split in ('train', 'val'):
+        for c, cls in enumerate(('cat', 'dog', 'fox')):
+            (tmp_path / 'imgs' / split / cls).mkdir(parents=True)
+            for i in range(8):
+                Image.new('RGB', (120, 100), (80 * c, 30 * i, 90)).save(tmp_path / 'imgs' / split / cls / f'{i}.jpg')
+    args = ['--model', 'diracnet18', '--model-kwargs', 'layers=(1,1,1,1)', 'width=0.25', '--img-size', '96',
+            '--data-dir', str(tmp_path / 'imgs'), '--val-split', 'validation', '-b', '4', '--epochs', '1',
+            '--aa', 'rand-m9-mstd0.5', '--mixup', '0.2', '--cutmix', '1.0', '--grad-accum-steps', '2',
+            '--clip-grad', '1.0', '--model-ema', '--workers', '1', '--output', str(tmp_path), '--experiment', 'in']
+    model = train(parse_args(args))
+    assert model.num_classes == 3  # from the dataset, the model default (1000) replaced
+    state = torch.load(tmp_path / 'in' / 'last' / 'train_state.pt', weights_only=True)
+    assert state['num_updates'] == 24 // 4 // 2
+    row = _summary(tmp_path / 'in')[0]
+    assert 0 < row['train_loss'] < 10 and 'ema_val_top1' in row
+    config = yaml.safe_load((tmp_path / 'in' / 'hub-folded' / 'config.json').read_text())
+    assert config['model_args']['inference_mode'] is True and config['num_classes'] == 3

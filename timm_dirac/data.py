@@ -1,0 +1,214 @@
+""" Datasets, transforms and loaders for `timm_dirac.train`
+
+Two sources: `hfds/<Hub id or local folder>` through Hugging Face `datasets` (an Image column and a ClassLabel
+column), and image folders (`<data_dir>/<split>/<class>/<image>`). Images are decoded in the DataLoader workers.
+
+Transforms: 32 px nets (input <= 64 px) get the CIFAR recipe timm lacks (pad 4 reflect, random crop, flip);
+larger nets get timm's `create_transform` (random-resized crop, flip, colour jitter, Auto/RandAugment). Mean, std,
+size and crop come from the model's pretrained_cfg via `resolve_data_config`.
+
+Evaluation is sharded without padding (rank r takes samples r, r + world, ...), so summed metrics count every
+sample exactly once, whatever the batch size and the number of ranks.
+"""
+import os
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple
+
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset, Subset
+from torchvision import transforms
+
+from timm.data import create_transform
+
+__all__ = ['DataError', 'load_split', 'train_transform', 'eval_transform', 'eval_loader', 'eval_indices']
+
+SPLIT_ALIASES = {
+    'train': ('train', 'training'),
+    'validation': ('validation', 'val', 'valid', 'eval', 'evaluation'),
+    'test': ('test', 'testing'),
+}
+
+
+class DataError(ValueError):
+    """ Bad data input (missing path, unknown split, unreadable image, ...); the message names the fix. """
+
+
+class HFImageDataset(Dataset):
+    """ A `datasets` split as (image, label) pairs; the image is decoded on access, i.e. in the loader worker. """
+
+    def __init__(self, hf_dataset, name: str, transform: Optional[Callable] = None):
+        from datasets import ClassLabel, Image as ImageFeature
+
+        features = hf_dataset.features
+        images = [k for k, f in features.items() if isinstance(f, ImageFeature)]
+        labels = [k for k, f in features.items() if isinstance(f, ClassLabel)]
+        if len(images) != 1 or len(labels) != 1:
+            raise DataError(
+                f'dataset {name!r} needs exactly one Image column and one ClassLabel column for classification; '
+                f'it has columns {dict(features)}.')
+        self.data = hf_dataset
+        self.image_key, self.label_key = images[0], labels[0]
+        self.num_classes = features[self.label_key].num_classes
+        self.name = name
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, index: int) -> Tuple[Any, int]:
+        try:
+            row = self.data[index]
+            image = row[self.image_key].convert('RGB')
+        except Exception as e:  # PIL and datasets raise many types for a bad image
+            raise DataError(f'cannot read image {index} of dataset {self.name!r} ({e}); fix or drop that row.') from e
+        return (self.transform(image) if self.transform else image), row[self.label_key]
+
+
+class FolderDataset(Dataset):
+    """ `<root>/<class>/<image>` files as (image, label) pairs, classes sorted by folder name. """
+
+    def __init__(self, root: str, transform: Optional[Callable] = None):
+        from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
+
+        classes, class_to_idx = find_classes(root)
+        self.samples = make_dataset(root, class_to_idx, extensions=IMG_EXTENSIONS)
+        self.num_classes = len(classes)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> Tuple[Any, int]:
+        path, label = self.samples[index]
+        try:
+            with open(path, 'rb') as f:
+                image = Image.open(f).convert('RGB')
+        except Exception as e:
+            raise DataError(f'cannot read image file {path} ({e}); replace or delete it.') from e
+        return (self.transform(image) if self.transform else image), label
+
+
+def _split_folder(data_dir: str, split: str) -> str:
+    for name in SPLIT_ALIASES.get(split, (split,)):
+        path = os.path.join(data_dir, name)
+        if os.path.isdir(path):
+            return path
+    raise DataError(
+        f'no folder for split {split!r} in --data-dir {data_dir} (looked for '
+        f'{", ".join(SPLIT_ALIASES.get(split, (split,)))}); pass --train-split/--val-split with the folder name.')
+
+
+def _load_hfds(name: str, split: str):
+    import datasets
+
+    path = os.path.expanduser(name)
+    if path.startswith(('/', '.', '~')) and not os.path.isdir(path):
+        raise DataError(f'dataset folder {path} does not exist; check --dataset hfds/<Hub id or local folder>.')
+    try:
+        return datasets.load_dataset(path, split=split)
+    except ValueError as e:
+        if 'split' in str(e).lower():
+            raise DataError(f'dataset {name!r} has no split {split!r} ({e}); pass --train-split/--val-split.') from e
+        raise DataError(f'cannot load dataset {name!r}: {e}') from e
+    except (FileNotFoundError, ConnectionError, OSError) as e:
+        raise DataError(
+            f'cannot load dataset {name!r}: it is not a local folder and not reachable on the Hub ({e}).') from e
+
+
+def load_split(
+        dataset: str,
+        data_dir: Optional[str],
+        split: str,
+        num_samples: Optional[int] = None,
+        transform: Optional[Callable] = None,
+) -> Tuple[Dataset, int]:
+    """ One split as a torch Dataset of (transformed image, label), and its number of classes.
+
+    `dataset` 'hfds/<id or folder>' loads through `datasets`; '' (or 'folder') reads image folders under
+    `data_dir`. `num_samples` keeps a fixed random subset (the same for every seed and rank) of that many samples.
+    """
+    if dataset.startswith('hfds/'):
+        ds = HFImageDataset(_load_hfds(dataset[len('hfds/'):], split), dataset, transform)
+    elif dataset in ('', 'folder'):
+        if not data_dir:
+            raise DataError('no data given: pass --dataset hfds/<Hub id or local folder> or --data-dir <folder '
+                            'with train/ and val/ image folders>.')
+        if not os.path.isdir(data_dir):
+            raise DataError(f'--data-dir {data_dir} does not exist.')
+        root = _split_folder(data_dir, split)
+        try:
+            ds = FolderDataset(root, transform)
+        except FileNotFoundError as e:
+            raise DataError(f'no images in {root}: {e}') from e
+    else:
+        raise DataError(f'unknown --dataset {dataset!r}: use hfds/<Hub id or local folder>, or leave it empty and '
+                        f'pass --data-dir with image folders.')
+    num_classes = ds.num_classes
+    if num_samples is not None:
+        if not 0 < num_samples:
+            raise DataError(f'the sample limit for split {split!r} must be positive, got {num_samples}.')
+        if num_samples < len(ds):
+            keep = torch.randperm(len(ds), generator=torch.Generator().manual_seed(0))[:num_samples]
+            ds = Subset(ds, keep.sort().values.tolist())
+    if len(ds) == 0:
+        raise DataError(f'split {split!r} of {dataset or data_dir} is empty.')
+    return ds, num_classes
+
+
+def is_small_input(data_config: Dict[str, Any]) -> bool:
+    """ CIFAR-sized inputs (<= 64 px) train with the CIFAR recipe instead of random-resized crops. """
+    return max(data_config['input_size'][-2:]) <= 64
+
+
+def train_transform(
+        data_config: Dict[str, Any],
+        hflip: float = 0.5,
+        scale: Sequence[float] = (0.08, 1.0),
+        ratio: Sequence[float] = (3. / 4., 4. / 3.),
+        color_jitter: float = 0.,
+        auto_augment: Optional[str] = None,
+        interpolation: str = 'random',
+        re_prob: float = 0.,
+) -> Callable:
+    """ Training transform: the CIFAR recipe (pad size/8 reflect, random crop, flip, optional colour jitter) for
+    inputs <= 64 px, else timm's `create_transform` (random-resized crop, flip, colour jitter, optional
+    Auto/RandAugment, random erasing). """
+    mean, std = data_config['mean'], data_config['std']
+    if is_small_input(data_config):
+        if auto_augment or re_prob:
+            raise DataError(
+                f"--aa and --reprob apply to the timm transforms of inputs > 64 px; this "
+                f"{data_config['input_size'][-1]} px model trains with the CIFAR recipe (pad, crop, flip): leave "
+                f"them unset.")
+        size = data_config['input_size'][-2:]
+        jitter = [transforms.ColorJitter(color_jitter, color_jitter, color_jitter)] if color_jitter else []
+        return transforms.Compose([
+            transforms.Resize(size),  # a no-op for images already at the model's size
+            transforms.RandomCrop(size, padding=size[-1] // 8, padding_mode='reflect'),
+            transforms.RandomHorizontalFlip(hflip),
+            *jitter,
+            transforms.ToTensor(),
+            transforms.Normalize(mean, std),
+        ])
+    return create_transform(
+        data_config['input_size'], is_training=True, scale=tuple(scale), ratio=tuple(ratio), hflip=hflip,
+        color_jitter=color_jitter, auto_augment=auto_augment, interpolation=interpolation, mean=mean, std=std,
+        re_prob=re_prob)
+
+
+def eval_transform(data_config: Dict[str, Any]) -> Callable:
+    """ Evaluation transform: resize, centre crop at the cfg's crop_pct, normalise (timm's eval transform). """
+    return create_transform(**data_config, is_training=False)
+
+
+def eval_indices(num_samples: int, rank: int, world_size: int) -> range:
+    """ The samples rank `rank` evaluates: a stride-`world_size` shard, no padding, so the shards partition the set. """
+    return range(rank, num_samples, world_size)
+
+
+def eval_loader(dataset: Dataset, batch_size: int, workers: int, rank: int, world_size: int,
+                pin_memory: bool = False) -> DataLoader:
+    """ This rank's evaluation loader: its shard of `dataset` in order, the last batch kept even if partial. """
+    shard = Subset(dataset, eval_indices(len(dataset), rank, world_size))
+    return DataLoader(shard, batch_size=batch_size, shuffle=False, drop_last=False, num_workers=workers,
+                      pin_memory=pin_memory)

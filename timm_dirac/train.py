@@ -1,0 +1,568 @@
+""" Train DiracNets (or any timm model) with Hugging Face accelerate: one script from a CPU to many GPU nodes
+
+    python train.py --config train_configs/quick_cifar10.yaml                     # one process
+    accelerate launch --multi_gpu --num_processes 8 train.py --config train_configs/diracnet28_10_cifar10.yaml
+    python train.py --config train_configs/quick_cifar10.yaml --resume output/train/<run>/last
+
+Flags are named like timm's train.py; `--config FILE.yaml` sets them too (defaults < YAML < command line). The
+engine is `accelerate.Accelerator` (device placement, DDP, bf16/fp16 autocast, gradient accumulation, state
+save/load); the pieces are timm's (create_optimizer_v2, create_scheduler_v2, ModelEmaV3, Mixup, losses, accuracy).
+
+A run folder holds `args.yaml`, `summary.csv`, `checkpoint-<epoch>/` folders (the last one and the best
+`--checkpoint-hist`, each written to a temp folder and renamed into place), the links `last` and `best`, and at the
+end the best weights as Hub folders `hub-train/` and `hub-folded/` (reparameterized).
+"""
+import argparse
+import ast
+import copy
+import csv
+import io
+import math
+import os
+import shutil
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import yaml
+from tqdm import tqdm
+
+import timm
+from timm.data import Mixup, resolve_data_config
+from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+from timm.optim import create_optimizer_v2
+from timm.scheduler import create_scheduler_v2
+from timm.utils import ModelEmaV3, accuracy, distribute_bn
+
+from .data import DataError, eval_loader, eval_transform, load_split, train_transform
+
+__all__ = ['main', 'parse_args', 'train', 'ConfigError']
+
+
+class ConfigError(ValueError):
+    """ Bad flags or config file; the message names the fix. """
+
+
+# --------------------------------------------------------------------------------------------------- arguments
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):
+        self.exit(2, f'{self.prog}: error: {message} (see --help)\n')
+
+
+def _kwarg(text: str) -> Tuple[str, Any]:
+    key, sep, value = text.partition('=')
+    if not sep:
+        raise argparse.ArgumentTypeError(f'expected key=value, got {text!r}')
+    try:
+        return key, ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        return key, value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog='timm-dirac-train', description=__doc__.split('\n')[0])
+    p.add_argument('-c', '--config', default='', metavar='FILE', help='YAML file of flag values (keys: flag names '
+                   'with _ for -); the command line overrides it')
+    g = p.add_argument_group('Data')
+    g.add_argument('--data-dir', default=None, metavar='DIR', help='image folders DIR/<split>/<class>/<image>')
+    g.add_argument('--dataset', '-d', default='', metavar='NAME', help='hfds/<Hub id or local folder> (datasets)')
+    g.add_argument('--train-split', default='train', metavar='NAME')
+    g.add_argument('--val-split', default='validation', metavar='NAME')
+    g.add_argument('--train-num-samples', type=int, default=None, metavar='N', help='train on a fixed random N')
+    g.add_argument('--val-num-samples', type=int, default=None, metavar='N', help='evaluate on a fixed random N')
+    g.add_argument('-j', '--workers', type=int, default=4, metavar='N', help='data loading worker processes')
+    g = p.add_argument_group('Model')
+    g.add_argument('--model', default=None, metavar='NAME', help='timm model name, e.g. diracnet34')
+    g.add_argument('--model-kwargs', nargs='*', default={}, type=_kwarg, metavar='K=V',
+                   help='extra model arguments, e.g. depth=16 width=2')
+    g.add_argument('--pretrained', action='store_true', help='start from the pretrained weights')
+    g.add_argument('--num-classes', type=int, default=None, metavar='N', help='default: the dataset\'s class count')
+    g.add_argument('--img-size', type=int, default=None, metavar='N', help='input size (default: the model cfg)')
+    g.add_argument('--input-size', type=int, nargs=3, default=None, metavar=('C', 'H', 'W'))
+    g.add_argument('--drop', type=float, default=0., metavar='PCT', help='dropout before the classifier')
+    g.add_argument('--channels-last', action='store_true', help='channels_last memory layout')
+    g.add_argument('-b', '--batch-size', type=int, default=128, metavar='N', help='batch size per process')
+    g.add_argument('-vb', '--validation-batch-size', type=int, default=None, metavar='N')
+    g = p.add_argument_group('Optimizer')
+    g.add_argument('--opt', default='sgd', metavar='NAME', help="timm optimizer ('sgd' is Nesterov SGD, "
+                   "'momentum' plain SGD with momentum)")
+    g.add_argument('--lr', type=float, default=None, metavar='LR', help='learning rate (default: lr-base scaled)')
+    g.add_argument('--lr-base', type=float, default=0.1, metavar='LR', help='lr at the global batch lr-base-size')
+    g.add_argument('--lr-base-size', type=int, default=256, metavar='N', help='global batch of lr-base')
+    g.add_argument('--momentum', type=float, default=0.9, metavar='M')
+    g.add_argument('--weight-decay', type=float, default=2e-5)
+    g.add_argument('--clip-grad', type=float, default=None, metavar='NORM', help='clip the gradient norm')
+    g.add_argument('--grad-accum-steps', type=int, default=1, metavar='N', help='batches per optimizer step')
+    g = p.add_argument_group('Schedule')
+    g.add_argument('--sched', default='cosine', metavar='NAME', help='timm scheduler: cosine, step, multistep, ...')
+    g.add_argument('--epochs', type=int, default=300, metavar='N')
+    g.add_argument('--decay-milestones', type=int, nargs='+', default=[90, 180, 270], metavar='E',
+                   help='multistep: epochs where the lr is multiplied by decay-rate')
+    g.add_argument('--decay-epochs', type=float, default=90, metavar='N', help='step: epochs between decays')
+    g.add_argument('--decay-rate', '--dr', type=float, default=0.1, metavar='RATE')
+    g.add_argument('--warmup-epochs', type=int, default=5, metavar='N')
+    g.add_argument('--warmup-lr', type=float, default=1e-5, metavar='LR')
+    g.add_argument('--min-lr', type=float, default=0., metavar='LR')
+    g = p.add_argument_group('Augmentation and regularization')
+    g.add_argument('--hflip', type=float, default=0.5, help='horizontal flip probability')
+    g.add_argument('--scale', type=float, nargs=2, default=[0.08, 1.0], metavar=('MIN', 'MAX'),
+                   help='random-resized crop area range (inputs > 64 px)')
+    g.add_argument('--ratio', type=float, nargs=2, default=[3. / 4., 4. / 3.], metavar=('MIN', 'MAX'))
+    g.add_argument('--color-jitter', type=float, default=0., metavar='PCT')
+    g.add_argument('--aa', default=None, metavar='NAME', help='timm Auto/RandAugment policy, e.g. rand-m9-mstd0.5')
+    g.add_argument('--reprob', type=float, default=0., metavar='PCT', help='random erasing probability')
+    g.add_argument('--train-interpolation', default='random', metavar='NAME')
+    g.add_argument('--mixup', type=float, default=0., help='mixup alpha (on if > 0)')
+    g.add_argument('--cutmix', type=float, default=0., help='cutmix alpha (on if > 0)')
+    g.add_argument('--mixup-prob', type=float, default=1.0)
+    g.add_argument('--mixup-switch-prob', type=float, default=0.5)
+    g.add_argument('--mixup-mode', default='batch')
+    g.add_argument('--smoothing', type=float, default=0.1, help='label smoothing')
+    g = p.add_argument_group('EMA, precision, output')
+    g.add_argument('--model-ema', action='store_true', help='keep and evaluate an EMA of the weights')
+    g.add_argument('--model-ema-decay', type=float, default=0.9998)
+    g.add_argument('--model-ema-warmup', action='store_true', help='EMA decay warm-up')
+    g.add_argument('--amp', action='store_true', help='mixed precision (without it the accelerate launch setting '
+                   'applies, default off)')
+    g.add_argument('--amp-dtype', default='float16', choices=['float16', 'bfloat16'])
+    g.add_argument('--seed', type=int, default=42)
+    g.add_argument('--log-interval', type=int, default=50, metavar='N', help='progress bar update every N steps')
+    g.add_argument('--output', default='./output/train', metavar='DIR', help='parent of the run folders')
+    g.add_argument('--experiment', default='', metavar='NAME', help='run folder name (default: time-model-size)')
+    g.add_argument('--resume', default='', metavar='DIR', help='checkpoint folder to continue, e.g. <run>/last')
+    g.add_argument('--checkpoint-hist', type=int, default=3, metavar='N', help='best checkpoints to keep')
+    g.add_argument('--eval-metric', default='top1', choices=['top1', 'top5', 'loss'])
+    return p
+
+
+def _typed(action: argparse.Action, key: str, value: Any, path: str) -> Any:
+    """ Convert a YAML value as the command line would (YAML reads `1e-4` as a string, for one). """
+    if value is None or action.type is None or isinstance(value, bool):
+        return value
+    try:
+        if isinstance(value, (list, tuple)):
+            return [action.type(v) for v in value]
+        return action.type(value)
+    except (TypeError, ValueError, argparse.ArgumentTypeError) as e:
+        raise ConfigError(f'{path}: key {key!r} has a bad value {value!r} ({e}).') from e
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    """ Flags from the defaults, then the `--config` YAML, then the command line. Unknown YAML keys are errors. """
+    parser = build_parser()
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument('-c', '--config', default='')
+    known, _ = pre.parse_known_args(argv)
+    if known.config:
+        path = known.config
+        try:
+            with open(path, encoding='utf-8') as f:
+                cfg = yaml.safe_load(f) or {}
+        except OSError as e:
+            raise ConfigError(f'cannot read config file {path}: {e.strerror}.') from e
+        if not isinstance(cfg, dict):
+            raise ConfigError(f'{path} must be a YAML mapping of flag names to values.')
+        actions = {a.dest: a for a in parser._actions if a.dest != 'help'}
+        values = {}
+        for key, value in cfg.items():
+            dest = str(key).replace('-', '_')
+            if dest not in actions:
+                raise ConfigError(f'{path}: unknown key {key!r}; keys are the long flag names with _ for - '
+                                  f'(see timm-dirac-train --help).')
+            if dest == 'model_kwargs' and not isinstance(value, dict):
+                raise ConfigError(f'{path}: model_kwargs must be a mapping, e.g. {{depth: 16}}.')
+            values[dest] = value if dest == 'model_kwargs' else _typed(actions[dest], key, value, path)
+        parser.set_defaults(**values)
+    args = parser.parse_args(argv)
+    if isinstance(args.model_kwargs, list):  # from the command line: [(key, value), ...] over the YAML mapping
+        args.model_kwargs = {**parser.get_default('model_kwargs'), **dict(args.model_kwargs)}
+    return args
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """ Refuse impossible settings before anything is built or written. """
+    if not args.model:
+        raise ConfigError('no model: pass --model NAME (e.g. diracnet34_1_cifar) or set model: in the config.')
+    if not args.model.startswith(('hf-hub:', 'local-dir:')) and not timm.is_model(args.model):
+        dirac = ', '.join(timm.list_models('diracnet*'))
+        raise ConfigError(f'unknown model {args.model!r}; DiracNets are {dirac} (any timm model name works too).')
+    for name in ('batch_size', 'epochs', 'grad_accum_steps', 'log_interval', 'checkpoint_hist'):
+        if getattr(args, name) < 1:
+            raise ConfigError(f'--{name.replace("_", "-")} must be at least 1, got {getattr(args, name)}.')
+    if args.validation_batch_size is not None and args.validation_batch_size < 1:
+        raise ConfigError(f'--validation-batch-size must be at least 1, got {args.validation_batch_size}.')
+    if args.workers < 0:
+        raise ConfigError(f'--workers must be 0 or more, got {args.workers}.')
+    if (args.mixup or args.cutmix) and args.batch_size % 2:
+        raise ConfigError(f'mixup/cutmix pair samples within a batch: --batch-size must be even, '
+                          f'got {args.batch_size}.')
+    if args.resume and not (Path(args.resume) / 'train_state.pt').is_file():
+        raise ConfigError(f'--resume {args.resume} is not a checkpoint folder of this script (no train_state.pt); '
+                          f'pass <run folder>/last.')
+
+
+# ------------------------------------------------------------------------------------------------ accelerator
+def _has_accelerator() -> bool:
+    accel = getattr(torch, 'accelerator', None)
+    return accel.is_available() if accel is not None else torch.cuda.is_available()
+
+
+def make_accelerator(args: argparse.Namespace):
+    """ Accelerator on the GPU(s) if any, else on CPU (so `accelerate launch --multi_gpu` gives gloo ranks). """
+    from accelerate import Accelerator
+    from accelerate.utils import DataLoaderConfiguration
+
+    precision = ('bf16' if args.amp_dtype == 'bfloat16' else 'fp16') if args.amp else None
+    return Accelerator(
+        cpu=not _has_accelerator(),
+        mixed_precision=precision,
+        gradient_accumulation_steps=args.grad_accum_steps,
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed),
+        step_scheduler_with_optimizer=False,
+    )
+
+
+# ------------------------------------------------------------------------------------------------ train / eval
+def train_one_epoch(
+        model: nn.Module, loader, optimizer, scheduler, loss_fn: nn.Module, accelerator, args: argparse.Namespace,
+        epoch: int, num_updates: int, mixup: Optional[Mixup] = None, ema: Optional[ModelEmaV3] = None,
+) -> Tuple[Dict[str, float], int]:
+    """ One pass over this rank's shard; returns global train loss/top-1/images-per-second and the update count. """
+    model.train()
+    totals = torch.zeros(3, dtype=torch.float64, device=accelerator.device)  # loss sum, correct, samples
+    bar = tqdm(loader, desc=f'train {epoch}', disable=not accelerator.is_main_process, dynamic_ncols=True,
+               leave=False)
+    start = time.perf_counter()
+    for step, (images, labels) in enumerate(bar):
+        if args.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        targets = labels
+        if mixup is not None:
+            images, targets = mixup(images, labels)
+        with accelerator.accumulate(model):
+            logits = model(images)
+            loss = loss_fn(logits, targets)
+            accelerator.backward(loss)
+            if args.clip_grad and accelerator.sync_gradients:
+                accelerator.clip_grad_norm_(model.parameters(), args.clip_grad)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        if accelerator.sync_gradients:
+            num_updates += 1
+            scheduler.step_update(num_updates=num_updates)
+            if ema is not None:
+                ema.update(accelerator.unwrap_model(model), step=num_updates)
+        n = labels.shape[0]
+        top1 = accuracy(logits.detach(), labels, topk=(1,))[0]
+        totals += torch.stack([loss.detach() * n, top1 * n / 100, torch.full_like(top1, n)]).double()
+        if accelerator.is_main_process and (step + 1) % args.log_interval == 0:
+            seen = (step + 1) * n * accelerator.num_processes
+            bar.set_postfix(loss=f'{totals[0].item() / totals[2].item():.3f}',
+                            img_s=f'{seen / (time.perf_counter() - start):.0f}')
+    elapsed = time.perf_counter() - start
+    totals = accelerator.reduce(totals, reduction='sum')
+    loss_sum, correct, count = totals.tolist()
+    return dict(loss=loss_sum / count, top1=100 * correct / count, img_s=count / elapsed), num_updates
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader, accelerator, channels_last: bool = False, desc: str = 'eval'
+             ) -> Dict[str, float]:
+    """ Loss, top-1 and top-5 over all ranks' shards, summed (not averaged per rank): each sample counts once. """
+    model.eval()
+    totals = torch.zeros(4, dtype=torch.float64, device=accelerator.device)  # loss sum, top1, top5, samples
+    for images, labels in tqdm(loader, desc=desc, disable=not accelerator.is_main_process, leave=False):
+        images, labels = images.to(accelerator.device), labels.to(accelerator.device)
+        if channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        with accelerator.autocast():
+            logits = model(images)
+        n = labels.shape[0]
+        top1, top5 = accuracy(logits, labels, topk=(1, 5))
+        loss = F.cross_entropy(logits.float(), labels, reduction='sum')
+        totals += torch.stack([loss, top1 * n / 100, top5 * n / 100, torch.full_like(loss, n)]).double()
+    loss_sum, top1, top5, count = accelerator.reduce(totals, reduction='sum').tolist()
+    return dict(loss=loss_sum / count, top1=100 * round(top1) / count, top5=100 * round(top5) / count,
+                count=int(count))
+
+
+# ------------------------------------------------------------------------------------------------ checkpoints
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f'.{path.name}.tmp')
+    tmp.write_text(text, encoding='utf-8')
+    os.replace(tmp, path)
+
+
+def _link_atomic(run_dir: Path, name: str, target: str) -> None:
+    tmp = run_dir / f'.{name}.tmp'
+    if tmp.is_symlink():
+        tmp.unlink()
+    os.symlink(target, tmp)
+    os.replace(tmp, run_dir / name)
+
+
+def save_checkpoint(accelerator, run_dir: Path, state: Dict[str, Any], args: argparse.Namespace) -> None:
+    """ Write `checkpoint-<epoch>` (accelerate state: model, optimizer, scaler, RNG per rank; plus train_state.pt:
+    epoch, scheduler, EMA, best list, summary) via a temp folder renamed into place, repoint `last`/`best`,
+    drop checkpoints that are neither last nor among the best `--checkpoint-hist`, rewrite summary.csv. """
+    name = f'checkpoint-{state["epoch"]}'
+    tmp = run_dir / f'.{name}.tmp'
+    if accelerator.is_main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if not (run_dir / 'args.yaml').exists():
+            _write_atomic(run_dir / 'args.yaml', yaml.safe_dump(vars(args), sort_keys=False))
+        shutil.rmtree(tmp, ignore_errors=True)  # a leftover of a crash during an earlier save
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp), safe_serialization=True)
+    if accelerator.is_main_process:
+        torch.save(state, tmp / 'train_state.pt')
+        os.replace(tmp, run_dir / name)
+        _link_atomic(run_dir, 'last', name)
+        best = state['best']
+        if best and best[0][1] == state['epoch']:
+            _link_atomic(run_dir, 'best', name)
+        keep = {name} | {f'checkpoint-{epoch}' for _, epoch in best}
+        for old in run_dir.glob('checkpoint-*'):
+            if old.name not in keep and old.name.split('-')[-1].isdigit():
+                shutil.rmtree(old)
+        _write_atomic(run_dir / 'summary.csv', _csv(state['summary']))
+    accelerator.wait_for_everyone()
+
+
+def _csv(rows: List[Dict[str, Any]]) -> str:
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    return out.getvalue()
+
+
+def _schedule_flags(args: argparse.Namespace, lr: float, updates_per_epoch: int) -> Dict[str, Any]:
+    """ What defines the lr schedule; a resumed run restores the scheduler state only if these are unchanged. """
+    keys = ('sched', 'epochs', 'decay_milestones', 'decay_epochs', 'decay_rate', 'warmup_epochs', 'warmup_lr',
+            'min_lr')
+    return dict(lr=lr, updates_per_epoch=updates_per_epoch, **{k: getattr(args, k) for k in keys})
+
+
+def _rank_best(best: List[Tuple[float, int]], metric: float, epoch: int, keep: int, lower_is_better: bool
+               ) -> List[Tuple[float, int]]:
+    best = best + [(metric, epoch)]
+    best.sort(key=lambda x: (x[0] if lower_is_better else -x[0], x[1]))
+    return best[:keep]
+
+
+def export_hub_folders(run_dir: Path, args: argparse.Namespace, num_classes: int, state: Dict[str, Any]) -> List[Path]:
+    """ The best checkpoint's weights (EMA weights with --model-ema) of a DiracNet as Hub folders, in train form
+    and folded (deep copy, eval, reparameterize); an earlier export is kept, the new one gets a suffix. """
+    from safetensors.torch import load_file
+
+    from .diracnet import DiracNet
+    from .hub import save_hub_folder
+
+    model = timm.create_model(args.model, num_classes=num_classes, drop_rate=args.drop, **args.model_kwargs)
+    if not isinstance(model, DiracNet):  # the model card and the folding are DiracNet's
+        return []
+    epoch = state['best'][0][1]
+    best_dir = run_dir / f'checkpoint-{epoch}'
+    if args.model_ema:
+        model.load_state_dict(torch.load(best_dir / 'train_state.pt', map_location='cpu', weights_only=True)['ema'])
+    else:
+        model.load_state_dict(load_file(best_dir / 'model.safetensors'))
+    row = next(r for r in state['summary'] if r['epoch'] == epoch)
+    hub_dataset = args.dataset[len('hfds/'):] if args.dataset.startswith('hfds/') else None
+    prefix = 'ema_' if args.model_ema else ''
+    info = dict(
+        dataset=hub_dataset if hub_dataset and not os.path.exists(os.path.expanduser(hub_dataset)) else None,
+        metrics={k: round(row[prefix + 'val_' + k], 4) for k in ('top1', 'top5', 'loss')},
+        eval_split=args.val_split, metrics_source=f'timm-dirac-train, epoch {epoch} of {args.epochs}'
+                                                  f'{" (EMA weights)" if args.model_ema else ""}',
+        epochs=args.epochs, recipe=args.config or None)
+    folded = copy.deepcopy(model).eval()
+    folded.reparameterize()
+    written = []
+    for form, net in (('train', model), ('folded', folded)):
+        out = run_dir / f'hub-{form}'
+        suffix = 1
+        while out.exists():  # a resumed run that finished before: keep the earlier export
+            out, suffix = run_dir / f'hub-{form}-{suffix}', suffix + 1
+        written.append(save_hub_folder(net, out, train_info=info))
+    return written
+
+
+# ------------------------------------------------------------------------------------------------------ main
+def train(args: argparse.Namespace) -> nn.Module:
+    """ Run training as `args` say; returns the trained model (unwrapped; identical on every rank). """
+    from accelerate.utils import broadcast_object_list, set_seed
+
+    check_args(args)
+    accelerator = make_accelerator(args)
+    rank, world = accelerator.process_index, accelerator.num_processes
+
+    # model first (same seed on every rank), so that its cfg gives the data transforms
+    set_seed(args.seed)
+    model = timm.create_model(args.model, pretrained=args.pretrained, num_classes=args.num_classes,
+                              drop_rate=args.drop, **args.model_kwargs)
+    data_config = resolve_data_config(dict(img_size=args.img_size, input_size=args.input_size), model=model)
+
+    # data: rank 0 first, so that `datasets` builds its cache once
+    with accelerator.main_process_first():
+        train_set, num_classes = load_split(
+            args.dataset, args.data_dir, args.train_split, args.train_num_samples, train_transform(
+                data_config, hflip=args.hflip, scale=args.scale, ratio=args.ratio, color_jitter=args.color_jitter,
+                auto_augment=args.aa, interpolation=args.train_interpolation, re_prob=args.reprob))
+        val_set, val_classes = load_split(
+            args.dataset, args.data_dir, args.val_split, args.val_num_samples, eval_transform(data_config))
+    if val_classes != num_classes:
+        raise DataError(f'split {args.train_split!r} has {num_classes} classes but {args.val_split!r} has '
+                        f'{val_classes}; the splits must share one label set.')
+    if args.num_classes is not None and args.num_classes != num_classes:
+        raise DataError(f'--num-classes {args.num_classes} disagrees with the dataset, which has {num_classes} '
+                        f'classes; drop --num-classes or fix it.')
+    if args.num_classes is None and model.num_classes != num_classes:
+        model.reset_classifier(num_classes)
+    global_batch = args.batch_size * world * args.grad_accum_steps
+    if len(train_set) < global_batch:
+        raise DataError(f'{len(train_set)} training samples do not fill one global batch of {global_batch} '
+                        f'(batch size {args.batch_size} x {world} processes x {args.grad_accum_steps} accumulation).')
+    pin = accelerator.device.type == 'cuda'
+    train_loader = torch.utils.data.DataLoader(
+        train_set, batch_size=args.batch_size, shuffle=True, drop_last=True, num_workers=args.workers,
+        pin_memory=pin)
+    val_loader = eval_loader(val_set, args.validation_batch_size or args.batch_size, args.workers, rank, world, pin)
+
+    # optimizer, schedule, loss, EMA (from the same initial weights on every rank)
+    if args.channels_last:
+        model.to(memory_format=torch.channels_last)
+    lr = args.lr if args.lr is not None else args.lr_base * global_batch / args.lr_base_size
+    optimizer = create_optimizer_v2(model, opt=args.opt, lr=lr, weight_decay=args.weight_decay,
+                                    momentum=args.momentum)
+    mixup = None
+    if args.mixup or args.cutmix:
+        mixup = Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, prob=args.mixup_prob,
+                      switch_prob=args.mixup_switch_prob, mode=args.mixup_mode, label_smoothing=args.smoothing,
+                      num_classes=num_classes)
+        loss_fn = SoftTargetCrossEntropy()
+    elif args.smoothing:
+        loss_fn = LabelSmoothingCrossEntropy(smoothing=args.smoothing)
+    else:
+        loss_fn = nn.CrossEntropyLoss()
+    ema = ModelEmaV3(model, decay=args.model_ema_decay, use_warmup=args.model_ema_warmup) if args.model_ema else None
+    if ema is not None:
+        ema.to(accelerator.device)
+    model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
+    updates_per_epoch = math.ceil(len(train_loader) / args.grad_accum_steps)
+    scheduler, num_epochs = create_scheduler_v2(
+        optimizer, sched=args.sched, num_epochs=args.epochs, decay_epochs=args.decay_epochs,
+        decay_milestones=args.decay_milestones, decay_rate=args.decay_rate, min_lr=args.min_lr,
+        warmup_lr=args.warmup_lr, warmup_epochs=args.warmup_epochs, cooldown_epochs=0,
+        updates_per_epoch=updates_per_epoch)
+    set_seed(args.seed, device_specific=True)  # different augmentation per rank
+
+    # run folder and resume
+    state: Dict[str, Any] = dict(epoch=0, num_updates=0, best=[], summary=[])
+    if args.resume:
+        run_dir = Path(args.resume).parent
+        accelerator.load_state(args.resume)
+        state = torch.load(Path(args.resume) / 'train_state.pt', map_location='cpu', weights_only=True)
+        schedule = _schedule_flags(args, lr, updates_per_epoch)
+        if state['schedule'] == schedule:
+            scheduler.load_state_dict(state['scheduler'])
+        else:  # e.g. more --epochs: the new flags define the schedule from here on
+            changed = ', '.join(k for k in schedule if schedule[k] != state['schedule'].get(k))
+            accelerator.print(f'resume: schedule flags changed ({changed}); the lr follows the new schedule.')
+        if ema is not None:
+            if state['ema'] is None:
+                raise ConfigError(f'{args.resume} was trained without --model-ema; resume without it.')
+            ema.module.load_state_dict(state['ema'])
+        later = [p.name for p in run_dir.glob('checkpoint-*') if p.name.split('-')[-1].isdigit()
+                 and int(p.name.split('-')[-1]) > state['epoch']]
+        if later:
+            raise ConfigError(f'{run_dir} has checkpoints after epoch {state["epoch"]} ({", ".join(sorted(later))}); '
+                              f'resume from {run_dir / "last"}, or copy this checkpoint into a new folder first.')
+    else:
+        name = [args.experiment or f'{datetime.now():%Y%m%d-%H%M%S}-{args.model.replace("/", "_")}-'
+                f'{data_config["input_size"][-1]}']
+        broadcast_object_list(name)  # every rank writes its RNG state into the same folder
+        run_dir = Path(args.output) / name[0]
+        if run_dir.exists():
+            raise ConfigError(f'run folder {run_dir} exists; nothing was overwritten. Pass another --experiment, or '
+                              f'--resume {run_dir / "last"} to continue it.')
+    if state['epoch']:
+        scheduler.step(state['epoch'])
+
+    accelerator.print(
+        f'{args.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, {num_classes} classes, '
+        f'input {tuple(data_config["input_size"])} | {len(train_set)} train / {len(val_set)} val images | '
+        f'{world} process(es) on {accelerator.device}, precision {accelerator.mixed_precision} | global batch '
+        f'{args.batch_size} x {world} x {args.grad_accum_steps} = {global_batch}, lr {lr:g} | run folder {run_dir}')
+    lower_is_better = args.eval_metric == 'loss'
+    for epoch in range(state['epoch'], num_epochs):
+        train_loader.set_epoch(epoch)
+        start = time.perf_counter()
+        train_metrics, state['num_updates'] = train_one_epoch(
+            model, train_loader, optimizer, scheduler, loss_fn, accelerator, args, epoch, state['num_updates'],
+            mixup, ema)
+        if world > 1:  # each rank's BatchNorm saw other batches: average the running stats (timm's --dist-bn reduce)
+            distribute_bn(accelerator.unwrap_model(model), world, reduce=True)
+            if ema is not None:
+                distribute_bn(ema.module, world, reduce=True)
+        val_metrics = evaluate(accelerator.unwrap_model(model), val_loader, accelerator, args.channels_last)
+        row = dict(epoch=epoch + 1, lr=optimizer.param_groups[0]['lr'],
+                   **{f'train_{k}': v for k, v in train_metrics.items()},
+                   **{f'val_{k}': v for k, v in val_metrics.items() if k != 'count'})
+        line = (f'epoch {epoch + 1}/{num_epochs} lr {row["lr"]:.4g} | train loss {train_metrics["loss"]:.4f} top1 '
+                f'{train_metrics["top1"]:.2f} {train_metrics["img_s"]:.0f} img/s | val ({val_metrics["count"]} '
+                f'images) loss {val_metrics["loss"]:.4f} top1 {val_metrics["top1"]:.2f} top5 {val_metrics["top5"]:.2f}')
+        ranked = val_metrics
+        if ema is not None:
+            ema_metrics = evaluate(ema.module, val_loader, accelerator, args.channels_last, desc='eval ema')
+            row.update({f'ema_val_{k}': v for k, v in ema_metrics.items() if k != 'count'})
+            line += (f' | ema loss {ema_metrics["loss"]:.4f} top1 {ema_metrics["top1"]:.2f} '
+                     f'top5 {ema_metrics["top5"]:.2f}')
+            ranked = ema_metrics
+        scheduler.step(epoch + 1, ranked[args.eval_metric])
+        row['epoch_s'] = time.perf_counter() - start
+        accelerator.print(f'{line} | {row["epoch_s"]:.1f} s', flush=True)
+
+        state.update(
+            epoch=epoch + 1, scheduler=scheduler.state_dict(), ema=ema.module.state_dict() if ema else None,
+            schedule=_schedule_flags(args, lr, updates_per_epoch),
+            best=_rank_best(state['best'], ranked[args.eval_metric], epoch + 1, args.checkpoint_hist,
+                            lower_is_better),
+            summary=state['summary'] + [row])
+        save_checkpoint(accelerator, run_dir, state, args)
+
+    if accelerator.is_main_process and state['best']:
+        metric, epoch = state['best'][0]
+        accelerator.print(f'best {args.eval_metric} {metric:.4f} at epoch {epoch}: {run_dir / "best"}')
+        for folder in export_hub_folders(run_dir, args, num_classes, state):
+            accelerator.print(f'Hub folder: {folder}')
+    accelerator.wait_for_everyone()
+    return accelerator.unwrap_model(model)
+
+
+def _one_line(error: Exception) -> str:
+    """ The message of `error`; a DataLoader worker wraps it in a traceback whose last line holds it. """
+    last = str(error).strip().splitlines()[-1]
+    prefix = f'{type(error).__module__}.{type(error).__qualname__}: '
+    return last[len(prefix):] if last.startswith(prefix) else last
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    """ Console entry point (`timm-dirac-train`, `train.py`): bad input gives one error line and exit code 2. """
+    import timm_dirac  # noqa: F401  registers the DiracNets with timm
+
+    try:
+        train(parse_args(argv))
+    except (ConfigError, DataError) as e:
+        print(f'timm-dirac-train: error: {_one_line(e)}', file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == '__main__':
+    main()
