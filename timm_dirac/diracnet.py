@@ -110,6 +110,7 @@ class DiracStage(nn.Module):
             out_chs: int,
             depth: int,
             downsample: bool,
+            inplace_input: bool = False,
             dirac: bool = True,
             inference_mode: bool = False,
             device=None,
@@ -118,14 +119,15 @@ class DiracStage(nn.Module):
         super().__init__()
         self.grad_checkpointing = False
         self.pool = nn.MaxPool2d(2) if downsample else nn.Identity()
-        # without a pool in front, the stage input is a feature tap of the previous stage: don't ReLU it in place
+        # the input may be a feature tap of the previous stage: ReLU it in place only behind a pool or if told so
+        self.inplace_input = downsample or inplace_input
         self.blocks = nn.Sequential(*[
             DiracBlock(
                 in_chs if i == 0 else out_chs,
                 out_chs,
                 dirac=dirac,
                 inference_mode=inference_mode,
-                inplace_act=downsample or i > 0,
+                inplace_act=self.inplace_input or i > 0,
                 device=device,
                 dtype=dtype,
             )
@@ -135,9 +137,8 @@ class DiracStage(nn.Module):
     def set_grad_checkpointing(self, enable: bool = True):
         """ Checkpointed segments re-run from their saved input, so no ReLU may then work in place on it. """
         self.grad_checkpointing = enable
-        downsample = isinstance(self.pool, nn.MaxPool2d)
         for i, block in enumerate(self.blocks):
-            block.act.inplace = not enable and (downsample or i > 0)
+            block.act.inplace = not enable and (self.inplace_input or i > 0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.pool(x)
@@ -236,7 +237,9 @@ class DiracNet(nn.Module):
             if i > 0:
                 reduction *= 2
             stages.append(DiracStage(
-                in_chs, out_chs, num_layers, downsample=i > 0, dirac=dirac, inference_mode=inference_mode, **dd))
+                in_chs, out_chs, num_layers, downsample=i > 0,
+                inplace_input=style == 'imagenet',  # behind the stem pool, not the stem tap itself
+                dirac=dirac, inference_mode=inference_mode, **dd))
             self.feature_info.append(dict(num_chs=out_chs, reduction=reduction, module=f'stages.{i}'))
             in_chs = out_chs
         self.stages = nn.Sequential(*stages)

@@ -1,0 +1,90 @@
+""" `timm-dirac benchmark`: structure of the output (no timing assertions) and the summary arithmetic. """
+import json
+
+import pytest
+import torch
+
+pytest.importorskip('onnxruntime')
+
+import timm_dirac  # noqa: F401  registers the models
+from timm_dirac.benchmark import Case, build_forms, format_table, has_reparameterization, summarize
+from timm_dirac.cli import main
+from timm_dirac.export import default_data
+
+ROW_KEYS = {'model', 'form', 'backend', 'precision', 'batch_size', 'img_per_s', 'latency_ms', 'latency_ms_min',
+            'latency_ms_max', 'iters', 'repeats', 'gflop_per_img', 'gflop_per_s', 'peak_fraction', 'vs_resnet',
+            'vs_train', 'vs_fp32'}
+
+
+@pytest.fixture(scope='module')
+def tiny_run(tmp_path_factory):
+    if default_data() is None:
+        pytest.skip('the onnxruntime-int8 backend calibrates on real CIFAR-10 images, none found')
+    out = tmp_path_factory.mktemp('bench')
+    rc = main(['benchmark', '--models', 'diracnet18', 'resnet18', '--img-size', '32', '--batch-sizes', '1', '32',
+               '--precision', 'fp32', 'bf16', '--backends', 'eager', 'onnxruntime', 'onnxruntime-int8',
+               '--repeats', '2', '--warmup', '1', '--min-time', '0', '--gemm-sizes', '64', '--out', str(out)])
+    assert rc == 0
+    return out, json.loads((out / 'benchmark.json').read_text())
+
+
+def test_benchmark_outputs(tiny_run):
+    out, result = tiny_run
+    assert set(result['gemm_peak_gflop_per_s']) == {'fp32', 'bf16'}
+    assert all(v > 0 for v in result['gemm_peak_gflop_per_s'].values())
+    rows = result['rows']
+    variants = {('diracnet18', 'train'), ('diracnet18', 'folded'), ('resnet18', 'train')}
+    # eager: 3 variants x 2 batch sizes x 2 precisions; ONNX Runtime fp32: 3 x 2; int8: deploy forms only, 2 x 2
+    assert len(rows) == 12 + 6 + 4
+    assert {(r['model'], r['form']) for r in rows} == variants
+    assert {(r['model'], r['form']) for r in rows if r['backend'] == 'onnxruntime-int8'} == variants - {
+        ('diracnet18', 'train')}
+    for r in rows:
+        assert set(r) == ROW_KEYS
+        assert r['repeats'] == 2 and r['img_per_s'] > 0 and r['gflop_per_img'] > 0
+        assert (r['vs_resnet'] is not None) == (r['model'] == 'diracnet18')
+        assert (r['vs_train'] is not None) == (r['form'] == 'folded' and r['backend'] != 'onnxruntime-int8')
+        assert (r['vs_fp32'] is not None) == (r['precision'] != 'fp32')
+        assert (r['peak_fraction'] is not None) == (r['precision'] != 'int8')
+    # goals (PyTorch backends only): x resnet at batch 32 (2 precisions), x train (2 x 2), fp32 GEMM peak (1)
+    assert len(result['goals']) == 2 + 4 + 1 and all('eager' in g['goal'] for g in result['goals'])
+    assert len(result['load_average_before']) == 3 and result['machine']['torch_threads'] >= 1
+    table = (out / 'benchmark.md').read_text()
+    assert table.startswith('| model | form |') and table.count('| diracnet18 |') == 14
+    pytest.importorskip('matplotlib')
+    assert (out / 'benchmark.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+
+
+def test_summarize_ratios_and_goals():
+    def case(model, form, seconds, flops=2e9, batch=32):
+        return Case(model, form, 'eager', 'fp32', batch, flops * batch, run=lambda: None, times=[seconds] * 3)
+    cases = [
+        Case('gemm64', 'gemm', 'eager', 'fp32', 1, 100e9, run=lambda: None, times=[1., 2., 1.]),  # 100 GFLOP/s
+        case('resnet18', 'train', 1.5),
+        case('diracnet18', 'train', 2.0),
+        case('diracnet18', 'folded', 1.0),
+    ]
+    result = summarize(cases)
+    assert result['gemm_peak_gflop_per_s'] == {'fp32': pytest.approx(100.)}
+    rows = {r['form'] if r['model'] == 'diracnet18' else 'resnet': r for r in result['rows']}
+    assert rows['folded']['vs_resnet'] == pytest.approx(1.5)
+    assert rows['folded']['vs_train'] == pytest.approx(2.0)
+    assert rows['train']['vs_resnet'] == pytest.approx(0.75)
+    assert rows['folded']['gflop_per_s'] == pytest.approx(64.) and rows['folded']['peak_fraction'] == pytest.approx(.64)
+    met = {g['goal'].split(': ')[1]: g['met'] for g in result['goals']}
+    assert met == {'>= 1.2x resnet18': True, '>= 1.3x train form': True, '>= 75% of the fp32 GEMM peak': False}
+    assert rows['folded']['vs_fp32'] is None
+    assert '| diracnet18 | folded | eager | fp32 | 32 | 32.0 |' in format_table(dict(
+        result, load_average_before=(0., 0., 0.), load_average_after=(0., 0., 0.),
+        machine=dict(cpu='test'), settings=dict(threads=1)))
+
+
+def test_forms():
+    assert not has_reparameterization(build_forms('resnet18', ['train', 'folded'])['train'])
+    forms = build_forms('diracnet34_1_cifar', ['train', 'folded'])
+    assert set(forms) == {'train', 'folded'}
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(forms['folded'](x), forms['train'](x), rtol=1e-4, atol=1e-4 * forms['train'](x).abs().max().item())
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in forms['folded'].modules())
+    assert set(build_forms('repvgg_a0', ['folded'])) == {'folded'}

@@ -1,0 +1,66 @@
+""" ONNX export of the folded model checked with ONNX Runtime on real images; torch.compile of both forms. """
+import pytest
+import torch
+
+import timm
+import timm_dirac  # noqa: F401  registers the models
+from timm_dirac.cli import main
+from timm_dirac.export import (
+    ALLOWED_OPS, check_graph_ops, default_data, export_onnx, fold, load_images, op_types, verify_onnx)
+
+pytest.importorskip('onnxruntime')
+DATA = default_data()
+needs_data = pytest.mark.skipif(DATA is None, reason='no real CIFAR-10 images (data/cifar10_sample, ../shared/data/cifar10)')
+
+
+@pytest.mark.slow
+@needs_data
+def test_export_onnx_cli(tmp_path, capsys):
+    out = tmp_path / 'diracnet34_1_cifar.onnx'
+    assert main(['export-onnx', '--model', 'diracnet34_1_cifar', '--out', str(out), '--num-images', '16']) == 0
+    ops = op_types(str(out))
+    assert ops <= ALLOWED_OPS and {'Conv', 'Relu', 'MaxPool', 'Gemm'} <= ops
+    assert 'max abs diff' in capsys.readouterr().out
+
+
+@needs_data
+def test_verify_catches_a_wrong_model(tmp_path):
+    model = fold(timm.create_model('diracnet34_1_cifar', layers=(1, 1, 1)).eval())
+    images, labels = load_images(DATA, model, num=8)
+    assert labels.shape == (8,) and labels.dtype == torch.int64
+    assert images.shape == (8, 3, 32, 32)
+    path = str(tmp_path / 'm.onnx')
+    export_onnx(model, path, (3, 32, 32))
+    import onnx
+    graph = onnx.load(path).graph
+    producer = {out: node.op_type for node in graph.node for out in node.output}
+    pools = [node for node in graph.node if node.op_type == 'MaxPool']
+    assert len(pools) == 2 and all(producer[p.input[0]] == 'Relu' for p in pools)  # ReLU moved before each pool
+    report = verify_onnx(path, model, images)
+    assert report['relative_diff'] <= 1e-4 and report['top1_agreement'] == 1.
+    with torch.no_grad():
+        model.head.fc.bias.add_(model(images).abs().max())  # PyTorch now disagrees with the exported graph
+    with pytest.raises(RuntimeError, match='differs from PyTorch'):
+        verify_onnx(path, model, images)
+
+
+def test_train_form_graph_is_refused(tmp_path):
+    model = timm.create_model('diracnet34_1_cifar', layers=(1, 1, 1)).eval()
+    path = str(tmp_path / 'train.onnx')
+    export_onnx(model, path, (3, 32, 32))
+    with pytest.raises(RuntimeError, match='not folded'):
+        check_graph_ops(path)
+
+
+@pytest.mark.parametrize('folded', [False, True], ids=['train', 'folded'])
+def test_torch_compile(folded):
+    torch._dynamo.reset()
+    model = timm.create_model('diracnet34_1_cifar', layers=(1, 1, 1)).eval()
+    if folded:
+        fold(model)
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        expected = model(x)
+        compiled = torch.compile(model, dynamic=False, options={'freezing': True})
+        got = compiled(x)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item())

@@ -1,0 +1,441 @@
+""" `timm-dirac benchmark`: inference speed of DiracNets, train form and folded, against timm's ResNets and RepVGGs.
+
+Every variant (model x form x backend x precision x batch size) runs once per repeat, in turn, and a GEMM of the
+same precision runs among them, so load from other processes on a shared machine hits all of them alike. The
+report gives medians over repeats, throughput ratios against the ResNet of the same depth and against the train
+form, and achieved GFLOP/s against the GEMM peak measured in the same run.
+"""
+import argparse
+import copy
+import json
+import os
+import platform
+import re
+import statistics
+import sys
+import tempfile
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+import torch
+import torch.nn as nn
+from torch.utils.flop_counter import FlopCounterMode
+
+import timm
+from timm.utils import reparameterize_model
+
+TIMM_RESULTS = ('timm ImageNet-1k validation results, huggingface/pytorch-image-models '
+                'results/results-imagenet.csv at commit aa4b5850c154, 224 px rows')
+
+# Reported ImageNet-1k top-1 (%) by model: (weights tag, top-1, source). Used only to place models on the plot.
+REPORTED_TOP1: Dict[str, List[tuple]] = {
+    'diracnet18': [('v2', 69.63, 'DiracNets authors, v2 export notebook (30.37% top-1 error)')],
+    'diracnet34': [('v2', 72.21, 'DiracNets paper, 27.79% top-1 error')],
+    'resnet18': [('tv_in1k', 69.752, TIMM_RESULTS), ('a1_in1k', 71.504, TIMM_RESULTS)],
+    'resnet34': [('tv_in1k', 73.298, TIMM_RESULTS), ('a1_in1k', 76.420, TIMM_RESULTS)],
+    'repvgg_a0': [('rvgg_in1k', 72.426, TIMM_RESULTS)],
+    'repvgg_a1': [('rvgg_in1k', 74.474, TIMM_RESULTS)],
+    'repvgg_a2': [('rvgg_in1k', 76.488, TIMM_RESULTS)],
+    'repvgg_b0': [('rvgg_in1k', 75.158, TIMM_RESULTS)],
+}
+
+DEFAULT_MODELS = ('diracnet18', 'diracnet34', 'resnet18', 'resnet34', 'repvgg_a1')
+BACKENDS = ('eager', 'compile', 'onnxruntime', 'onnxruntime-int8')
+PRECISIONS = {'fp32': torch.float32, 'bf16': torch.bfloat16}
+GOAL_VS_RESNET = 1.2
+GOAL_VS_TRAIN = 1.3
+GOAL_PEAK_FRACTION = 0.75
+GOAL_BACKENDS = ('eager', 'compile')
+
+
+@dataclass
+class Case:
+    """ One timed variant: `run()` does one forward (or one GEMM); `times` holds seconds per call per repeat. """
+    model: str
+    form: str
+    backend: str
+    precision: str
+    batch_size: int
+    flops: float  # per call
+    run: Callable[[], Any] = field(repr=False)
+    iters: int = 1
+    times: List[float] = field(default_factory=list)
+
+
+def has_reparameterization(model: nn.Module) -> bool:
+    """ True if `timm.utils.reparameterize_model` (or DiracNet's own method) changes something in `model`. """
+    return any(
+        hasattr(m, attr) for m in model.modules() if m is not model
+        for attr in ('reparameterize', 'fuse', 'switch_to_deploy'))
+
+
+def build_forms(name: str, forms: Sequence[str]) -> Dict[str, nn.Module]:
+    """ The requested forms of one model, in eval mode: 'train' as built, 'folded' reparameterized for inference
+    (DiracNet's own `reparameterize()`, timm's `reparameterize_model` for the others). A model without any
+    reparameterization (e.g. ResNet) only has its 'train' form. """
+    model = timm.create_model(name).eval()
+    out = {}
+    if 'train' in forms or not has_reparameterization(model):
+        out['train'] = model
+    if 'folded' in forms and has_reparameterization(model):
+        folded = copy.deepcopy(model)
+        if hasattr(folded, 'reparameterize'):
+            folded.reparameterize()
+        else:
+            folded = reparameterize_model(folded, inplace=True)
+        out['folded'] = folded.eval()
+    return out
+
+
+def count_flops(model: nn.Module, input_size: Sequence[int]) -> float:
+    """ FLOPs of one forward of one image (conv and matmul FLOPs, 2 per multiply-add, FlopCounterMode). """
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(torch.randn(1, *input_size))
+    return float(counter.get_total_flops())
+
+
+def _autocast(precision: str):
+    if precision == 'fp32':
+        return nullcontext()
+    return torch.autocast('cpu', dtype=PRECISIONS[precision])
+
+
+def _eager_runner(model: nn.Module, x: torch.Tensor, precision: str) -> Callable[[], Any]:
+    def run():
+        with torch.no_grad(), _autocast(precision):
+            return model(x)
+    return run
+
+
+def _compiled_runner(model: nn.Module, x: torch.Tensor, precision: str) -> Callable[[], Any]:
+    # freezing: weights become constants, so inductor folds BatchNorm into convs and prepacks oneDNN weights
+    compiled = torch.compile(copy.deepcopy(model), dynamic=False, options={'freezing': True})
+    return _eager_runner(compiled, x, precision)
+
+
+def _onnx_runner(model: nn.Module, x: torch.Tensor, workdir: str, threads: int, tag: str,
+                 calib: Optional[torch.Tensor] = None) -> Callable[[], Any]:
+    """ ONNX Runtime on the exported model, int8 (QDQ, static, calibrated on `calib`) when `calib` is given. """
+    from .export import export_onnx, ort_session
+    path = os.path.join(workdir, f'{tag}.onnx')
+    if not os.path.exists(path):
+        export_onnx(model, path, tuple(x.shape[1:]))
+    if calib is not None:
+        from .quantize import quantize_onnxruntime
+        int8_path = os.path.join(workdir, f'{tag}-int8.onnx')
+        if not os.path.exists(int8_path):
+            quantize_onnxruntime(path, int8_path, calib)
+        path = int8_path
+    session = ort_session(path, threads)
+    feed = {session.get_inputs()[0].name: x.contiguous().numpy()}
+    return lambda: session.run(None, feed)
+
+
+def _calibration_images(model: nn.Module, input_size: Sequence[int], num: int = 64) -> torch.Tensor:
+    """ Real images for int8 calibration (the CIFAR-10 copy the export check uses) in the model's eval transform,
+    resized to the benchmark's `input_size`. Only the int8 speed is measured here; `timm-dirac quantize` measures
+    the accuracy. """
+    from .export import default_data, load_images
+    data = default_data()
+    if data is None:
+        raise FileNotFoundError('The onnxruntime-int8 backend calibrates on real images and found none '
+                                '(data/cifar10_sample or ../shared/data/cifar10): drop that backend or add the data.')
+    images = load_images(data, model, num)[0]
+    if tuple(images.shape[1:]) != tuple(input_size):
+        images = torch.nn.functional.interpolate(images, size=tuple(input_size[1:]), mode='bilinear', antialias=True)
+    return images
+
+
+def _gemm_case(n: int, precision: str) -> Case:
+    a = torch.randn(n, n, dtype=PRECISIONS[precision])
+    b = torch.randn(n, n, dtype=PRECISIONS[precision])
+    return Case(f'gemm{n}', 'gemm', 'eager', precision, 1, 2. * n ** 3, lambda: torch.mm(a, b))
+
+
+def build_cases(
+        models: Sequence[str],
+        forms: Sequence[str] = ('train', 'folded'),
+        backends: Sequence[str] = ('eager',),
+        precisions: Sequence[str] = ('fp32', 'bf16'),
+        batch_sizes: Sequence[int] = (1, 32),
+        img_size: Optional[int] = None,
+        channels_last: bool = True,
+        gemm_sizes: Sequence[int] = (1024, 2048),
+        threads: int = 1,
+        workdir: Optional[str] = None,
+) -> List[Case]:
+    """ Build every variant to time, GEMM peak cases first. ONNX Runtime runs once per batch size, not per
+    precision: fp32 ('onnxruntime') or int8 ('onnxruntime-int8'), NCHW input, exported with a dynamic batch. """
+    cases = [_gemm_case(n, p) for p in precisions for n in gemm_sizes]
+    for name in models:
+        model_forms = build_forms(name, forms)
+        for form, model in model_forms.items():
+            size = img_size or model.pretrained_cfg['input_size'][-1]
+            input_size = (model.pretrained_cfg['input_size'][0], size, size)
+            flops = count_flops(model, input_size)
+            memory_format = torch.channels_last if channels_last else torch.contiguous_format
+            model = model.to(memory_format=memory_format)
+            calib = _calibration_images(model, input_size) if 'onnxruntime-int8' in backends else None
+            for backend in backends:
+                for batch_size in batch_sizes:
+                    x = torch.randn(batch_size, *input_size).contiguous(memory_format=memory_format)
+                    if backend.startswith('onnxruntime'):
+                        int8 = backend == 'onnxruntime-int8'
+                        if int8 and form == 'train' and 'folded' in model_forms:
+                            continue  # int8 is for the deployed (folded) graph only
+                        run = _onnx_runner(model, x, workdir, threads, f'{name}-{form}', calib if int8 else None)
+                        cases.append(Case(name, form, backend, 'int8' if int8 else 'fp32', batch_size,
+                                          flops * batch_size, run))
+                        continue
+                    for precision in precisions:
+                        runner = _compiled_runner if backend == 'compile' else _eager_runner
+                        cases.append(Case(name, form, backend, precision, batch_size, flops * batch_size,
+                                          runner(model, x, precision)))
+    return cases
+
+
+def measure(cases: List[Case], repeats: int = 5, warmup: int = 2, min_time: float = 0.5, log=print) -> None:
+    """ Warm every case up (compiling where needed), size its iterations to take about `min_time` seconds, then
+    time all cases in turn `repeats` times. """
+    for case in cases:
+        elapsed = 0.
+        for _ in range(max(1, warmup)):
+            start = time.perf_counter()
+            case.run()
+            elapsed = time.perf_counter() - start
+        case.iters = max(1, round(min_time / max(elapsed, 1e-6)))
+    for r in range(repeats):
+        for case in cases:
+            start = time.perf_counter()
+            for _ in range(case.iters):
+                case.run()
+            case.times.append((time.perf_counter() - start) / case.iters)
+        log(f'repeat {r + 1}/{repeats} done')
+
+
+def _depth_baseline(model: str) -> Optional[str]:
+    """ The ResNet a DiracNet is compared with: same depth ('diracnet18' -> 'resnet18'). """
+    match = re.fullmatch(r'diracnet(\d+)', model)
+    return f'resnet{match.group(1)}' if match else None
+
+
+def summarize(cases: List[Case]) -> Dict[str, Any]:
+    """ Medians, GEMM peaks, GFLOP/s and ratios (against the ResNet of the same depth, the train form, fp32 in
+    the same backend) of measured cases; goal checks of issue 5. """
+    peaks = {}
+    rows = []
+    for case in cases:
+        median = statistics.median(case.times)
+        if case.form == 'gemm':
+            peaks[case.precision] = max(peaks.get(case.precision, 0.), case.flops / median / 1e9)
+            continue
+        rows.append(dict(
+            model=case.model, form=case.form, backend=case.backend, precision=case.precision,
+            batch_size=case.batch_size, img_per_s=case.batch_size / median, latency_ms=median * 1e3,
+            latency_ms_min=min(case.times) * 1e3, latency_ms_max=max(case.times) * 1e3, iters=case.iters,
+            repeats=len(case.times), gflop_per_img=case.flops / case.batch_size / 1e9,
+            gflop_per_s=case.flops / median / 1e9))
+    index = {(r['model'], r['form'], r['backend'], r['precision'], r['batch_size']): r for r in rows}
+    for r in rows:
+        peak = peaks.get(r['precision'])
+        r['peak_fraction'] = r['gflop_per_s'] / peak if peak else None
+        key = (r['backend'], r['precision'], r['batch_size'])
+        resnet = index.get((_depth_baseline(r['model']), 'train') + key)
+        r['vs_resnet'] = r['img_per_s'] / resnet['img_per_s'] if resnet else None
+        train = index.get((r['model'], 'train') + key)
+        r['vs_train'] = r['img_per_s'] / train['img_per_s'] if r['form'] == 'folded' and train else None
+        fp32 = index.get((r['model'], r['form'], r['backend'].replace('-int8', ''), 'fp32', r['batch_size']))
+        r['vs_fp32'] = r['img_per_s'] / fp32['img_per_s'] if r['precision'] != 'fp32' and fp32 else None
+
+    goals = []  # issue 5's goals are about PyTorch; ONNX Runtime rows are informative (it folds BN itself)
+    for r in rows:
+        if r['form'] != 'folded' or _depth_baseline(r['model']) is None or r['backend'] not in GOAL_BACKENDS:
+            continue
+        where = f"{r['model']} folded, {r['backend']} {r['precision']} batch {r['batch_size']}"
+        if r['batch_size'] >= 32 and r['vs_resnet'] is not None:
+            goals.append(dict(goal=f'{where}: >= {GOAL_VS_RESNET}x {_depth_baseline(r["model"])}',
+                              value=r['vs_resnet'], target=GOAL_VS_RESNET, met=r['vs_resnet'] >= GOAL_VS_RESNET))
+        if r['vs_train'] is not None:
+            goals.append(dict(goal=f'{where}: >= {GOAL_VS_TRAIN}x train form', value=r['vs_train'],
+                              target=GOAL_VS_TRAIN, met=r['vs_train'] >= GOAL_VS_TRAIN))
+        if r['precision'] == 'fp32' and r['batch_size'] >= 32 and r['peak_fraction'] is not None:
+            goals.append(dict(goal=f'{where}: >= {GOAL_PEAK_FRACTION:.0%} of the fp32 GEMM peak',
+                              value=r['peak_fraction'], target=GOAL_PEAK_FRACTION,
+                              met=r['peak_fraction'] >= GOAL_PEAK_FRACTION))
+    return dict(gemm_peak_gflop_per_s=peaks, rows=rows, goals=goals)
+
+
+def machine_info() -> Dict[str, Any]:
+    """ What the numbers depend on: CPU, threads, library versions. """
+    cpu = platform.processor()
+    flags = ''
+    try:
+        with open('/proc/cpuinfo') as f:
+            info = f.read()
+        cpu = re.search(r'model name\s*:\s*(.*)', info).group(1)
+        flags = re.search(r'flags\s*:\s*(.*)', info).group(1)
+    except (OSError, AttributeError):
+        pass
+    versions = dict(python=platform.python_version(), torch=torch.__version__, timm=timm.__version__)
+    try:
+        import onnxruntime
+        versions['onnxruntime'] = onnxruntime.__version__
+    except ImportError:
+        pass
+    return dict(cpu=cpu, logical_cpus=os.cpu_count(), torch_threads=torch.get_num_threads(),
+                isa=sorted(f for f in ('avx512f', 'avx512_bf16', 'amx_bf16', 'amx_int8') if f in flags.split()),
+                versions=versions)
+
+
+def run_benchmark(
+        models: Sequence[str] = DEFAULT_MODELS,
+        forms: Sequence[str] = ('train', 'folded'),
+        backends: Sequence[str] = ('eager',),
+        precisions: Sequence[str] = ('fp32', 'bf16'),
+        batch_sizes: Sequence[int] = (1, 32),
+        img_size: Optional[int] = None,
+        channels_last: bool = True,
+        repeats: int = 5,
+        warmup: int = 2,
+        min_time: float = 0.5,
+        gemm_sizes: Sequence[int] = (1024, 2048),
+        threads: Optional[int] = None,
+        log=print,
+) -> Dict[str, Any]:
+    """ Build, time and summarize; returns the JSON-ready result (settings, machine, load, rows, goals). """
+    unknown = [b for b in backends if b not in BACKENDS] + [p for p in precisions if p not in PRECISIONS]
+    if unknown:
+        raise ValueError(f'Unknown backend/precision {unknown}: backends are {BACKENDS}, precisions '
+                         f'{tuple(PRECISIONS)}.')
+    if threads:
+        torch.set_num_threads(threads)
+    threads = torch.get_num_threads()
+    settings = dict(models=list(models), forms=list(forms), backends=list(backends), precisions=list(precisions),
+                    batch_sizes=list(batch_sizes), img_size=img_size, channels_last=channels_last,
+                    repeats=repeats, warmup=warmup, min_time=min_time, gemm_sizes=list(gemm_sizes),
+                    threads=threads)
+    load_before = os.getloadavg()
+    start = time.time()
+    with tempfile.TemporaryDirectory() as workdir:
+        log('building models')
+        cases = build_cases(models, forms, backends, precisions, batch_sizes, img_size, channels_last,
+                            gemm_sizes, threads, workdir)
+        log(f'timing {len(cases)} cases x {repeats} repeats, interleaved')
+        measure(cases, repeats, warmup, min_time, log)
+    result = dict(settings=settings, machine=machine_info(), load_average_before=load_before,
+                  load_average_after=os.getloadavg(), started=time.strftime('%Y-%m-%d %H:%M:%S %z',
+                  time.localtime(start)), seconds=time.time() - start)
+    result.update(summarize(cases))
+    return result
+
+
+def _fmt(value: Optional[float], spec: str) -> str:
+    return '' if value is None else format(value, spec)
+
+
+def format_table(result: Dict[str, Any]) -> str:
+    """ Markdown table of the rows, then the GEMM peaks and the goal checks. """
+    lines = [
+        '| model | form | backend | precision | batch | img/s | latency ms (min-max) | GFLOP/img | GFLOP/s '
+        '| % GEMM peak | x ResNet | x train | x fp32 |',
+        '|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|',
+    ]
+    rows = sorted(result['rows'], key=lambda r: (r['backend'], r['precision'], r['batch_size']))
+    for r in rows:
+        lines.append(
+            f"| {r['model']} | {r['form']} | {r['backend']} | {r['precision']} | {r['batch_size']} "
+            f"| {r['img_per_s']:.1f} | {r['latency_ms']:.1f} ({r['latency_ms_min']:.1f}-{r['latency_ms_max']:.1f}) "
+            f"| {r['gflop_per_img']:.2f} | {r['gflop_per_s']:.0f} | {_fmt(r['peak_fraction'] and 100 * r['peak_fraction'], '.0f')} "
+            f"| {_fmt(r['vs_resnet'], '.2f')} | {_fmt(r['vs_train'], '.2f')} | {_fmt(r['vs_fp32'], '.2f')} |")
+    peaks = ', '.join(f'{p} {v:.0f} GFLOP/s' for p, v in result['gemm_peak_gflop_per_s'].items())
+    lines += ['', f'GEMM peak measured in the same run: {peaks}.']
+    load = result['load_average_before'], result['load_average_after']
+    lines.append(f"Load average (1, 5, 15 min) before {tuple(round(x, 2) for x in load[0])}, "
+                 f"after {tuple(round(x, 2) for x in load[1])}; {result['machine']['cpu']}, "
+                 f"{result['settings']['threads']} threads.")
+    if result['goals']:
+        lines += ['', '| goal | value | met |', '|---|---:|---|']
+        lines += [f"| {g['goal']} | {g['value']:.2f} | {'yes' if g['met'] else 'NO'} |" for g in result['goals']]
+    return '\n'.join(lines)
+
+
+def save_plot(result: Dict[str, Any], path: str) -> bool:
+    """ Throughput (largest batch, eager) vs reported ImageNet top-1, one panel per precision. Needs matplotlib
+    (`pip install timm-dirac[bench]`); returns False without it. """
+    try:
+        import matplotlib
+        matplotlib.use('Agg')
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    rows = [r for r in result['rows'] if r['backend'] == 'eager' and r['model'] in REPORTED_TOP1]
+    if not rows:
+        return False
+    batch = max(r['batch_size'] for r in rows)
+    precisions = [p for p in result['settings']['precisions'] if any(r['precision'] == p for r in rows)]
+    two_forms = {r['model'] for r in rows if r['form'] == 'folded'}
+    fig, axes = plt.subplots(1, len(precisions), figsize=(6 * len(precisions), 4.5), squeeze=False)
+    for ax, precision in zip(axes[0], precisions):
+        for r in rows:
+            if r['precision'] != precision or r['batch_size'] != batch:
+                continue
+            for tag, top1, _ in REPORTED_TOP1[r['model']]:
+                folded = r['form'] == 'folded' or r['model'] not in two_forms
+                color = 'tab:red' if r['model'].startswith('diracnet') else (
+                    'tab:blue' if r['model'].startswith('resnet') else 'tab:green')
+                ax.scatter(r['img_per_s'], top1, color=color, facecolors=color if folded else 'none', s=50)
+                label = f"{r['model']} {r['form']}" if r['model'] in two_forms else r['model']
+                ax.annotate(f'{label} ({tag})', (r['img_per_s'], top1), fontsize=7,
+                            xytext=(4, 3), textcoords='offset points')
+        ax.set_xlabel(f'images/s (batch {batch}, {precision}, eager, {result["settings"]["threads"]} threads)')
+        ax.set_ylabel('reported ImageNet-1k top-1 (%)')
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"Inference throughput vs accuracy: {result['machine']['cpu']} (filled: deploy form)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument('--models', nargs='+', default=list(DEFAULT_MODELS), metavar='NAME',
+                        help='timm model names (DiracNets are registered by this package)')
+    parser.add_argument('--forms', nargs='+', default=['train', 'folded'], choices=['train', 'folded'])
+    parser.add_argument('--backends', nargs='+', default=['eager'], choices=BACKENDS,
+                        help='eager PyTorch, torch.compile (inductor, frozen weights), ONNX Runtime fp32, ONNX Runtime '
+                             'int8 (static, calibrated on real CIFAR-10 images; speed only)')
+    parser.add_argument('--precision', nargs='+', default=['fp32', 'bf16'], choices=list(PRECISIONS),
+                        help='bf16 runs under CPU autocast')
+    parser.add_argument('--batch-sizes', nargs='+', type=int, default=[1, 32])
+    parser.add_argument('--img-size', type=int, default=None, help="input size (default: each model's own)")
+    parser.add_argument('--channels-last', action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument('--repeats', type=int, default=5, help='interleaved timing rounds (medians are reported)')
+    parser.add_argument('--warmup', type=int, default=2)
+    parser.add_argument('--min-time', type=float, default=0.5, help='seconds per case per repeat (about)')
+    parser.add_argument('--gemm-sizes', nargs='+', type=int, default=[1024, 2048],
+                        help='square GEMM sizes timed for the peak (the best median is the peak)')
+    parser.add_argument('--threads', type=int, default=None, help='torch (and ONNX Runtime) threads')
+    parser.add_argument('--out', default='bench/', help='folder for benchmark.json, benchmark.md, benchmark.png')
+
+
+def run(args: argparse.Namespace) -> int:
+    result = run_benchmark(
+        args.models, args.forms, args.backends, args.precision, args.batch_sizes, args.img_size,
+        args.channels_last, args.repeats, args.warmup, args.min_time, args.gemm_sizes, args.threads,
+        log=lambda msg: print(msg, file=sys.stderr))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    table = format_table(result)
+    (out / 'benchmark.json').write_text(json.dumps(result, indent=2))
+    (out / 'benchmark.md').write_text(table + '\n')
+    print(table)
+    written = ['benchmark.json', 'benchmark.md']
+    if save_plot(result, str(out / 'benchmark.png')):
+        written.append('benchmark.png')
+    else:
+        print('No plot: matplotlib is not installed (pip install "timm-dirac[bench]").', file=sys.stderr)
+    print(f"\nWrote {', '.join(str(out / w) for w in written)}", file=sys.stderr)
+    return 0
