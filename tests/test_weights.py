@@ -1,0 +1,39 @@
+""" The project's own weights committed under weights/: they load in both forms and classify real images. """
+from pathlib import Path
+
+import numpy as np
+import pytest
+import timm
+import torch
+
+import timm_dirac  # noqa: F401
+
+ROOT = Path(__file__).resolve().parents[1]
+WEIGHTS = ROOT / 'weights' / 'diracnet34_1_cifar.td_cifar10'
+SAMPLE = ROOT / 'data' / 'cifar10_sample'
+
+
+def sample_test_images():
+    datasets = pytest.importorskip('datasets')
+    ds = datasets.load_dataset(str(SAMPLE), split='test')
+    images = torch.from_numpy(np.stack([np.asarray(img.convert('RGB')) for img in ds['image']]))
+    return images.permute(0, 3, 1, 2).float() / 255, torch.tensor(ds['label'])
+
+
+def test_td_cifar10_weights_classify_the_sample_test_images_in_both_forms():
+    train_form = timm.create_model(f'local-dir:{WEIGHTS}', pretrained=True).eval()
+    folded = timm.create_model(f'local-dir:{WEIGHTS}', pretrained=True, inference_mode=True).eval()
+    cfg = train_form.pretrained_cfg
+    images, labels = sample_test_images()
+    x = (images - torch.tensor(cfg['mean']).view(1, 3, 1, 1)) / torch.tensor(cfg['std']).view(1, 3, 1, 1)
+    with torch.no_grad():
+        logits, folded_logits = train_form(x), folded(x)
+    top1 = (logits.argmax(1) == labels).float().mean().item() * 100
+    assert top1 >= 80, f'{top1:.2f}% on the 1,000 sample test images (82.91% measured on the full test split)'
+    assert torch.equal(logits.argmax(1), folded_logits.argmax(1))
+    torch.testing.assert_close(folded_logits, logits, rtol=1e-4, atol=1e-4)
+
+
+def test_td_cifar10_tag_points_at_the_project_namespace():
+    cfg = timm.models.get_pretrained_cfg('diracnet34_1_cifar.td_cifar10')
+    assert cfg.hf_hub_id == f'{timm_dirac.hub.HUB_NAMESPACE}/diracnet34_1_cifar.td_cifar10'
