@@ -176,7 +176,9 @@ def plot(path: Path):
     ax.set_xlabel(x_key)
     ax.set_ylabel('CIFAR-10 test top-1 (%)')
     s = report['settings']
-    ax.set_title(f"width {s['width']}, {s['train_samples']} train images, {s['epochs']} epochs")
+    depths = sorted({r['depth'] for r in results})
+    depth = f'depth {depths[0]}, ' if len(depths) == 1 else ''
+    ax.set_title(f"{depth}width {s['width']}, {s['train_samples']} train images, {s['epochs']} epochs")
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
