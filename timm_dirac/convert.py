@@ -21,7 +21,7 @@ from typing import Any, Dict, Mapping, Optional, Tuple
 import torch
 import torch.nn as nn
 
-from .layers import dirac_kernel
+from .layers import dirac_kernel, fold_bn_stats
 
 __all__ = [
     'fold_state_dict', 'unfold_state_dict', 'is_folded_state_dict', 'checkpoint_filter_fn', 'detect_format',
@@ -47,16 +47,13 @@ def fold_state_dict(state_dict: Dict[str, torch.Tensor], eps: float = BN_EPS) ->
     for key in [k for k in state_dict if k.endswith('bn.running_var')]:
         prefix = key[:-len('bn.running_var')]
         conv, bn = prefix + 'conv.', prefix + 'bn.'
+        dtype = out[conv + 'weight'].dtype
         weight = out.pop(conv + 'weight').double()
-        dtype = state_dict[conv + 'weight'].dtype
         if conv + 'alpha' in out:
             weight = dirac_kernel(weight, out.pop(conv + 'alpha').double(), out.pop(conv + 'beta').double())
-        scale = (state_dict[bn + 'running_var'].double() + eps).rsqrt() * state_dict[bn + 'weight'].double()
-        bias = state_dict[bn + 'bias'].double() - state_dict[bn + 'running_mean'].double() * scale
-        if conv + 'bias' in out:
-            bias = bias + out[conv + 'bias'].double() * scale
-        out[conv + 'weight'] = (weight * scale.view(-1, 1, 1, 1)).to(dtype)
-        out[conv + 'bias'] = bias.to(dtype)
+        weight, bias = fold_bn_stats(weight, out.get(conv + 'bias'), out[bn + 'running_mean'],
+                                     out[bn + 'running_var'], out[bn + 'weight'], out[bn + 'bias'], eps)
+        out[conv + 'weight'], out[conv + 'bias'] = weight.to(dtype), bias.to(dtype)
         for name in _BN_STATS:
             out.pop(bn + name, None)
     return out

@@ -85,17 +85,9 @@ class DiracBlock(nn.Module):
         """ Fold the Dirac term and the BatchNorm into one conv with bias (in place, idempotent). """
         if not isinstance(self.bn, nn.BatchNorm2d):
             return
-        conv = self.conv
-        kernel = conv.weight.double()
-        if isinstance(conv, DiracConv2d):
-            conv.reparameterize()
-            kernel = conv.weight.double()
-        weight, bias = fold_bn(kernel, None, self.bn)
-        fused = nn.Conv2d(conv.in_channels, conv.out_channels, 3, padding=1, bias=True,
-                          device=conv.weight.device, dtype=conv.weight.dtype)
-        fused.weight.copy_(weight)
-        fused.bias.copy_(bias)
-        self.conv = fused
+        if isinstance(self.conv, DiracConv2d):
+            self.conv.reparameterize()
+        self.conv = _conv_with_bn_folded(self.conv, self.bn)
         self.bn = nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -157,13 +149,7 @@ class DiracStem(nn.Sequential):
         """ Fold the stem BatchNorm into the stem conv (in place, idempotent). """
         if not isinstance(self.bn, nn.BatchNorm2d):
             return
-        conv = self.conv
-        weight, bias = fold_bn(conv.weight, conv.bias, self.bn)
-        fused = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
-                          bias=True, device=conv.weight.device, dtype=conv.weight.dtype)
-        fused.weight.copy_(weight)
-        fused.bias.copy_(bias)
-        self.conv = fused
+        self.conv = _conv_with_bn_folded(self.conv, self.bn)
         self.bn = nn.Identity()
 
 
@@ -384,6 +370,17 @@ def _check_checkpoint_form(module: DiracNet, state_dict: Dict[str, torch.Tensor]
             'Build the model with inference_mode=True to load it as is, or unfold it exactly into the train form '
             'with timm_dirac.unfold_state_dict() (or timm.create_model(..., pretrained=True, '
             'pretrained_cfg_overlay=dict(file=...)), which does that for you) to fine-tune it.')
+
+
+@torch.no_grad()
+def _conv_with_bn_folded(conv: Union[nn.Conv2d, DiracConv2d], bn: nn.BatchNorm2d) -> nn.Conv2d:
+    """ A plain conv with bias computing bn(conv(x)) in eval mode; `conv` must hold its final kernel in `weight`. """
+    weight, bias = fold_bn(conv.weight, conv.bias, bn)
+    fused = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, getattr(conv, 'stride', 1),
+                      conv.padding, conv.dilation, bias=True, device=weight.device, dtype=weight.dtype)
+    fused.weight.copy_(weight)
+    fused.bias.copy_(bias)
+    return fused
 
 
 def _init_bn(bn: nn.BatchNorm2d) -> nn.BatchNorm2d:

@@ -16,7 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import register_notrace_function
 
-__all__ = ['DiracConv1d', 'DiracConv2d', 'DiracConv3d', 'dirac_kernel', 'fold_bn']
+__all__ = ['DiracConv1d', 'DiracConv2d', 'DiracConv3d', 'dirac_kernel', 'fold_bn', 'fold_bn_stats']
 
 _size_any = Union[int, Tuple[int, ...]]
 
@@ -38,23 +38,36 @@ torch.fx.wrap('dirac_kernel')  # a leaf for torch.fx: its in-place delta fill is
 
 
 @torch.no_grad()
+def fold_bn_stats(
+        weight: torch.Tensor,
+        bias: Optional[torch.Tensor],
+        running_mean: torch.Tensor,
+        running_var: torch.Tensor,
+        bn_weight: Optional[torch.Tensor],
+        bn_bias: Optional[torch.Tensor],
+        eps: float,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """ Fold eval-mode BatchNorm statistics into the preceding conv's weight and bias (float64 math). """
+    dtype = weight.dtype
+    scale = running_var.double().add(eps).rsqrt()
+    if bn_weight is not None:
+        scale = scale * bn_weight.double()
+    shift = -running_mean.double() * scale
+    if bn_bias is not None:
+        shift = shift + bn_bias.double()
+    if bias is not None:
+        shift = shift + bias.double() * scale
+    view = (-1,) + (1,) * (weight.ndim - 1)
+    return (weight.double() * scale.view(view)).to(dtype), shift.to(dtype)
+
+
 def fold_bn(
         weight: torch.Tensor,
         bias: Optional[torch.Tensor],
         bn: nn.modules.batchnorm._BatchNorm,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """ Fold an eval-mode BatchNorm that follows a conv into the conv's weight and bias (float64 math). """
-    dtype = weight.dtype
-    weight = weight.double()
-    bias = bias.double() if bias is not None else torch.zeros(weight.shape[0], dtype=torch.float64, device=weight.device)
-    scale = bn.running_var.double().add(bn.eps).rsqrt()
-    if bn.affine:
-        scale = scale * bn.weight.double()
-    shift = -bn.running_mean.double() * scale
-    if bn.affine:
-        shift = shift + bn.bias.double()
-    view = (-1,) + (1,) * (weight.ndim - 1)
-    return (weight * scale.view(view)).to(dtype), (bias * scale + shift).to(dtype)
+    """ Fold an eval-mode BatchNorm module that follows a conv into the conv's weight and bias (float64 math). """
+    return fold_bn_stats(weight, bias, bn.running_mean, bn.running_var, bn.weight, bn.bias, bn.eps)
 
 
 class _DiracConvNd(nn.Module):
