@@ -153,6 +153,22 @@ def test_two_process_launch(tmp_path):
     assert state['num_updates'] == 256 // (2 * 16)  # one update per global batch of 2 x 16
 
 
+def test_initial_checkpoint_sets_the_starting_weights(tmp_path):
+    """ --initial-checkpoint starts from a weights file (here: lr 0, so the parameters must come out unchanged). """
+    import timm
+    from safetensors.torch import save_file
+
+    start = timm.create_model('diracnet34_1_cifar', layers=(1, 1, 1), num_classes=10)
+    for p in start.parameters():
+        torch.nn.init.normal_(p, std=0.5)
+    save_file(start.state_dict(), tmp_path / 'start.safetensors')
+    model = train(parse_args(TINY + [
+        '--initial-checkpoint', str(tmp_path / 'start.safetensors'), '--lr', '0', '--epochs', '1', '-b', '32',
+        '--train-num-samples', '64', '--val-num-samples', '8', '--output', str(tmp_path), '--experiment', 'init']))
+    for name, p in start.named_parameters():
+        torch.testing.assert_close(model.get_parameter(name), p, rtol=0, atol=0, msg=name)
+
+
 def test_config_precedence(tmp_path):
     cfg = tmp_path / 'c.yaml'
     cfg.write_text('model: diracnet18\nbatch_size: 64\nweight_decay: 1e-4\nmodel_kwargs: {depth: 34}\n'
@@ -188,6 +204,8 @@ def test_bad_input_one_error_line_nothing_written(tmp_path, capsys):
     _fails(capsys, ['--config', str(cfg)] + out, "'batch_sise'", 'unknown key')
     _fails(capsys, TINY + out + ['--model', 'diracnet99'], "'diracnet99'", 'diracnet34')
     _fails(capsys, TINY + out + ['-b', '0'], '--batch-size')
+    _fails(capsys, TINY + out + ['--initial-checkpoint', str(tmp_path / 'none.safetensors')], 'none.safetensors',
+           'not a file')
     _fails(capsys, TINY + out + ['--dataset', f'hfds/{tmp_path}/missing'], 'does not exist')
     _fails(capsys, TINY + out + ['--dataset', '', '--data-dir', str(tmp_path / 'nowhere')], 'does not exist')
     _fails(capsys, TINY + out + ['--num-classes', '100', '--train-num-samples', '64', '--val-num-samples', '8'],

@@ -81,6 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument('--model-kwargs', nargs='*', default={}, type=_kwarg, metavar='K=V',
                    help='extra model arguments, e.g. depth=16 width=2')
     g.add_argument('--pretrained', action='store_true', help='start from the pretrained weights')
+    g.add_argument('--initial-checkpoint', default=None, metavar='PATH',
+                   help='start from these weights (e.g. <run>/last/model.safetensors; train or folded form)')
     g.add_argument('--num-classes', type=int, default=None, metavar='N', help='default: the dataset\'s class count')
     g.add_argument('--img-size', type=int, default=None, metavar='N', help='input size (default: the model cfg)')
     g.add_argument('--input-size', type=int, nargs=3, default=None, metavar=('C', 'H', 'W'))
@@ -201,6 +203,11 @@ def check_args(args: argparse.Namespace) -> None:
     if (args.mixup or args.cutmix) and args.batch_size % 2:
         raise ConfigError(f'mixup/cutmix pair samples within a batch: --batch-size must be even, '
                           f'got {args.batch_size}.')
+    if args.initial_checkpoint and not Path(args.initial_checkpoint).is_file():
+        raise ConfigError(f'--initial-checkpoint {args.initial_checkpoint} is not a file; pass a weights file such as '
+                          f'<run folder>/last/model.safetensors.')
+    if args.initial_checkpoint and args.pretrained:
+        raise ConfigError('--pretrained and --initial-checkpoint both choose the starting weights: pass one.')
     if args.resume and not (Path(args.resume) / 'train_state.pt').is_file():
         raise ConfigError(f'--resume {args.resume} is not a checkpoint folder of this script (no train_state.pt); '
                           f'pass <run folder>/last.')
@@ -405,8 +412,11 @@ def train(args: argparse.Namespace) -> nn.Module:
 
     # model first (same seed on every rank), so that its cfg gives the data transforms
     set_seed(args.seed)
-    model = timm.create_model(args.model, pretrained=args.pretrained, num_classes=args.num_classes,
-                              drop_rate=args.drop, **args.model_kwargs)
+    # an initial checkpoint goes through timm's pretrained loader: our checkpoint filter, classifier/in_chans adaption
+    model = timm.create_model(
+        args.model, pretrained=args.pretrained or bool(args.initial_checkpoint), num_classes=args.num_classes,
+        drop_rate=args.drop, pretrained_cfg_overlay=dict(file=args.initial_checkpoint) if args.initial_checkpoint
+        else None, **args.model_kwargs)
     data_config = resolve_data_config(dict(img_size=args.img_size, input_size=args.input_size), model=model)
 
     # data: rank 0 first, so that `datasets` builds its cache once
