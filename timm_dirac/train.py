@@ -413,10 +413,11 @@ def train(args: argparse.Namespace) -> nn.Module:
     # model first (same seed on every rank), so that its cfg gives the data transforms
     set_seed(args.seed)
     # an initial checkpoint goes through timm's pretrained loader: our checkpoint filter, classifier/in_chans adaption
-    model = timm.create_model(
-        args.model, pretrained=args.pretrained or bool(args.initial_checkpoint), num_classes=args.num_classes,
-        drop_rate=args.drop, pretrained_cfg_overlay=dict(file=args.initial_checkpoint) if args.initial_checkpoint
-        else None, **args.model_kwargs)
+    start = dict(pretrained=args.pretrained)
+    if args.initial_checkpoint:
+        start = dict(pretrained=True, pretrained_cfg_overlay=dict(file=args.initial_checkpoint))
+    model = timm.create_model(args.model, num_classes=args.num_classes, drop_rate=args.drop, **start,
+                              **args.model_kwargs)
     data_config = resolve_data_config(dict(img_size=args.img_size, input_size=args.input_size), model=model)
 
     # data: rank 0 first, so that `datasets` builds its cache once
