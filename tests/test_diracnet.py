@@ -12,10 +12,13 @@ from timm_dirac import DiracNet, fold_state_dict, unfold_state_dict
 
 SMALL_INPUT = {'imagenet': (3, 64, 64), 'cifar': (3, 32, 32)}
 
-# trainable parameters with the default heads (1000 classes ImageNet, 10 classes CIFAR): REFERENCE.md section 2
+# trainable parameters with the default heads (1000 classes ImageNet, 10 classes CIFAR): REFERENCE.md section 2;
+# diracnet16_4_cifar by hand with the rule that reproduces the authors' CIFAR counts (3x3 weights + alpha, beta, BN
+# per layer, a stem conv + BN, a linear head)
 PARAM_COUNTS = {
     'diracnet18': (11_523_368, 11_511_784),
     'diracnet34': (21_638_952, 21_616_232),
+    'diracnet16_4_cifar': (2_739_530, None),
     'diracnet28_10_cifar': (36_450_090, None),
     'diracnet28_5_cifar': (9_124_250, None),
     'diracnet34_1_cifar': (466_394, None),

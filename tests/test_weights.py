@@ -9,7 +9,7 @@ import torch
 import timm_dirac  # noqa: F401
 
 ROOT = Path(__file__).resolve().parents[1]
-WEIGHTS = ROOT / 'weights' / 'diracnet34_2_cifar.td_cifar10'
+WEIGHTS = ROOT / 'weights' / 'diracnet16_4_cifar.td_cifar10'
 SAMPLE = ROOT / 'data' / 'cifar10_sample'
 
 
@@ -29,11 +29,11 @@ def test_td_cifar10_weights_classify_the_sample_test_images_in_both_forms():
     with torch.no_grad():
         logits, folded_logits = train_form(x), folded(x)
     top1 = (logits.argmax(1) == labels).float().mean().item() * 100
-    assert top1 >= 85, f'{top1:.2f}% on the 1,000 sample test images (88.53% measured on the full test split)'
+    assert top1 >= 85, f'{top1:.2f}% on the 1,000 sample test images (89.79% measured on the full test split)'
     assert torch.equal(logits.argmax(1), folded_logits.argmax(1))
     torch.testing.assert_close(folded_logits, logits, rtol=1e-4, atol=1e-4)
 
 
 def test_td_cifar10_tag_points_at_the_project_namespace():
-    cfg = timm.models.get_pretrained_cfg('diracnet34_2_cifar.td_cifar10')
-    assert cfg.hf_hub_id == f'{timm_dirac.hub.HUB_NAMESPACE}/diracnet34_2_cifar.td_cifar10'
+    cfg = timm.models.get_pretrained_cfg('diracnet16_4_cifar.td_cifar10')
+    assert cfg.hf_hub_id == f'{timm_dirac.hub.HUB_NAMESPACE}/diracnet16_4_cifar.td_cifar10'

@@ -448,15 +448,16 @@ default_cfgs = generate_default_cfgs({
         origin_url='https://github.com/szagoruyko/diracnets', license='unknown',
         notes=("The authors' folded v2 weights, downloaded from their address and converted on load.",
                'ImageNet-1k val top-1 72.21 reported in the DiracNets paper.')),
+    'diracnet16_4_cifar.td_cifar10': _cifar_cfg(
+        hf_hub_id=f'{HUB_NAMESPACE}/diracnet16_4_cifar.td_cifar10', license='apache-2.0',
+        notes=('Trained by timm-dirac on CIFAR-10 (train split) in 106 min on a 2-core CPU: '
+               'train_configs/diracnet16_4_cifar10_cpu.yaml. 89.79% top-1 on the CIFAR-10 test split.',
+               'Until pushed to the Hub, load the copy in the repository: '
+               "timm.create_model('local-dir:weights/diracnet16_4_cifar.td_cifar10', pretrained=True).")),
     'diracnet28_10_cifar': _cifar_cfg(),
     'diracnet28_5_cifar': _cifar_cfg(),
     'diracnet34_1_cifar': _cifar_cfg(),
-    'diracnet34_2_cifar.td_cifar10': _cifar_cfg(
-        hf_hub_id=f'{HUB_NAMESPACE}/diracnet34_2_cifar.td_cifar10', license='apache-2.0',
-        notes=('Trained by timm-dirac on CIFAR-10 (train split) in 84 min on a 2-core CPU: '
-               'train_configs/diracnet34_2_cifar10_cpu.yaml. 88.53% top-1 on the CIFAR-10 test split.',
-               'Until pushed to the Hub, load the copy in the repository: '
-               "timm.create_model('local-dir:weights/diracnet34_2_cifar.td_cifar10', pretrained=True).")),
+    'diracnet34_2_cifar': _cifar_cfg(),
 })
 
 
@@ -470,6 +471,12 @@ def diracnet18(pretrained: bool = False, **kwargs) -> DiracNet:
 def diracnet34(pretrained: bool = False, **kwargs) -> DiracNet:
     """ DiracNet-34 (ImageNet): 32 Dirac layers in stages of (6, 8, 12, 6), the shape of ResNet-34. """
     return _create_diracnet('diracnet34', pretrained, **dict(dict(depth=34), **kwargs))
+
+
+@register_model
+def diracnet16_4_cifar(pretrained: bool = False, **kwargs) -> DiracNet:
+    """ DiracNet-16-4 (CIFAR, 32x32): the shape of WRN-16-4 without its skips, 2.7M parameters. """
+    return _create_diracnet('diracnet16_4_cifar', pretrained, **dict(dict(depth=16, width=4, style='cifar'), **kwargs))
 
 
 @register_model
