@@ -132,7 +132,14 @@ def runs(args) -> List[dict]:
 
 def sweep(args):
     out = Path(args.out)
-    results = json.loads(out.read_text())['runs'] if out.exists() else []
+    now = settings(args)
+    report = json.loads(out.read_text()) if out.exists() else dict(settings=now, runs=[])
+    changed = [f'{k}: {report["settings"][k]} there, {now[k]} now'
+               for k in COMPARABLE if report['settings'][k] != now[k]]
+    if changed:
+        raise SystemExit(f'{out} holds runs with other settings ({"; ".join(changed)}): pass the same settings to '
+                         f'resume it, or another --out for a new sweep.')
+    results = report['runs']
     done = {tuple(sorted((k, r[k]) for k in ('network', 'depth', 'width', 'init'))) for r in results}
     data = {'train': load_cifar(args.data, 'train', args.train_samples),
             'test': load_cifar(args.data, 'test', args.test_samples)}
@@ -150,9 +157,12 @@ def sweep(args):
         os.replace(tmp, out)  # atomic: an interrupted sweep keeps every finished run
 
 
+COMPARABLE = ('sweep', 'width', 'epochs', 'batch_size', 'lr', 'train_samples', 'test_samples', 'seed', 'bf16')
+
+
 def settings(args) -> dict:
-    keys = ('sweep', 'width', 'epochs', 'batch_size', 'lr', 'train_samples', 'test_samples', 'seed', 'bf16')
-    return {k: getattr(args, k) for k in keys} | dict(torch=torch.__version__, threads=torch.get_num_threads())
+    """ What a sweep's runs share: the COMPARABLE settings must match to resume; torch and threads only move times. """
+    return {k: getattr(args, k) for k in COMPARABLE} | dict(torch=torch.__version__, threads=torch.get_num_threads())
 
 
 def plot(path: Path):

@@ -61,3 +61,6 @@ def test_sweep_trains_on_real_images_and_resumes(tmp_path):
     assert all(0 <= r['test_top1'] <= 100 and r['train_seconds'] > 0 for r in runs)
     rerun = subprocess.run(cmd, check=True, capture_output=True, text=True)
     assert rerun.stdout == '' and json.loads(out.read_text())['runs'] == runs  # finished runs are not redone
+    other_budget = subprocess.run([*cmd, '--epochs', '2'], capture_output=True, text=True)
+    assert other_budget.returncode != 0 and 'epochs: 1 there, 2 now' in other_budget.stderr
+    assert json.loads(out.read_text())['runs'] == runs  # nothing mixed in or lost
