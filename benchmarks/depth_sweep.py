@@ -28,6 +28,8 @@ import timm_dirac
 from timm_dirac.diracnet import CIFAR_MEAN, CIFAR_STD
 
 NETWORKS = ('dirac', 'plain', 'resnet')
+# settings a resumed sweep must share with its file (torch version and thread count only move the times)
+COMPARABLE = ('sweep', 'width', 'epochs', 'batch_size', 'lr', 'train_samples', 'test_samples', 'seed', 'bf16')
 INITS = {
     'kaiming': nn.init.kaiming_normal_,
     'xavier': nn.init.xavier_normal_,
@@ -157,11 +159,8 @@ def sweep(args):
         os.replace(tmp, out)  # atomic: an interrupted sweep keeps every finished run
 
 
-COMPARABLE = ('sweep', 'width', 'epochs', 'batch_size', 'lr', 'train_samples', 'test_samples', 'seed', 'bf16')
-
-
 def settings(args) -> dict:
-    """ What a sweep's runs share: the COMPARABLE settings must match to resume; torch and threads only move times. """
+    """ The settings recorded with a sweep's runs. """
     return {k: getattr(args, k) for k in COMPARABLE} | dict(torch=torch.__version__, threads=torch.get_num_threads())
 
 
