@@ -89,6 +89,17 @@ def test_cifar_transform_pads_reflect_and_crops():
         train_transform(cfg, auto_augment='rand-m9-mstd0.5')
 
 
+def test_cifar_transform_random_erasing_zeroes_one_box_after_normalising():
+    cfg = _cfg('diracnet34_1_cifar')
+    torch.manual_seed(0)
+    x = train_transform(cfg, re_prob=1.0)(Image.new('RGB', (32, 32), (255, 0, 0)))
+    erased = (x == 0).all(0)
+    rows, cols = erased.any(1).nonzero(), erased.any(0).nonzero()
+    box = erased[rows.min():rows.max() + 1, cols.min():cols.max() + 1]
+    assert box.all() and 0.02 * 32 * 32 <= box.numel() <= 32 * 32 / 3  # one solid box of 2-33% of the image
+    assert not (train_transform(cfg)(Image.new('RGB', (32, 32), (255, 0, 0))) == 0).all(0).any()
+
+
 def test_imagenet_transform_is_timms():
     cfg = _cfg('diracnet18')
     tf = train_transform(cfg, auto_augment='rand-m9-mstd0.5')

@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision import transforms
 
 from timm.data import create_transform
+from timm.data.random_erasing import RandomErasing
 
 __all__ = ['DataError', 'load_split', 'train_transform', 'eval_transform', 'eval_loader', 'eval_indices']
 
@@ -170,18 +171,19 @@ def train_transform(
         interpolation: str = 'random',
         re_prob: float = 0.,
 ) -> Callable:
-    """ Training transform: the CIFAR recipe (pad size/8 reflect, random crop, flip, optional colour jitter) for
-    inputs <= 64 px, else timm's `create_transform` (random-resized crop, flip, colour jitter, optional
-    Auto/RandAugment, random erasing). """
+    """ Training transform: the CIFAR recipe (pad size/8 reflect, random crop, flip, optional colour jitter and
+    random erasing) for inputs <= 64 px, else timm's `create_transform` (random-resized crop, flip, colour jitter,
+    optional Auto/RandAugment, random erasing). """
     mean, std = data_config['mean'], data_config['std']
     if is_small_input(data_config):
-        if auto_augment or re_prob:
+        if auto_augment:
             raise DataError(
-                f"--aa and --reprob apply to the timm transforms of inputs > 64 px; this "
-                f"{data_config['input_size'][-1]} px model trains with the CIFAR recipe (pad, crop, flip): leave "
-                f"them unset.")
+                f"--aa applies to the timm transforms of inputs > 64 px; this {data_config['input_size'][-1]} px "
+                f"model trains with the CIFAR recipe (pad, crop, flip, optional --reprob): leave it unset.")
         size = data_config['input_size'][-2:]
         jitter = [transforms.ColorJitter(color_jitter, color_jitter, color_jitter)] if color_jitter else []
+        # timm's random erasing with its defaults (one box, 2-33% of the image, filled with zeros after normalising)
+        erasing = [RandomErasing(re_prob, device='cpu')] if re_prob else []
         return transforms.Compose([
             transforms.Resize(size),  # a no-op for images already at the model's size
             transforms.RandomCrop(size, padding=size[-1] // 8, padding_mode='reflect'),
@@ -189,6 +191,7 @@ def train_transform(
             *jitter,
             transforms.ToTensor(),
             transforms.Normalize(mean, std),
+            *erasing,
         ])
     return create_transform(
         data_config['input_size'], is_training=True, scale=tuple(scale), ratio=tuple(ratio), hflip=hflip,
