@@ -1,4 +1,5 @@
 """ The project's own weights committed under weights/: they load in both forms and classify real images. """
+import json
 from pathlib import Path
 
 import numpy as np
@@ -37,3 +38,10 @@ def test_td_cifar10_weights_classify_the_sample_test_images_in_both_forms():
 def test_td_cifar10_tag_points_at_the_project_namespace():
     cfg = timm.models.get_pretrained_cfg('diracnet16_4_cifar.td_cifar10')
     assert cfg.hf_hub_id == f'{timm_dirac.hub.HUB_NAMESPACE}/diracnet16_4_cifar.td_cifar10'
+
+
+def test_td_cifar10_folder_config_says_what_the_registry_says():
+    """ timm reads the pushed config.json on download, the registry without it: both must describe the same weights. """
+    in_folder = json.loads((WEIGHTS / 'config.json').read_text())['pretrained_cfg']
+    registered = json.loads(json.dumps(timm.models.get_pretrained_cfg('diracnet16_4_cifar.td_cifar10').to_dict()))
+    assert {key: (value, registered.get(key)) for key, value in in_folder.items() if registered.get(key) != value} == {}
