@@ -286,7 +286,8 @@ def machine_info() -> Dict[str, Any]:
     except ImportError:
         pass
     return dict(cpu=cpu, logical_cpus=os.cpu_count(), torch_threads=torch.get_num_threads(),
-                isa=sorted(f for f in ('avx512f', 'avx512_bf16', 'amx_bf16', 'amx_int8') if f in flags.split()),
+                isa=sorted(f for f in ('avx2', 'avx512f', 'avx512_vnni', 'avx_vnni', 'avx512_bf16', 'amx_bf16', 'amx_int8')
+                        if f in flags.split()),
                 versions=versions)
 
 

@@ -58,6 +58,12 @@ def load_model(name: Optional[str], checkpoint: Optional[str] = None) -> nn.Modu
     return timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=str(path))).eval()
 
 
+def is_folded(model: nn.Module) -> bool:
+    """ Whether a model is in the inference form: no BatchNorm and no Dirac-parameterized conv left. """
+    from .layers import _DiracConvNd
+    return not any(isinstance(m, (nn.modules.batchnorm._BatchNorm, _DiracConvNd)) for m in model.modules())
+
+
 def fold(model: nn.Module) -> nn.Module:
     """ Reparameterize for inference in place: DiracNet's own `reparameterize()`, else timm's helper. """
     if hasattr(model, 'reparameterize'):
@@ -133,14 +139,19 @@ def op_types(path: str) -> Set[str]:
     return {node.op_type for node in onnx.load(path, load_external_data=False).graph.node}
 
 
-def check_graph_ops(path: str) -> Set[str]:
-    """ Raise unless the graph is a plain chain: only ALLOWED_OPS, plus Add right after a MatMul (a split GEMM). """
+def check_graph_ops(path: str, split_taps: bool = False) -> Set[str]:
+    """ Raise unless the graph is a plain chain: only ALLOWED_OPS, plus Add right after a MatMul (a split GEMM)
+    and, with `split_taps`, Add of two Conv outputs (a Dirac layer with its taps split out, `dirac_tap`). """
     import onnx
     graph = onnx.load(path, load_external_data=False).graph
-    matmul_outputs = {out for node in graph.node if node.op_type == 'MatMul' for out in node.output}
+    producers = {out: node.op_type for node in graph.node for out in node.output}
+
+    def allowed_add(node) -> bool:
+        inputs = [producers.get(name) for name in node.input]
+        return 'MatMul' in inputs or (split_taps and inputs == ['Conv', 'Conv'])
     bad = sorted({
         node.op_type for node in graph.node
-        if node.op_type not in ALLOWED_OPS and not (node.op_type == 'Add' and matmul_outputs & set(node.input))})
+        if node.op_type not in ALLOWED_OPS and not (node.op_type == 'Add' and allowed_add(node))})
     if bad:
         raise RuntimeError(
             f'{path} holds {bad} nodes; a folded DiracNet graph may only hold {sorted(ALLOWED_OPS)} (+ Add after '

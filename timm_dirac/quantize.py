@@ -1,28 +1,48 @@
 """ `timm-dirac quantize`: post-training static int8 of the folded model, calibrated on real images.
 
-Two flows are run and measured side by side, and the faster one within the accuracy budget is chosen:
-- `onnxruntime`: ONNX Runtime `quantize_static` (QDQ, per-channel int8 weights, uint8 activations);
-- `pt2e`: PyTorch 2 export quantization with the x86 inductor quantizer (torchao), run through `torch.compile`.
-A folded DiracNet is a plain conv-ReLU chain with no BatchNorm left and no skip additions to requantize, which is
-the structure that lets plain post-training quantization work (RepVGG's multi-branch kernels are what break it).
+Flows (`--flow`, one or more; each is measured on the evaluation images and the fastest within `--max-drop` is
+chosen):
+- `split` (default): ONNX Runtime QDQ of the folded DiracNet with its Dirac taps split out (`dirac_tap`): the learned
+  3x3 weights get their own per-channel scale and the identity rides in an exact 1x1 int8 conv, added by
+  QLinearAdd. Weights are 7-bit (+-64), so no pair of u8 x s8 products can exceed int16: the same file is exact on
+  CPUs without VNNI, whose int8 kernels sum such pairs in saturating 16-bit registers.
+- `plain`: ONNX Runtime QDQ of the folded model as it is (per-channel 8-bit weights): the folded Dirac tap sets each
+  filter's scale and leaves the learned weights a few int8 steps.
+- `pt2e`: PyTorch 2 export quantization with torchao's x86 inductor quantizer, lowered to oneDNN int8 kernels.
+Activations are uint8 per tensor in every flow, calibrated with `--method` (ONNX Runtime's calibrators).
 """
 import argparse
 import copy
 import json
 import os
+import shutil
 import statistics
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
 
-from .export import default_data, export_onnx, fold, load_images, load_model, ort_session
+from .benchmark import machine_info
+from .dirac_tap import split_dirac_taps
+from .export import check_graph_ops, default_data, export_onnx, fold, is_folded, load_images, load_model, \
+    ort_session, verify_onnx
 
-FLOWS = ('onnxruntime', 'pt2e')
+
+@dataclass(frozen=True)
+class OnnxFlow:
+    """ An ONNX Runtime QDQ flow: whether the Dirac taps are split out, and the weights' bit width. """
+    split_taps: bool
+    weight_bits: int
+
+
+ONNX_FLOWS = {'split': OnnxFlow(split_taps=True, weight_bits=7), 'plain': OnnxFlow(split_taps=False, weight_bits=8)}
+FLOWS = tuple(ONNX_FLOWS) + ('pt2e',)
+METHODS = ('minmax', 'percentile', 'entropy')
 
 
 def _batches(images: torch.Tensor, batch_size: int) -> List[torch.Tensor]:
@@ -44,12 +64,15 @@ def top1(predict: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor, 
 
 
 def quantize_onnxruntime(fp32_path: str, int8_path: str, calib: torch.Tensor, batch_size: int = 32,
-                         method: str = 'minmax') -> None:
-    """ ONNX Runtime static int8 (QDQ): per-channel symmetric int8 weights, uint8 activations calibrated on
-    `calib`. """
+                         method: str = 'minmax', weight_bits: int = 8) -> None:
+    """ ONNX Runtime static int8 (QDQ): per-channel symmetric int8 weights (7-bit, +-64, with `weight_bits=7`),
+    uint8 activations calibrated on `calib`. """
     from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, \
         quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    if weight_bits not in (7, 8):
+        raise ValueError(f'weight_bits must be 7 or 8, got {weight_bits}.')
 
     class Reader(CalibrationDataReader):
         def __init__(self):
@@ -65,7 +88,8 @@ def quantize_onnxruntime(fp32_path: str, int8_path: str, calib: torch.Tensor, ba
         quant_pre_process(fp32_path, prepared)  # shape inference + graph optimization, as ORT recommends
         quantize_static(
             prepared, int8_path, Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, calibrate_method=methods[method])
+            reduce_range=weight_bits == 7, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+            calibrate_method=methods[method])
 
 
 def quantize_pt2e(model: nn.Module, calib: torch.Tensor, batch_size: int = 32) -> Tuple[nn.Module, nn.Module]:
@@ -80,7 +104,7 @@ def quantize_pt2e(model: nn.Module, calib: torch.Tensor, batch_size: int = 32) -
             X86InductorQuantizer, get_default_x86_inductor_quantization_config)
     except ImportError as e:
         raise ImportError('The pt2e flow needs torchao (PyTorch 2 export quantization moved there from torch.ao): '
-                          'pip install "timm-dirac[export]", or use --flows onnxruntime.') from e
+                          'pip install "timm-dirac[export]", or use --flow split.') from e
     example = calib[:batch_size]
     exported = torch.export.export(
         model.eval(), (example,), dynamic_shapes=({0: torch.export.Dim('batch')},)).module()
@@ -105,27 +129,32 @@ def _no_grad_call(fn: Callable[[torch.Tensor], Any], x: torch.Tensor) -> Callabl
     return run
 
 
-def _time(run: Callable[[], Any], repeats: int, min_time: float) -> float:
-    run()
-    start = time.perf_counter()
-    run()
-    iters = max(1, round(min_time / (time.perf_counter() - start)))
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        for _ in range(iters):
-            run()
-        times.append((time.perf_counter() - start) / iters)
-    return statistics.median(times)
+def _ort_runner(session, x: torch.Tensor) -> Callable[[], Any]:
+    feed = {'input': x.contiguous().numpy()}
+    return lambda: session.run(None, feed)
+
+
+def _ort_predict(session) -> Callable[[torch.Tensor], torch.Tensor]:
+    return lambda b: torch.from_numpy(session.run(None, {'input': b.contiguous().numpy()})[0])
 
 
 def measure_speed(runners: Dict[str, Callable[[], Any]], batch_size: int, repeats: int = 5,
                   min_time: float = 0.5) -> Dict[str, float]:
-    """ Images/s of each runner, interleaved over `repeats` rounds (median). """
+    """ Images/s of each runner: iterations sized to about `min_time` s, all runners timed in turn in each of
+    `repeats` rounds (so load from other processes hits them alike), median over rounds. """
+    iters = {}
+    for name, run in runners.items():
+        run()
+        start = time.perf_counter()
+        run()
+        iters[name] = max(1, round(min_time / max(time.perf_counter() - start, 1e-6)))
     times: Dict[str, List[float]] = {name: [] for name in runners}
     for _ in range(repeats):
         for name, run in runners.items():
-            times[name].append(_time(run, 1, min_time))
+            start = time.perf_counter()
+            for _ in range(iters[name]):
+                run()
+            times[name].append((time.perf_counter() - start) / iters[name])
     return {name: batch_size / statistics.median(t) for name, t in times.items()}
 
 
@@ -135,122 +164,169 @@ def run_quantize(
         calib_data: str,
         out: str,
         eval_data: Optional[str] = None,
-        flows: Sequence[str] = FLOWS,
+        flows: Sequence[str] = ('split',),
         num_calib: int = 512,
         num_eval: Optional[int] = None,
         calib_split: str = 'train',
         eval_split: str = 'test',
         method: str = 'minmax',
         max_drop: float = 0.5,
-        bench_batch: int = 32,
+        bench_batches: Sequence[int] = (1, 32),
         repeats: int = 5,
         log=print,
 ) -> Dict[str, Any]:
-    """ Fold, calibrate, quantize with each flow, measure top-1 on `eval_data` and int8 vs fp32 speed; writes the
-    int8 models and quantize.json to `out` and returns the report (with the chosen flow). """
+    """ Fold, calibrate, quantize with each flow, measure top-1 on `eval_data` and int8 against ONNX Runtime fp32
+    speed of the same model at each of `bench_batches`. Everything is written to a temporary folder beside `out`
+    and renamed to `out` at the end (int8 models, the fp32 ONNX baseline, quantize.json), so a failed run leaves
+    nothing behind. `out` must not exist. Returns the report (with the chosen flow). """
+    unknown = [f for f in flows if f not in FLOWS]
+    if unknown or not flows:
+        raise ValueError(f'unknown flow {unknown or flows}: choose from {", ".join(FLOWS)} (e.g. --flow split).')
+    if method not in METHODS:
+        raise ValueError(f'unknown calibration method {method!r}: choose from {", ".join(METHODS)}.')
     out_dir = Path(out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    model = fold(load_model(model_name, checkpoint))
+    if out_dir.exists():
+        raise FileExistsError(f'{out_dir} already exists: pass a new --out folder (nothing is overwritten).')
+
+    model = load_model(model_name, checkpoint)
+    if not is_folded(model):
+        log('the checkpoint is in the train form: folded it (BatchNorm and Dirac terms into plain convs) first')
+    model = fold(model)
     calib, _ = load_images(calib_data, model, num_calib, calib_split)
+    if len(calib) < num_calib:
+        raise ValueError(f'the calibration set {calib_data} (split {calib_split}) has {len(calib)} images, '
+                         f'{num_calib} were asked for: pass --num-calib {len(calib)} or a larger --calib dataset.')
     images, labels = load_images(eval_data or calib_data, model, num_eval, eval_split)
     log(f'calibration: {len(calib)} images ({calib_data} {calib_split}); evaluation: {len(images)} images '
         f'({eval_data or calib_data} {eval_split})')
     input_size = tuple(images.shape[1:])
-    bench_input = images[:bench_batch].contiguous()
 
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f'.{out_dir.name}.', dir=out_dir.parent))
+    try:
+        report = _quantize_flows(model, model_name, checkpoint, calib, images, labels, input_size, work, flows,
+                                 method, max_drop, bench_batches, repeats, log)
+        report.update(calib_data=calib_data, calib_split=calib_split, num_calib=len(calib),
+                      eval_data=eval_data or calib_data, eval_split=eval_split, num_eval=len(images))
+        for info in report['flows'].values():
+            info['file'] = str(out_dir / Path(info['file']).name)
+        (work / 'quantize.json').write_text(json.dumps(report, indent=2))
+        os.replace(work, out_dir)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    return report
+
+
+def _quantize_flows(model, model_name, checkpoint, calib, images, labels, input_size, work: Path,
+                    flows: Sequence[str], method: str, max_drop: float, bench_batches: Sequence[int], repeats: int,
+                    log) -> Dict[str, Any]:
     with torch.no_grad():
-        fp32_top1 = top1(model, images, labels, bench_batch)
+        fp32_top1 = top1(model, images, labels)
     report: Dict[str, Any] = dict(
-        model=model.pretrained_cfg.get('architecture', model_name), checkpoint=checkpoint, calib_data=calib_data,
-        calib_split=calib_split, num_calib=len(calib), eval_data=eval_data or calib_data, eval_split=eval_split,
-        num_eval=len(images), method=method, max_drop=max_drop, fp32_top1=fp32_top1, flows={})
-    runners: Dict[str, Callable[[], Any]] = {'pytorch-fp32': _no_grad_call(model, bench_input)}
+        model=model.pretrained_cfg.get('architecture', model_name), checkpoint=checkpoint, method=method,
+        max_drop=max_drop, fp32_top1=fp32_top1, machine=machine_info(), flows={})
+    fp32_path = str(work / 'model_fp32.onnx')
+    export_onnx(model, fp32_path, input_size)
+    check_graph_ops(fp32_path)
+    sessions = {'onnxruntime-fp32': ort_session(fp32_path)}
+    report['onnxruntime_fp32_top1'] = top1(_ort_predict(sessions['onnxruntime-fp32']), images, labels)
+    lowered_pt2e = None
 
-    if 'onnxruntime' in flows:
-        fp32_path, int8_path = str(out_dir / 'model_fp32.onnx'), str(out_dir / 'model_int8.onnx')
-        export_onnx(model, fp32_path, input_size)
-        quantize_onnxruntime(fp32_path, int8_path, calib, method=method)
-        sessions = {'fp32': ort_session(fp32_path), 'int8': ort_session(int8_path)}
+    for flow in flows:
+        if flow in ONNX_FLOWS:
+            spec = ONNX_FLOWS[flow]
+            int8_path = str(work / f'model_int8_{flow}.onnx')
+            source = fp32_path
+            if spec.split_taps:
+                source = str(work / 'model_fp32_split.onnx')
+                export_onnx(split_dirac_taps(model), source, input_size)
+                check_graph_ops(source, split_taps=True)
+                verify_onnx(source, model, images[:32])  # the split graph computes the folded model's function
+            quantize_onnxruntime(source, int8_path, calib, method=method, weight_bits=spec.weight_bits)
+            if spec.split_taps:
+                os.remove(source)
+            sessions[f'{flow}-int8'] = ort_session(int8_path)
+            int8_top1 = top1(_ort_predict(sessions[f'{flow}-int8']), images, labels)
+            report['flows'][flow] = dict(runtime='onnxruntime', weight_bits=spec.weight_bits, int8_top1=int8_top1,
+                                         drop=fp32_top1 - int8_top1, file=int8_path)
+        else:
+            converted, lowered_pt2e = quantize_pt2e(model, calib, max(bench_batches))
+            with torch.no_grad():
+                int8_top1 = top1(lowered_pt2e, images, labels, max(bench_batches))
+            path = work / 'model_int8_pt2e.pt2'
+            torch.export.save(torch.export.export(
+                converted, (images[:2],), dynamic_shapes=({0: torch.export.Dim('batch')},)), str(path))
+            report['flows'][flow] = dict(runtime='torch', weight_bits=8, int8_top1=int8_top1,
+                                         drop=fp32_top1 - int8_top1, file=str(path))
+        log(f'{flow}: int8 top-1 {int8_top1:.2f} (fp32 {fp32_top1:.2f})')
 
-        def ort_predict(session):
-            return lambda b: torch.from_numpy(session.run(None, {'input': b.contiguous().numpy()})[0])
-        int8_top1 = top1(ort_predict(sessions['int8']), images, labels, bench_batch)
-        report['flows']['onnxruntime'] = dict(
-            fp32_top1=top1(ort_predict(sessions['fp32']), images, labels, bench_batch), int8_top1=int8_top1,
-            drop=fp32_top1 - int8_top1, file=int8_path)
-        feed = {'input': bench_input.numpy()}
-        runners['onnxruntime-fp32'] = lambda: sessions['fp32'].run(None, feed)
-        runners['onnxruntime-int8'] = lambda: sessions['int8'].run(None, feed)
-        log(f"onnxruntime int8 top-1 {int8_top1:.2f} (fp32 {fp32_top1:.2f})")
-
-    if 'pt2e' in flows:
-        converted, lowered = quantize_pt2e(model, calib, bench_batch)
-        with torch.no_grad():
-            int8_top1 = top1(lowered, images, labels, bench_batch)
-        path = out_dir / 'model_int8_pt2e.pt2'
-        torch.export.save(torch.export.export(
-            converted, (bench_input,), dynamic_shapes=({0: torch.export.Dim('batch')},)), str(path))
-        report['flows']['pt2e'] = dict(int8_top1=int8_top1, drop=fp32_top1 - int8_top1, file=str(path))
-        runners['pt2e-int8'] = _no_grad_call(lowered, bench_input)
-        log(f"pt2e int8 top-1 {int8_top1:.2f} (fp32 {fp32_top1:.2f})")
-
-    speed = measure_speed(runners, len(bench_input), repeats)
-    report['img_per_s'] = speed
-    report['bench_batch'] = len(bench_input)
-    baselines = {'onnxruntime': 'onnxruntime-fp32', 'pt2e': 'pytorch-fp32'}
-    int8_names = {'onnxruntime': 'onnxruntime-int8', 'pt2e': 'pt2e-int8'}
+    report['img_per_s'] = {}
+    for batch_size in bench_batches:
+        x = images[:batch_size]
+        runners = {name: _ort_runner(session, x) for name, session in sessions.items()}
+        if lowered_pt2e is not None and batch_size == max(bench_batches):  # the lowered graph has a static batch
+            runners['pt2e-int8'] = _no_grad_call(lowered_pt2e, x)
+        report['img_per_s'][str(batch_size)] = measure_speed(runners, len(x), repeats)
     for flow, info in report['flows'].items():
-        info['img_per_s'] = speed[int8_names[flow]]
-        info['speedup_vs_same_backend_fp32'] = speed[int8_names[flow]] / speed[baselines[flow]]
-        info['speedup_vs_eager_fp32'] = speed[int8_names[flow]] / speed['pytorch-fp32']
-    within = [f for f, i in report['flows'].items() if i['drop'] <= max_drop]
-    pool = within or list(report['flows'])
-    chosen = max(pool, key=lambda f: report['flows'][f]['img_per_s']) if within else \
-        min(pool, key=lambda f: report['flows'][f]['drop'])
-    report['chosen'] = chosen
+        name = f'{flow}-int8'
+        info['speedup_vs_onnxruntime_fp32'] = {
+            batch: speed[name] / speed['onnxruntime-fp32'] for batch, speed in report['img_per_s'].items()
+            if name in speed}
+
+    within = [f for f, info in report['flows'].items() if info['drop'] <= max_drop]
+    largest = str(max(bench_batches))
+    report['chosen'] = max(within, key=lambda f: report['img_per_s'][largest][f'{f}-int8']) if within else \
+        min(report['flows'], key=lambda f: report['flows'][f]['drop'])
     report['goal_met'] = bool(within)
-    (out_dir / 'quantize.json').write_text(json.dumps(report, indent=2))
     return report
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--model', default=None, help='timm model name (optional with a --checkpoint folder)')
     parser.add_argument('--checkpoint', default=None, metavar='DIR',
-                        help='checkpoint folder (config.json + model.safetensors) or weights file')
+                        help='checkpoint folder (config.json + model.safetensors) or weights file, train form or '
+                             'folded')
     parser.add_argument('--calib', default=None,
                         help='calibration images, a timm dataset name such as hfds/<folder> (default: the CIFAR-10 '
-                             'sample in data/cifar10_sample, else ../shared/data/cifar10)')
+                             'sample in data/cifar10_sample)')
     parser.add_argument('--calib-split', default='train')
     parser.add_argument('--num-calib', type=int, default=512)
     parser.add_argument('--eval-data', default=None, help='dataset for the accuracy check (default: --calib)')
     parser.add_argument('--eval-split', default='test')
     parser.add_argument('--num-eval', type=int, default=None, help='evaluation images (default: the whole split)')
-    parser.add_argument('--flows', nargs='+', default=list(FLOWS), choices=FLOWS)
-    parser.add_argument('--method', default='minmax', choices=['minmax', 'percentile', 'entropy'],
-                        help='ONNX Runtime calibration method')
+    parser.add_argument('--flow', nargs='+', default=['split'], metavar='FLOW',
+                        help=f'one or more of {", ".join(FLOWS)} (default: split)')
+    parser.add_argument('--method', default='minmax', metavar='METHOD',
+                        help=f'activation calibration: {", ".join(METHODS)} (default: minmax)')
     parser.add_argument('--max-drop', type=float, default=0.5, help='top-1 points an int8 flow may lose')
-    parser.add_argument('--bench-batch', type=int, default=32,
-                        help='batch size of the speed comparison and of evaluation (the lowered pt2e graph is static)')
+    parser.add_argument('--bench-batch', type=int, nargs='+', default=[1, 32],
+                        help='batch sizes of the speed comparison with ONNX Runtime fp32')
     parser.add_argument('--repeats', type=int, default=5)
-    parser.add_argument('--out', required=True, metavar='DIR')
+    parser.add_argument('--out', required=True, metavar='DIR', help='a new folder for the int8 models and report')
 
 
 def run(args: argparse.Namespace) -> int:
     calib = args.calib or default_data()
     if calib is None:
-        print('No calibration images: pass --calib hfds/<dataset folder> (real images of the training '
+        print('error: no calibration images: pass --calib hfds/<dataset folder> (real images of the training '
               'distribution).', file=sys.stderr)
         return 2
-    report = run_quantize(
-        args.model, args.checkpoint, calib, args.out, args.eval_data, args.flows, args.num_calib, args.num_eval,
-        args.calib_split, args.eval_split, args.method, args.max_drop, args.bench_batch, args.repeats,
-        log=lambda msg: print(msg, file=sys.stderr))
-    print(f"fp32 top-1 {report['fp32_top1']:.2f} on {report['num_eval']} images; images/s at batch "
-          f"{report['bench_batch']}: " + ', '.join(f'{k} {v:.1f}' for k, v in report['img_per_s'].items()))
+    try:
+        report = run_quantize(
+            args.model, args.checkpoint, calib, args.out, args.eval_data, args.flow, args.num_calib, args.num_eval,
+            args.calib_split, args.eval_split, args.method, args.max_drop, args.bench_batch, args.repeats,
+            log=lambda msg: print(msg, file=sys.stderr))
+    except (ValueError, FileExistsError, FileNotFoundError) as e:
+        print(f'error: {e}', file=sys.stderr)
+        return 2
+    print(f"fp32 top-1 {report['fp32_top1']:.2f} on {report['num_eval']} images")
+    for batch, speed in report['img_per_s'].items():
+        print(f'images/s at batch {batch}: ' + ', '.join(f'{k} {v:.1f}' for k, v in speed.items()))
     for flow, info in report['flows'].items():
-        print(f"{flow}: int8 top-1 {info['int8_top1']:.2f} (drop {info['drop']:+.2f} points), "
-              f"{info['speedup_vs_same_backend_fp32']:.2f}x its fp32, {info['speedup_vs_eager_fp32']:.2f}x eager "
-              f"fp32 -> {info['file']}")
+        ratios = ', '.join(f'{r:.2f}x at batch {b}' for b, r in info['speedup_vs_onnxruntime_fp32'].items())
+        print(f"{flow}: int8 top-1 {info['int8_top1']:.2f} (drop {info['drop']:+.2f} points), {ratios} ONNX "
+              f"Runtime fp32 -> {info['file']}")
     verdict = 'within' if report['goal_met'] else 'NOT within'
     print(f"chosen: {report['chosen']} ({verdict} the {report['max_drop']} point budget); report "
           f"{Path(args.out) / 'quantize.json'}")

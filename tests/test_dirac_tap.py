@@ -1,0 +1,65 @@
+""" The folded Dirac tap: how large it is in trained weights, and its split into a learned conv plus an exact identity. """
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+
+import timm
+import timm_dirac  # noqa: F401  registers the models
+from timm_dirac.dirac_tap import SplitDiracConv, centre_tap_ratio, split_dirac_taps
+from timm_dirac.export import fold
+
+WEIGHTS = Path(__file__).resolve().parents[1] / 'weights' / 'diracnet16_4_cifar.td_cifar10'
+
+
+def _trained_like(**kwargs) -> nn.Module:
+    """ A small random DiracNet with BatchNorm statistics away from their init, folded. """
+    torch.manual_seed(0)
+    model = timm.create_model('diracnet34_1_cifar', layers=(2, 2, 2), **kwargs)
+    for bn in [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]:
+        bn.weight.data.uniform_(0.5, 1.5)
+        bn.running_var.uniform_(0.5, 2.)
+        bn.running_mean.normal_()
+    return fold(model.eval())
+
+
+def test_split_model_computes_the_folded_function():
+    model = _trained_like()
+    split = split_dirac_taps(model)
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(split(x), model(x), rtol=1e-5, atol=1e-5)
+    assert sum(isinstance(m, SplitDiracConv) for m in split.modules()) == 6
+    assert not any(isinstance(m, SplitDiracConv) for m in model.modules()), 'the original is left unchanged'
+
+
+def test_split_leaves_the_learned_conv_without_its_diagonal_centre_taps():
+    conv = nn.Conv2d(4, 8, 3, padding=1)  # widens: the identity covers the first 4 output channels
+    split = SplitDiracConv(conv)
+    index = torch.arange(4)
+    assert torch.all(split.learned.weight[index, index, 1, 1] == 0)
+    torch.testing.assert_close(split.identity.weight[index, index, 0, 0], conv.weight[index, index, 1, 1])
+    assert torch.all(split.identity.weight[4:] == 0)
+    same_width = SplitDiracConv(nn.Conv2d(8, 8, 3, padding=1))
+    assert same_width.identity.groups == 8, 'depthwise where the width does not change'
+    x = torch.randn(2, 4, 6, 6)
+    with torch.no_grad():
+        torch.testing.assert_close(split(x), conv(x), rtol=1e-5, atol=1e-5)
+
+
+def test_split_refuses_what_it_cannot_split_exactly():
+    with pytest.raises(ValueError, match='not a folded Dirac conv'):
+        SplitDiracConv(nn.Conv2d(8, 8, 3, stride=2, padding=1))
+    with pytest.raises(ValueError, match='train form'):
+        split_dirac_taps(timm.create_model('diracnet34_1_cifar', layers=(1, 1, 1)))
+    with pytest.raises(ValueError, match='--flow plain'):
+        split_dirac_taps(nn.Sequential(nn.Conv2d(3, 3, 3, padding=1)))
+
+
+def test_trained_weights_have_a_dominant_centre_tap():
+    """ What breaks plain per-channel int8: in our published weights the Dirac tap dwarfs the learned weights. """
+    model = timm.create_model(f'local-dir:{WEIGHTS}', pretrained=True, inference_mode=True)
+    ratios = centre_tap_ratio(model)
+    assert len(ratios) == 12
+    assert min(ratios) > 10, ratios
