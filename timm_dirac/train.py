@@ -40,6 +40,7 @@ from timm.scheduler import create_scheduler_v2
 from timm.utils import ModelEmaV3, accuracy, distribute_bn
 
 from .data import DataError, eval_loader, eval_transform, load_split, train_transform
+from .qat import merge_qat, prepare_qat
 
 __all__ = ['main', 'parse_args', 'train', 'ConfigError']
 
@@ -83,6 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument('--pretrained', action='store_true', help='start from the pretrained weights')
     g.add_argument('--initial-checkpoint', default=None, metavar='PATH',
                    help='start from these weights (e.g. <run>/last/model.safetensors; train or folded form)')
+    g.add_argument('--qat', action='store_true', help='quantization-aware fine-tuning for `timm-dirac quantize --flow '
+                   'split`: fold, split the Dirac taps, train through the 7-bit int8 weight grid (start from trained '
+                   'weights); exports the folded model')
     g.add_argument('--num-classes', type=int, default=None, metavar='N', help='default: the dataset\'s class count')
     g.add_argument('--img-size', type=int, default=None, metavar='N', help='input size (default: the model cfg)')
     g.add_argument('--input-size', type=int, nargs=3, default=None, metavar=('C', 'H', 'W'))
@@ -208,6 +212,10 @@ def check_args(args: argparse.Namespace) -> None:
                           f'<run folder>/last/model.safetensors.')
     if args.initial_checkpoint and args.pretrained:
         raise ConfigError('--pretrained and --initial-checkpoint both choose the starting weights: pass one.')
+    if args.qat and not (args.initial_checkpoint or args.pretrained):
+        raise ConfigError('--qat fine-tunes trained weights for int8: pass --initial-checkpoint FILE or --pretrained.')
+    if args.qat and args.model_ema:
+        raise ConfigError('--qat does not keep an EMA (its fake-quantized weights cannot be copied): drop --model-ema.')
     if args.resume and not (Path(args.resume) / 'train_state.pt').is_file():
         raise ConfigError(f'--resume {args.resume} is not a checkpoint folder of this script (no train_state.pt); '
                           f'pass <run folder>/last.')
@@ -374,6 +382,8 @@ def export_hub_folders(run_dir: Path, args: argparse.Namespace, num_classes: int
     model = timm.create_model(args.model, num_classes=num_classes, drop_rate=args.drop, **args.model_kwargs)
     if not isinstance(model, DiracNet):  # the model card and the folding are DiracNet's
         return []
+    if args.qat:
+        model = _prepare_qat(model)
     epoch = state['best'][0][1]
     best_dir = run_dir / f'checkpoint-{epoch}'
     if args.model_ema:
@@ -389,16 +399,27 @@ def export_hub_folders(run_dir: Path, args: argparse.Namespace, num_classes: int
         eval_split=args.val_split, metrics_source=f'timm-dirac-train, epoch {epoch} of {args.epochs}'
                                                   f'{" (EMA weights)" if args.model_ema else ""}',
         epochs=args.epochs, recipe=args.config or None)
-    folded = copy.deepcopy(model).eval()
-    folded.reparameterize()
+    if args.qat:  # the fake-quantized split model merges into the folded model int8 will store
+        forms = (('folded', merge_qat(model)),)
+    else:
+        folded = copy.deepcopy(model).eval()
+        folded.reparameterize()
+        forms = (('train', model), ('folded', folded))
     written = []
-    for form, net in (('train', model), ('folded', folded)):
+    for form, net in forms:
         out = run_dir / f'hub-{form}'
         suffix = 1
         while out.exists():  # a resumed run that finished before: keep the earlier export
             out, suffix = run_dir / f'hub-{form}-{suffix}', suffix + 1
         written.append(save_hub_folder(net, out, train_info=info))
     return written
+
+
+def _prepare_qat(model: nn.Module) -> nn.Module:
+    try:
+        return prepare_qat(model)
+    except ValueError as e:
+        raise ConfigError(f'--qat: {e}') from e
 
 
 # ------------------------------------------------------------------------------------------------------ main
@@ -436,6 +457,8 @@ def train(args: argparse.Namespace) -> nn.Module:
                         f'classes; drop --num-classes or fix it.')
     if args.num_classes is None and model.num_classes != num_classes:
         model.reset_classifier(num_classes)
+    if args.qat:
+        model = _prepare_qat(model)
     global_batch = args.batch_size * world * args.grad_accum_steps
     if len(train_set) < global_batch:
         raise DataError(f'{len(train_set)} training samples do not fill one global batch of {global_batch} '

@@ -1,0 +1,83 @@
+""" Quantization-aware fine-tuning for the split int8 flow (`timm-dirac quantize --flow split`).
+
+`prepare_qat` folds a DiracNet, splits its Dirac taps out (`dirac_tap`) and makes every weight that the split flow
+stores in int8 pass through the grid it will be stored on: symmetric per output channel, 7-bit (+-64), the scale
+set by the largest weight of the channel, rounded to nearest with a straight-through gradient. That is the grid
+ONNX Runtime derives from the same weights, so after `merge_qat` (each split conv summed back into one folded conv)
+`timm-dirac quantize --flow split` stores exactly the weights that were trained. The identity taps are held fixed
+(int8 holds them exactly; the learned weights adapt around them) and the learned convs keep a zero diagonal centre
+tap, so the split of the merged model finds the same two parts.
+"""
+import torch
+import torch.nn as nn
+from torch.nn.utils import parametrize
+
+from .dirac_tap import SplitDiracConv, split_dirac_taps
+from .export import fold
+
+__all__ = ['WeightFakeQuant', 'prepare_qat', 'merge_qat']
+
+WEIGHT_QMAX = 64  # the split flow's 7-bit weights (ONNX Runtime's reduce_range)
+
+
+class WeightFakeQuant(nn.Module):
+    """ Per-output-channel symmetric fake quantization of a weight, straight-through gradient; with `mask`, the
+    weight is multiplied by it first (zeros stay zero). """
+
+    def __init__(self, qmax: int = WEIGHT_QMAX, mask: torch.Tensor = None):
+        super().__init__()
+        self.qmax = qmax
+        self.register_buffer('mask', mask, persistent=mask is not None)
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        if self.mask is not None:
+            weight = weight * self.mask
+        view = (-1,) + (1,) * (weight.ndim - 1)
+        scale = (weight.detach().flatten(1).abs().amax(1).clamp_min(1e-12) / self.qmax).view(view)
+        quantized = torch.clamp(torch.round(weight / scale), -self.qmax, self.qmax) * scale
+        return weight + (quantized - weight).detach()
+
+
+def _off_diagonal_centre(conv: nn.Conv2d) -> torch.Tensor:
+    mask = torch.ones_like(conv.weight)
+    count = min(conv.out_channels, conv.in_channels)
+    index, centre = torch.arange(count), conv.kernel_size[0] // 2
+    mask[index, index, centre, centre] = 0.
+    return mask
+
+
+def prepare_qat(model: nn.Module) -> nn.Module:
+    """ Fold, split the Dirac taps and fake-quantize the weights the split int8 flow quantizes (a new model). """
+    model = split_dirac_taps(fold(model))
+    identities = {id(m.identity) for m in model.modules() if isinstance(m, SplitDiracConv)}
+    learned = {id(m.learned) for m in model.modules() if isinstance(m, SplitDiracConv)}
+    for module in list(model.modules()):
+        if id(module) in identities:
+            module.weight.requires_grad_(False)
+        elif isinstance(module, (nn.Conv2d, nn.Linear)):
+            mask = _off_diagonal_centre(module) if id(module) in learned else None
+            parametrize.register_parametrization(module, 'weight', WeightFakeQuant(mask=mask))
+    return model.train()
+
+
+@torch.no_grad()
+def merge_qat(model: nn.Module) -> nn.Module:
+    """ The folded DiracNet that a `prepare_qat` model computes (in place): weights on their int8 grid, each split
+    conv summed back into one conv. `timm-dirac quantize --flow split` splits it again into the same weights. """
+    for module in list(model.modules()):
+        if parametrize.is_parametrized(module, 'weight'):
+            parametrize.remove_parametrizations(module, 'weight', leave_parametrized=True)
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, SplitDiracConv):
+                conv = child.learned
+                identity = child.identity.weight
+                count = min(conv.out_channels, conv.in_channels)
+                index, centre = torch.arange(count), conv.kernel_size[0] // 2
+                taps = identity[:, 0, 0, 0] if child.identity.groups > 1 else identity[index, index, 0, 0]
+                conv.weight[index, index, centre, centre] = taps[:count]
+                setattr(parent, name, conv)
+    model.eval()
+    if hasattr(model, 'reparameterize'):
+        model.reparameterize()  # already folded: records inference_mode in the model's arguments
+    return model
