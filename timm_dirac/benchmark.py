@@ -27,6 +27,9 @@ from torch.utils.flop_counter import FlopCounterMode
 import timm
 from timm.utils import reparameterize_model
 
+from .diracnet import DiracBlock
+from .timing import time_interleaved
+
 TIMM_RESULTS = ('timm ImageNet-1k validation results, huggingface/pytorch-image-models '
                 'results/results-imagenet.csv at commit aa4b5850c154, 224 px rows')
 
@@ -118,17 +121,18 @@ def _compiled_runner(model: nn.Module, x: torch.Tensor, precision: str) -> Calla
 
 def _onnx_runner(model: nn.Module, x: torch.Tensor, workdir: str, threads: int, tag: str,
                  calib: Optional[torch.Tensor] = None) -> Callable[[], Any]:
-    """ ONNX Runtime on the exported model, int8 (QDQ, static, calibrated on `calib`) when `calib` is given. """
-    from .export import export_onnx, ort_session
+    """ ONNX Runtime on the exported model; with `calib`, the int8 file `timm-dirac quantize` would write (its
+    `split` flow for a folded DiracNet, `plain` QDQ for any other model), calibrated on `calib`. """
+    from .export import export_onnx, is_folded, ort_session
     path = os.path.join(workdir, f'{tag}.onnx')
-    if not os.path.exists(path):
-        export_onnx(model, path, tuple(x.shape[1:]))
     if calib is not None:
-        from .quantize import quantize_onnxruntime
-        int8_path = os.path.join(workdir, f'{tag}-int8.onnx')
-        if not os.path.exists(int8_path):
-            quantize_onnxruntime(path, int8_path, calib)
-        path = int8_path
+        from .quantize import write_int8_onnx
+        path = os.path.join(workdir, f'{tag}-int8.onnx')
+        if not os.path.exists(path):
+            dirac = any(isinstance(m, DiracBlock) for m in model.modules()) and is_folded(model)
+            write_int8_onnx(model, 'split' if dirac else 'plain', path, calib)
+    elif not os.path.exists(path):
+        export_onnx(model, path, tuple(x.shape[1:]))
     session = ort_session(path, threads)
     feed = {session.get_inputs()[0].name: x.contiguous().numpy()}
     return lambda: session.run(None, feed)
@@ -198,22 +202,10 @@ def build_cases(
 
 
 def measure(cases: List[Case], repeats: int = 5, warmup: int = 2, min_time: float = 0.5, log=print) -> None:
-    """ Warm every case up (compiling where needed), size its iterations to take about `min_time` seconds, then
-    time all cases in turn `repeats` times. """
-    for case in cases:
-        elapsed = 0.
-        for _ in range(max(1, warmup)):
-            start = time.perf_counter()
-            case.run()
-            elapsed = time.perf_counter() - start
-        case.iters = max(1, round(min_time / max(elapsed, 1e-6)))
-    for r in range(repeats):
-        for case in cases:
-            start = time.perf_counter()
-            for _ in range(case.iters):
-                case.run()
-            case.times.append((time.perf_counter() - start) / case.iters)
-        log(f'repeat {r + 1}/{repeats} done')
+    """ Time all cases in turn `repeats` times (`timing.time_interleaved`), filling `iters` and `times`. """
+    times, iters = time_interleaved({i: case.run for i, case in enumerate(cases)}, repeats, warmup, min_time, log)
+    for i, case in enumerate(cases):
+        case.times, case.iters = times[i], iters[i]
 
 
 def _depth_baseline(model: str) -> Optional[str]:

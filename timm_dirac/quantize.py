@@ -19,7 +19,6 @@ import shutil
 import statistics
 import sys
 import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
@@ -31,6 +30,7 @@ from .benchmark import machine_info
 from .dirac_tap import split_dirac_taps
 from .export import check_graph_ops, default_data, export_onnx, fold, is_folded, load_images, load_model, \
     ort_session, verify_onnx
+from .timing import time_interleaved
 
 
 @dataclass(frozen=True)
@@ -92,6 +92,20 @@ def quantize_onnxruntime(fp32_path: str, int8_path: str, calib: torch.Tensor, ba
             calibrate_method=methods[method])
 
 
+def write_int8_onnx(model: nn.Module, flow: str, path: str, calib: torch.Tensor, method: str = 'minmax') -> None:
+    """ The int8 ONNX file of a folded model by an ONNX Runtime flow of `ONNX_FLOWS` (the exported graph is checked
+    against the model on calibration images before it is quantized; the split graph's ops too). """
+    spec = ONNX_FLOWS[flow]
+    input_size = tuple(calib.shape[1:])
+    with tempfile.TemporaryDirectory() as tmp:
+        source = os.path.join(tmp, 'fp32.onnx')
+        export_onnx(split_dirac_taps(model) if spec.split_taps else model, source, input_size)
+        if spec.split_taps:
+            check_graph_ops(source, split_taps=True)
+        verify_onnx(source, model, calib[:32])
+        quantize_onnxruntime(source, path, calib, method=method, weight_bits=spec.weight_bits)
+
+
 def quantize_pt2e(model: nn.Module, calib: torch.Tensor, batch_size: int = 32) -> Tuple[nn.Module, nn.Module]:
     """ PT2E static int8 with torchao's x86 inductor quantizer (per-channel int8 weights, uint8 activations).
     Returns the converted graph (quantize/dequantize ops around float convs, what `torch.export.save` stores)
@@ -140,21 +154,8 @@ def _ort_predict(session) -> Callable[[torch.Tensor], torch.Tensor]:
 
 def measure_speed(runners: Dict[str, Callable[[], Any]], batch_size: int, repeats: int = 5,
                   min_time: float = 0.5) -> Dict[str, float]:
-    """ Images/s of each runner: iterations sized to about `min_time` s, all runners timed in turn in each of
-    `repeats` rounds (so load from other processes hits them alike), median over rounds. """
-    iters = {}
-    for name, run in runners.items():
-        run()
-        start = time.perf_counter()
-        run()
-        iters[name] = max(1, round(min_time / max(time.perf_counter() - start, 1e-6)))
-    times: Dict[str, List[float]] = {name: [] for name in runners}
-    for _ in range(repeats):
-        for name, run in runners.items():
-            start = time.perf_counter()
-            for _ in range(iters[name]):
-                run()
-            times[name].append((time.perf_counter() - start) / iters[name])
+    """ Images/s of each runner: median over `repeats` interleaved rounds (`timing.time_interleaved`). """
+    times, _ = time_interleaved(runners, repeats, min_time=min_time)
     return {name: batch_size / statistics.median(t) for name, t in times.items()}
 
 
@@ -229,26 +230,19 @@ def _quantize_flows(model, model_name, checkpoint, calib, images, labels, input_
     fp32_path = str(work / 'model_fp32.onnx')
     export_onnx(model, fp32_path, input_size)
     check_graph_ops(fp32_path)
+    verify_onnx(fp32_path, model, images[:32])
     sessions = {'onnxruntime-fp32': ort_session(fp32_path)}
     report['onnxruntime_fp32_top1'] = top1(_ort_predict(sessions['onnxruntime-fp32']), images, labels)
     lowered_pt2e = None
 
     for flow in flows:
         if flow in ONNX_FLOWS:
-            spec = ONNX_FLOWS[flow]
             int8_path = str(work / f'model_int8_{flow}.onnx')
-            source = fp32_path
-            if spec.split_taps:
-                source = str(work / 'model_fp32_split.onnx')
-                export_onnx(split_dirac_taps(model), source, input_size)
-                check_graph_ops(source, split_taps=True)
-                verify_onnx(source, model, images[:32])  # the split graph computes the folded model's function
-            quantize_onnxruntime(source, int8_path, calib, method=method, weight_bits=spec.weight_bits)
-            if spec.split_taps:
-                os.remove(source)
+            write_int8_onnx(model, flow, int8_path, calib, method)
             sessions[f'{flow}-int8'] = ort_session(int8_path)
             int8_top1 = top1(_ort_predict(sessions[f'{flow}-int8']), images, labels)
-            report['flows'][flow] = dict(runtime='onnxruntime', weight_bits=spec.weight_bits, int8_top1=int8_top1,
+            report['flows'][flow] = dict(runtime='onnxruntime', weight_bits=ONNX_FLOWS[flow].weight_bits,
+                                         int8_top1=int8_top1,
                                          drop=fp32_top1 - int8_top1, file=int8_path)
         else:
             converted, lowered_pt2e = quantize_pt2e(model, calib, max(bench_batches))
