@@ -66,6 +66,18 @@ def test_save_hub_folder_and_generated_card(tmp_path):
         assert torch.equal(loaded(x), model(x))
 
 
+def test_card_shows_the_int8_command_and_measured_int8_rows():
+    model = timm.create_model('diracnet34_1_cifar', layers=(1, 1, 1)).eval()
+    assert 'timm-dirac quantize --checkpoint <this folder>' in generate_model_card(model)
+    assert '## int8 deployment' not in generate_model_card(model), 'no measured rows, no int8 table'
+    int8 = dict(rows=[dict(flow='split', fp32_top1=90.0, int8_top1=89.87, speedup='2.8x at batch 32')],
+                command='timm-dirac quantize --flow split', measured='CIFAR-10 test')
+    card = generate_model_card(model, dict(int8=int8))
+    assert '| split | 90.00 | 89.87 | 0.13 | 2.8x at batch 32 |' in card
+    assert 'Measured with `timm-dirac quantize --flow split` (CIFAR-10 test).' in card
+    assert '**int8:**' not in card, 'the int8 rows are not listed under Training'
+
+
 def test_card_of_authors_weights_names_source_licence_and_accuracy():
     card = generate_model_card(timm.create_model('diracnet34', device='meta'))
     meta = ModelCard(card).data

@@ -6,6 +6,7 @@ with PyTorch on real images at two batch sizes (the batch axis is dynamic).
 """
 import argparse
 import contextlib
+import copy
 import io
 import sys
 from pathlib import Path
@@ -87,8 +88,12 @@ def load_images(data: str, model: nn.Module, num: Optional[int] = 64, split: str
 
 def export_onnx(model: nn.Module, path: str, input_size: Sequence[int], opset: int = 18) -> None:
     """ Export `model` (eval, fp32) with a dynamic batch axis: input 'input' (N, C, H, W), output 'logits';
-    `MaxPool -> Relu` pairs are reordered to `Relu -> MaxPool` (see `relu_before_maxpool`). """
+    `MaxPool -> Relu` pairs are reordered to `Relu -> MaxPool` (see `relu_before_maxpool`). ONNX is NCHW: a
+    channels_last model is exported from a contiguous copy (the exporter would otherwise add layout ops). """
     import onnx
+    if any(p.dim() == 4 and p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous()
+           for p in model.parameters()):
+        model = copy.deepcopy(model).to(memory_format=torch.contiguous_format)
     example = torch.randn(2, *input_size)  # batch 2: torch.export would specialize a batch of 1 to a constant
     with contextlib.redirect_stdout(io.StringIO()):  # the exporter prints its progress; failures still raise
         program = torch.onnx.export(

@@ -106,7 +106,8 @@ def generate_model_card(model: nn.Module, train_info: Optional[Dict[str, Any]] =
 
     `train_info` (for weights trained by this project) may hold `dataset` (Hub dataset id), `metrics`
     (e.g. {'top1': 94.1, 'top5': 99.8, 'loss': 0.2}, percent), `eval_split`, `metrics_source`, `license`, `int8`
-    (rows measured by `timm-dirac quantize`: dicts with flow, fp32_top1, int8_top1, speedup, command), and any
+    (measured by `timm-dirac quantize`: `rows` of flow, fp32_top1, int8_top1, speedup; `command`; `measured`, the
+    data and machine), and any
     other facts (epochs, recipe, command, ...), listed under "Training".
     """
     from huggingface_hub import EvalResult, ModelCard, ModelCardData
@@ -132,7 +133,7 @@ def generate_model_card(model: nn.Module, train_info: Optional[Dict[str, Any]] =
         results = {k: reported[k] for k in ('top1', 'top5') if k in reported}
         metrics_source, source_url, split = reported['source'], reported['source_url'], reported['split']
     train_info.pop('dataset', None)
-    int8_rows = train_info.pop('int8', None)
+    int8 = train_info.pop('int8', None)
     eval_results = [
         EvalResult(task_type='image-classification', dataset_type=dataset, dataset_name=dataset, dataset_split=split,
                    metric_type='accuracy', metric_name=f'{k} accuracy', metric_value=float(v),
@@ -217,12 +218,12 @@ def generate_model_card(model: nn.Module, train_info: Optional[Dict[str, Any]] =
         lines += [f'| {k} | {v} | {split or "-"} | {metrics_source} |' for k, v in results.items()]
         if reported and reported.get('note') and metrics_source == reported['source']:
             lines += ['', reported['note']]
-    if int8_rows:
+    if int8:
         lines += ['', '## int8 deployment', '', '| flow | fp32 top-1 | int8 top-1 | drop | int8 / ONNX Runtime fp32 |',
                   '|---|---|---|---|---|']
         lines += [f"| {r['flow']} | {r['fp32_top1']:.2f} | {r['int8_top1']:.2f} | {r['fp32_top1'] - r['int8_top1']:.2f} "
-                  f"| {r['speedup']} |" for r in int8_rows]
-        lines += ['', f"Measured with `{int8_rows[0]['command']}` ({int8_rows[0]['where']})."]
+                  f"| {r['speedup']} |" for r in int8['rows']]
+        lines += ['', f"Measured with `{int8['command']}` ({int8['measured']})."]
     if train_info:
         lines += ['', '## Training', '']
         lines += [f'- **{k}:** {json.dumps(v) if isinstance(v, (dict, list, tuple)) else v}'
