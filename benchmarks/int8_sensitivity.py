@@ -25,7 +25,7 @@ import timm_dirac  # noqa: F401  registers the models
 from timm_dirac.benchmark import machine_info
 from timm_dirac.diracnet import DiracBlock
 from timm_dirac.dirac_tap import _diagonal_centre, centre_tap_ratio
-from timm_dirac.export import fold, load_images, load_model
+from timm_dirac.loading import fold, load_images, load_model
 
 SCHEMES = {'plain 8-bit': (False, 127), 'split 7-bit': (True, 64)}
 

@@ -9,7 +9,7 @@ pytest.importorskip('onnxruntime')
 import timm_dirac  # noqa: F401  registers the models
 from timm_dirac.benchmark import Case, build_forms, format_table, has_reparameterization, summarize
 from timm_dirac.cli import main
-from timm_dirac.export import default_data
+from timm_dirac.loading import default_data
 
 ROW_KEYS = {'model', 'form', 'backend', 'precision', 'batch_size', 'img_per_s', 'latency_ms', 'latency_ms_min',
             'latency_ms_max', 'iters', 'repeats', 'gflop_per_img', 'gflop_per_s', 'peak_fraction', 'vs_resnet',

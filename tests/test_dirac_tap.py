@@ -8,7 +8,7 @@ import torch.nn as nn
 import timm
 import timm_dirac  # noqa: F401  registers the models
 from timm_dirac.dirac_tap import SplitDiracConv, centre_tap_ratio, split_dirac_taps
-from timm_dirac.export import fold
+from timm_dirac.loading import fold
 
 WEIGHTS = Path(__file__).resolve().parents[1] / 'weights' / 'diracnet16_4_cifar.td_cifar10'
 

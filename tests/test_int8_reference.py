@@ -6,9 +6,9 @@ import torch
 import timm
 import timm_dirac  # noqa: F401  registers the models
 from timm_dirac.dirac_tap import split_dirac_taps
-from timm_dirac.export import default_data, export_onnx, fold, load_images, ort_session
+from timm_dirac.backends.onnxruntime import export_onnx, ort_session, quantize_onnxruntime
 from timm_dirac.int8_reference import QdqReference, _int_conv, saturation_risk
-from timm_dirac.quantize import quantize_onnxruntime
+from timm_dirac.loading import default_data, fold, load_images
 
 pytest.importorskip('onnxruntime')
 DATA = default_data()

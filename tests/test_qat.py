@@ -11,7 +11,8 @@ from onnx import numpy_helper
 import timm
 import timm_dirac  # noqa: F401  registers the models
 from timm_dirac.dirac_tap import split_dirac_taps
-from timm_dirac.export import default_data, export_onnx, is_folded
+from timm_dirac.backends.onnxruntime import export_onnx, quantize_onnxruntime
+from timm_dirac.loading import default_data, is_folded
 from timm_dirac.qat import WeightFakeQuant, merge_qat, prepare_qat
 from timm_dirac.train import main, parse_args, train
 
@@ -76,7 +77,6 @@ def test_merged_model_computes_the_qat_model_and_is_a_folded_diracnet():
 @pytest.mark.skipif(default_data() is None, reason='no real CIFAR-10 images (data/cifar10_sample)')
 def test_split_flow_stores_exactly_the_trained_weights(tmp_path):
     """ The contract between QAT and `quantize --flow split`: ONNX Runtime's 7-bit weights are the QAT grid. """
-    from timm_dirac.quantize import quantize_onnxruntime
     qat = prepare_qat(_trained_like())
     _one_step(qat)
     merged = merge_qat(qat)

@@ -13,8 +13,10 @@ import timm
 import timm_dirac  # noqa: F401  registers the models
 from timm_dirac.cli import main
 from timm_dirac.dirac_tap import split_dirac_taps
-from timm_dirac.export import check_graph_ops, default_data, export_onnx, fold, load_images, op_types, ort_session
-from timm_dirac.quantize import quantize_onnxruntime, quantize_pt2e, run_quantize, top1
+from timm_dirac.backends.onnxruntime import check_graph_ops, export_onnx, op_types, ort_session, quantize_onnxruntime
+from timm_dirac.backends.pt2e import quantize_pt2e
+from timm_dirac.loading import default_data, fold, load_images
+from timm_dirac.quantize import run_quantize, top1
 
 pytest.importorskip('onnxruntime')
 DATA = default_data()

@@ -15,7 +15,6 @@ import statistics
 import sys
 import tempfile
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence
@@ -27,7 +26,11 @@ from torch.utils.flop_counter import FlopCounterMode
 import timm
 from timm.utils import reparameterize_model
 
+from .backends import Runner, torch_eager
+from .backends import onnxruntime as ort_backend
+from .backends.torch_eager import PRECISIONS
 from .diracnet import DiracBlock
+from .loading import default_data, is_folded, load_images
 from .timing import time_interleaved
 
 TIMM_RESULTS = ('timm ImageNet-1k validation results, huggingface/pytorch-image-models '
@@ -47,7 +50,6 @@ REPORTED_TOP1: Dict[str, List[tuple]] = {
 
 DEFAULT_MODELS = ('diracnet18', 'diracnet34', 'resnet18', 'resnet34', 'repvgg_a1')
 BACKENDS = ('eager', 'compile', 'onnxruntime', 'onnxruntime-int8')
-PRECISIONS = {'fp32': torch.float32, 'bf16': torch.bfloat16}
 GOAL_VS_RESNET = 1.2
 GOAL_VS_TRAIN = 1.3
 GOAL_PEAK_FRACTION = 0.75
@@ -100,49 +102,24 @@ def count_flops(model: nn.Module, input_size: Sequence[int]) -> float:
     return float(counter.get_total_flops())
 
 
-def _autocast(precision: str):
-    if precision == 'fp32':
-        return nullcontext()
-    return torch.autocast('cpu', dtype=PRECISIONS[precision])
-
-
-def _eager_runner(model: nn.Module, x: torch.Tensor, precision: str) -> Callable[[], Any]:
-    def run():
-        with torch.no_grad(), _autocast(precision):
-            return model(x)
-    return run
-
-
-def _compiled_runner(model: nn.Module, x: torch.Tensor, precision: str) -> Callable[[], Any]:
-    # freezing: weights become constants, so inductor folds BatchNorm into convs and prepacks oneDNN weights
-    compiled = torch.compile(copy.deepcopy(model), dynamic=False, options={'freezing': True})
-    return _eager_runner(compiled, x, precision)
-
-
-def _onnx_runner(model: nn.Module, x: torch.Tensor, workdir: str, threads: int, tag: str,
-                 calib: Optional[torch.Tensor] = None) -> Callable[[], Any]:
-    """ ONNX Runtime on the exported model; with `calib`, the int8 file `timm-dirac quantize` would write (its
-    `split` flow for a folded DiracNet, `plain` QDQ for any other model), calibrated on `calib`. """
-    from .export import export_onnx, is_folded, ort_session
-    path = os.path.join(workdir, f'{tag}.onnx')
-    if calib is not None:
-        from .quantize import write_int8_onnx
-        path = os.path.join(workdir, f'{tag}-int8.onnx')
-        if not os.path.exists(path):
-            dirac = any(isinstance(m, DiracBlock) for m in model.modules()) and is_folded(model)
-            write_int8_onnx(model, 'split' if dirac else 'plain', path, calib)
-    elif not os.path.exists(path):
-        export_onnx(model, path, tuple(x.shape[1:]))
-    session = ort_session(path, threads)
-    feed = {session.get_inputs()[0].name: x.contiguous().numpy()}
-    return lambda: session.run(None, feed)
+def _runners(model: nn.Module, backend: str, precisions: Sequence[str], input_size: Sequence[int], workdir: str,
+             threads: int, tag: str, calib: Optional[torch.Tensor]) -> List[Runner]:
+    """ The runners of one backend: eager and compile once per precision; ONNX Runtime once, fp32
+    ('onnxruntime') or int8 ('onnxruntime-int8': what `timm-dirac quantize` writes, its `split` flow for a folded
+    DiracNet and `plain` QDQ for any other model), NCHW input, dynamic batch. """
+    if backend in ('eager', 'compile'):
+        return [torch_eager.prepare(model, p, compile=backend == 'compile') for p in precisions]
+    flow = None
+    if backend == 'onnxruntime-int8':
+        dirac = any(isinstance(m, DiracBlock) for m in model.modules()) and is_folded(model)
+        flow = 'split' if dirac else 'plain'
+    return [ort_backend.prepare(model, workdir, input_size, flow, calib, threads=threads, tag=tag)]
 
 
 def _calibration_images(model: nn.Module, input_size: Sequence[int], num: int = 64) -> torch.Tensor:
     """ Real images for int8 calibration (the CIFAR-10 copy the export check uses) in the model's eval transform,
     resized to the benchmark's `input_size`. Only the int8 speed is measured here; `timm-dirac quantize` measures
     the accuracy. """
-    from .export import default_data, load_images
     data = default_data()
     if data is None:
         raise FileNotFoundError('The onnxruntime-int8 backend calibrates on real images and found none '
@@ -184,20 +161,15 @@ def build_cases(
             model = model.to(memory_format=memory_format)
             calib = _calibration_images(model, input_size) if 'onnxruntime-int8' in backends else None
             for backend in backends:
+                if backend == 'onnxruntime-int8' and form == 'train' and 'folded' in model_forms:
+                    continue  # int8 is for the deployed (folded) graph only
+                runners = _runners(model, backend, precisions, input_size, workdir, threads, f'{name}-{form}',
+                                   calib)
                 for batch_size in batch_sizes:
                     x = torch.randn(batch_size, *input_size).contiguous(memory_format=memory_format)
-                    if backend.startswith('onnxruntime'):
-                        int8 = backend == 'onnxruntime-int8'
-                        if int8 and form == 'train' and 'folded' in model_forms:
-                            continue  # int8 is for the deployed (folded) graph only
-                        run = _onnx_runner(model, x, workdir, threads, f'{name}-{form}', calib if int8 else None)
-                        cases.append(Case(name, form, backend, 'int8' if int8 else 'fp32', batch_size,
-                                          flops * batch_size, run))
-                        continue
-                    for precision in precisions:
-                        runner = _compiled_runner if backend == 'compile' else _eager_runner
-                        cases.append(Case(name, form, backend, precision, batch_size, flops * batch_size,
-                                          runner(model, x, precision)))
+                    for runner in runners:
+                        cases.append(Case(name, form, backend, runner.precision, batch_size, flops * batch_size,
+                                          runner.bind(x)))
     return cases
 
 

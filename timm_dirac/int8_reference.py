@@ -15,7 +15,7 @@ Covered ops: the QDQ graphs that `timm-dirac quantize` writes for folded DiracNe
 DequantizeLinear, Conv, Add, Relu, MaxPool, GlobalAveragePool/ReduceMean, Flatten/Reshape, Gemm/MatMul). Any other
 op raises, naming it.
 """
-from typing import Dict, Optional, Tuple
+from typing import Dict, Tuple
 
 import numpy as np
 

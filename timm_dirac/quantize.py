@@ -1,52 +1,33 @@
 """ `timm-dirac quantize`: post-training static int8 of the folded model, calibrated on real images.
 
-Flows (`--flow`, one or more; each is measured on the evaluation images and the fastest within `--max-drop` is
-chosen):
-- `split` (default): ONNX Runtime QDQ of the folded DiracNet with its Dirac taps split out (`dirac_tap`): the learned
-  3x3 weights get their own per-channel scale and the identity rides in an exact 1x1 int8 conv, added by
-  QLinearAdd. Weights are 7-bit (+-64), so no pair of u8 x s8 products can exceed int16: the same file is exact on
-  CPUs without VNNI, whose int8 kernels sum such pairs in saturating 16-bit registers.
-- `plain`: ONNX Runtime QDQ of the folded model as it is (per-channel 8-bit weights): the folded Dirac tap sets each
-  filter's scale and leaves the learned weights a few int8 steps.
-- `pt2e`: PyTorch 2 export quantization with torchao's x86 inductor quantizer, lowered to oneDNN int8 kernels.
+Flows (`--flow`, one or more; each is scored on the evaluation images, timed against ONNX Runtime fp32 of the same
+model, and the fastest within `--max-drop` is chosen):
+- `split` (default): ONNX Runtime QDQ with the folded Dirac taps split out of the int8 weights (exact 1x1 int8
+  convs carry them), 7-bit weights that no CPU's int8 kernels can saturate (`backends/onnxruntime.py`);
+- `plain`: ONNX Runtime QDQ of the folded model as it is, per-channel 8-bit weights;
+- `pt2e`: PyTorch 2 export quantization lowered to oneDNN (`backends/pt2e.py`).
 Activations are uint8 per tensor in every flow, calibrated with `--method` (ONNX Runtime's calibrators).
 """
 import argparse
-import copy
 import json
 import os
 import shutil
 import statistics
 import sys
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Optional, Sequence
 
 import torch
-import torch.nn as nn
 
+from .backends import Runner
+from .backends import onnxruntime as ort_backend
 from .benchmark import machine_info
-from .dirac_tap import split_dirac_taps
-from .export import check_graph_ops, default_data, export_onnx, fold, is_folded, load_images, load_model, \
-    ort_session, verify_onnx
+from .loading import default_data, fold, is_folded, load_images, load_model
 from .timing import time_interleaved
 
-
-@dataclass(frozen=True)
-class OnnxFlow:
-    """ An ONNX Runtime QDQ flow: whether the Dirac taps are split out, and the weights' bit width. """
-    split_taps: bool
-    weight_bits: int
-
-
-ONNX_FLOWS = {'split': OnnxFlow(split_taps=True, weight_bits=7), 'plain': OnnxFlow(split_taps=False, weight_bits=8)}
-FLOWS = tuple(ONNX_FLOWS) + ('pt2e',)
+FLOWS = tuple(ort_backend.ONNX_FLOWS) + ('pt2e',)
 METHODS = ('minmax', 'percentile', 'entropy')
-
-
-def _batches(images: torch.Tensor, batch_size: int) -> List[torch.Tensor]:
-    return [images[i:i + batch_size] for i in range(0, len(images), batch_size)]
 
 
 def top1(predict: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor, labels: torch.Tensor,
@@ -61,95 +42,6 @@ def top1(predict: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor, 
             batch = torch.cat([batch, batch.new_zeros((batch_size - count,) + batch.shape[1:])])
         correct += int((predict(batch)[:count].argmax(1) == labels[start:start + count]).sum())
     return 100. * correct / len(labels)
-
-
-def quantize_onnxruntime(fp32_path: str, int8_path: str, calib: torch.Tensor, batch_size: int = 32,
-                         method: str = 'minmax', weight_bits: int = 8) -> None:
-    """ ONNX Runtime static int8 (QDQ): per-channel symmetric int8 weights (7-bit, +-64, with `weight_bits=7`),
-    uint8 activations calibrated on `calib`. """
-    from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, \
-        quantize_static
-    from onnxruntime.quantization.shape_inference import quant_pre_process
-
-    if weight_bits not in (7, 8):
-        raise ValueError(f'weight_bits must be 7 or 8, got {weight_bits}.')
-
-    class Reader(CalibrationDataReader):
-        def __init__(self):
-            self.feeds = iter([{'input': b.contiguous().numpy()} for b in _batches(calib, batch_size)])
-
-        def get_next(self):
-            return next(self.feeds, None)
-
-    methods = dict(minmax=CalibrationMethod.MinMax, percentile=CalibrationMethod.Percentile,
-                   entropy=CalibrationMethod.Entropy)
-    with tempfile.TemporaryDirectory() as tmp:
-        prepared = os.path.join(tmp, 'prepared.onnx')
-        quant_pre_process(fp32_path, prepared)  # shape inference + graph optimization, as ORT recommends
-        quantize_static(
-            prepared, int8_path, Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-            reduce_range=weight_bits == 7, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-            calibrate_method=methods[method])
-
-
-def write_int8_onnx(model: nn.Module, flow: str, path: str, calib: torch.Tensor, method: str = 'minmax') -> None:
-    """ The int8 ONNX file of a folded model by an ONNX Runtime flow of `ONNX_FLOWS` (the exported graph is checked
-    against the model on calibration images before it is quantized; the split graph's ops too). """
-    spec = ONNX_FLOWS[flow]
-    input_size = tuple(calib.shape[1:])
-    with tempfile.TemporaryDirectory() as tmp:
-        source = os.path.join(tmp, 'fp32.onnx')
-        export_onnx(split_dirac_taps(model) if spec.split_taps else model, source, input_size)
-        if spec.split_taps:
-            check_graph_ops(source, split_taps=True)
-        verify_onnx(source, model, calib[:32])
-        quantize_onnxruntime(source, path, calib, method=method, weight_bits=spec.weight_bits)
-
-
-def quantize_pt2e(model: nn.Module, calib: torch.Tensor, batch_size: int = 32) -> Tuple[nn.Module, nn.Module]:
-    """ PT2E static int8 with torchao's x86 inductor quantizer (per-channel int8 weights, uint8 activations).
-    Returns the converted graph (quantize/dequantize ops around float convs, what `torch.export.save` stores)
-    and its lowering to oneDNN int8 kernels (`lower_pt2e_quantized_to_x86`), which runs the int8 convs. """
-    try:
-        from torchao.quantization.pt2e import move_exported_model_to_eval
-        from torchao.quantization.pt2e.lowering import lower_pt2e_quantized_to_x86
-        from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
-        from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import (
-            X86InductorQuantizer, get_default_x86_inductor_quantization_config)
-    except ImportError as e:
-        raise ImportError('The pt2e flow needs torchao (PyTorch 2 export quantization moved there from torch.ao): '
-                          'pip install "timm-dirac[export]", or use --flow split.') from e
-    example = calib[:batch_size]
-    exported = torch.export.export(
-        model.eval(), (example,), dynamic_shapes=({0: torch.export.Dim('batch')},)).module()
-    quantizer = X86InductorQuantizer().set_global(get_default_x86_inductor_quantization_config())
-    prepared = prepare_pt2e(exported, quantizer)
-    with torch.no_grad():
-        for batch in _batches(calib, batch_size):
-            prepared(batch)
-    converted = convert_pt2e(prepared)
-    move_exported_model_to_eval(converted)
-    # torch.compile(converted, options={'freezing': True}) fails with torch 2.14 + torchao 0.18 (no fake kernel
-    # for onednn.qconv_prepack during constant folding); the explicit lowering runs the same oneDNN int8 kernels
-    with torch.no_grad():
-        lowered = lower_pt2e_quantized_to_x86(copy.deepcopy(converted), (example,))
-    return converted, lowered
-
-
-def _no_grad_call(fn: Callable[[torch.Tensor], Any], x: torch.Tensor) -> Callable[[], Any]:
-    def run():
-        with torch.no_grad():
-            return fn(x)
-    return run
-
-
-def _ort_runner(session, x: torch.Tensor) -> Callable[[], Any]:
-    feed = {'input': x.contiguous().numpy()}
-    return lambda: session.run(None, feed)
-
-
-def _ort_predict(session) -> Callable[[torch.Tensor], torch.Tensor]:
-    return lambda b: torch.from_numpy(session.run(None, {'input': b.contiguous().numpy()})[0])
 
 
 def measure_speed(runners: Dict[str, Callable[[], Any]], batch_size: int, repeats: int = 5,
@@ -227,41 +119,29 @@ def _quantize_flows(model, model_name, checkpoint, calib, images, labels, input_
     report: Dict[str, Any] = dict(
         model=model.pretrained_cfg.get('architecture', model_name), checkpoint=checkpoint, method=method,
         max_drop=max_drop, fp32_top1=fp32_top1, machine=machine_info(), flows={})
-    fp32_path = str(work / 'model_fp32.onnx')
-    export_onnx(model, fp32_path, input_size)
-    check_graph_ops(fp32_path)
-    verify_onnx(fp32_path, model, images[:32])
-    sessions = {'onnxruntime-fp32': ort_session(fp32_path)}
-    report['onnxruntime_fp32_top1'] = top1(_ort_predict(sessions['onnxruntime-fp32']), images, labels)
-    lowered_pt2e = None
-
+    baseline = ort_backend.prepare(model, str(work), input_size)
+    ort_backend.check_graph_ops(baseline.file)
+    ort_backend.verify_onnx(baseline.file, model, images[:32])
+    report['onnxruntime_fp32_top1'] = top1(baseline.predict, images, labels)
+    runners: Dict[str, Runner] = {'onnxruntime-fp32': baseline}
     for flow in flows:
-        if flow in ONNX_FLOWS:
-            int8_path = str(work / f'model_int8_{flow}.onnx')
-            write_int8_onnx(model, flow, int8_path, calib, method)
-            sessions[f'{flow}-int8'] = ort_session(int8_path)
-            int8_top1 = top1(_ort_predict(sessions[f'{flow}-int8']), images, labels)
-            report['flows'][flow] = dict(runtime='onnxruntime', weight_bits=ONNX_FLOWS[flow].weight_bits,
-                                         int8_top1=int8_top1,
-                                         drop=fp32_top1 - int8_top1, file=int8_path)
+        if flow in ort_backend.ONNX_FLOWS:
+            runner = ort_backend.prepare(model, str(work), input_size, flow, calib, method)
+            bits = ort_backend.ONNX_FLOWS[flow].weight_bits
         else:
-            converted, lowered_pt2e = quantize_pt2e(model, calib, max(bench_batches))
-            with torch.no_grad():
-                int8_top1 = top1(lowered_pt2e, images, labels, max(bench_batches))
-            path = work / 'model_int8_pt2e.pt2'
-            torch.export.save(torch.export.export(
-                converted, (images[:2],), dynamic_shapes=({0: torch.export.Dim('batch')},)), str(path))
-            report['flows'][flow] = dict(runtime='torch', weight_bits=8, int8_top1=int8_top1,
-                                         drop=fp32_top1 - int8_top1, file=str(path))
+            from .backends import pt2e
+            runner, bits = pt2e.prepare(model, calib, max(bench_batches), str(work)), 8
+        int8_top1 = top1(runner.predict, images, labels, runner.static_batch or 32)
+        runners[f'{flow}-int8'] = runner
+        report['flows'][flow] = dict(weight_bits=bits, int8_top1=int8_top1, drop=fp32_top1 - int8_top1,
+                                     file=runner.file)
         log(f'{flow}: int8 top-1 {int8_top1:.2f} (fp32 {fp32_top1:.2f})')
 
     report['img_per_s'] = {}
     for batch_size in bench_batches:
         x = images[:batch_size]
-        runners = {name: _ort_runner(session, x) for name, session in sessions.items()}
-        if lowered_pt2e is not None and batch_size == max(bench_batches):  # the lowered graph has a static batch
-            runners['pt2e-int8'] = _no_grad_call(lowered_pt2e, x)
-        report['img_per_s'][str(batch_size)] = measure_speed(runners, len(x), repeats)
+        calls = {name: r.bind(x) for name, r in runners.items() if r.static_batch in (None, len(x))}
+        report['img_per_s'][str(batch_size)] = measure_speed(calls, len(x), repeats)
     for flow, info in report['flows'].items():
         name = f'{flow}-int8'
         info['speedup_vs_onnxruntime_fp32'] = {

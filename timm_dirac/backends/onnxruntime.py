@@ -1,0 +1,221 @@
+""" The ONNX Runtime backend: export, check, run and quantize (static int8, QDQ) folded models.
+
+A folded DiracNet is a plain conv-ReLU chain, so its ONNX graph must hold only Conv, Relu, MaxPool, the global
+pool, a reshape and the classifier GEMM; `check_graph_ops` enforces that, and `verify_onnx` compares ONNX Runtime
+with PyTorch on real images at two batch sizes (the batch axis is dynamic). int8 flows (`ONNX_FLOWS`):
+- `split`: the folded Dirac taps split out of the int8 weights (`dirac_tap`): the learned 3x3 weights get their
+  own per-channel scale and the identity rides in an exact 1x1 int8 conv, added by QLinearAdd. Weights are 7-bit
+  (+-64), so no pair of u8 x s8 products can exceed int16: the same file is exact on CPUs without VNNI, whose int8
+  kernels sum such pairs in saturating 16-bit registers.
+- `plain`: the folded model as it is, per-channel 8-bit weights (ONNX Runtime's usual static int8).
+Activations are uint8 per tensor, calibrated on real images.
+"""
+import contextlib
+import copy
+import io
+import os
+import tempfile
+from dataclasses import dataclass
+from typing import Any, Dict, Optional, Sequence, Set
+
+import torch
+import torch.nn as nn
+
+from ..dirac_tap import split_dirac_taps
+from . import Runner
+
+__all__ = ['ALLOWED_OPS', 'DEFAULT_TOLERANCE', 'ONNX_FLOWS', 'export_onnx', 'relu_before_maxpool', 'op_types',
+           'check_graph_ops', 'ort_session', 'verify_onnx', 'quantize_onnxruntime', 'write_int8_onnx', 'prepare']
+
+ALLOWED_OPS = {'Conv', 'Relu', 'MaxPool', 'GlobalAveragePool', 'ReduceMean', 'Flatten', 'Reshape', 'Gemm', 'MatMul'}
+DEFAULT_TOLERANCE = 1e-4  # max |ONNX Runtime - PyTorch| relative to max |PyTorch logit|
+
+
+@dataclass(frozen=True)
+class OnnxFlow:
+    """ An int8 flow: whether the Dirac taps are split out, and the weights' bit width. """
+    split_taps: bool
+    weight_bits: int
+
+
+ONNX_FLOWS = {'split': OnnxFlow(split_taps=True, weight_bits=7), 'plain': OnnxFlow(split_taps=False, weight_bits=8)}
+
+
+def export_onnx(model: nn.Module, path: str, input_size: Sequence[int], opset: int = 18) -> None:
+    """ Export `model` (eval, fp32) with a dynamic batch axis: input 'input' (N, C, H, W), output 'logits';
+    `MaxPool -> Relu` pairs are reordered to `Relu -> MaxPool` (see `relu_before_maxpool`). ONNX is NCHW: a
+    channels_last model is exported from a contiguous copy (the exporter would otherwise add layout ops). """
+    import onnx
+    if any(p.dim() == 4 and p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous()
+           for p in model.parameters()):
+        model = copy.deepcopy(model).to(memory_format=torch.contiguous_format)
+    example = torch.randn(2, *input_size)  # batch 2: torch.export would specialize a batch of 1 to a constant
+    with contextlib.redirect_stdout(io.StringIO()):  # the exporter prints its progress; failures still raise
+        program = torch.onnx.export(
+            model.eval(), (example,), None, dynamo=True, opset_version=opset, input_names=['input'],
+            output_names=['logits'], dynamic_shapes=({0: torch.export.Dim('batch')},), verbose=False)
+    proto = program.model_proto
+    relu_before_maxpool(proto.graph)
+    onnx.checker.check_model(proto)
+    onnx.save(proto, path)
+
+
+def relu_before_maxpool(graph) -> int:
+    """ Rewrite each `MaxPool -> Relu` (the pool's only consumer) in an ONNX graph into `Relu -> MaxPool`: the
+    same function (max-pooling commutes with ReLU), but the ReLU then follows the conv before the pool, so ONNX
+    Runtime fuses it into the conv (fp32 and int8) and runs the pool on uint8 in a quantized graph instead of
+    dequantizing around it. A folded DiracNet has this pattern at each of its pools. Returns the rewrites made. """
+    nodes = list(graph.node)
+    consumers: Dict[str, list] = {}
+    for node in nodes:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    outputs = {o.name for o in graph.output}
+    stale = set()
+    swapped = 0
+    for pool in [n for n in nodes if n.op_type == 'MaxPool' and len(n.output) == 1]:
+        users = consumers.get(pool.output[0], [])
+        if pool.output[0] in outputs or len(users) != 1 or users[0].op_type != 'Relu':
+            continue
+        relu = users[0]
+        source, pooled, result = pool.input[0], pool.output[0], relu.output[0]
+        relu.input[0], relu.output[0] = source, f'{source}_relu'  # the ReLU now reads the pool's input
+        pool.input[0], pool.output[0] = f'{source}_relu', result  # and the pool writes what the ReLU wrote
+        stale.add(pooled)
+        nodes.remove(relu)
+        nodes.insert(nodes.index(pool), relu)
+        swapped += 1
+    if swapped:
+        del graph.node[:]
+        graph.node.extend(nodes)
+        infos = [v for v in graph.value_info if v.name not in stale]  # shapes of tensors that no longer exist
+        del graph.value_info[:]
+        graph.value_info.extend(infos)
+    return swapped
+
+
+def op_types(path: str) -> Set[str]:
+    import onnx
+    return {node.op_type for node in onnx.load(path, load_external_data=False).graph.node}
+
+
+def check_graph_ops(path: str, split_taps: bool = False) -> Set[str]:
+    """ Raise unless the graph is a plain chain: only ALLOWED_OPS, plus Add right after a MatMul (a split GEMM)
+    and, with `split_taps`, Add of two Conv outputs (a Dirac layer with its taps split out, `dirac_tap`). """
+    import onnx
+    graph = onnx.load(path, load_external_data=False).graph
+    producers = {out: node.op_type for node in graph.node for out in node.output}
+
+    def allowed_add(node) -> bool:
+        inputs = [producers.get(name) for name in node.input]
+        return 'MatMul' in inputs or (split_taps and inputs == ['Conv', 'Conv'])
+    bad = sorted({
+        node.op_type for node in graph.node
+        if node.op_type not in ALLOWED_OPS and not (node.op_type == 'Add' and allowed_add(node))})
+    if bad:
+        raise RuntimeError(
+            f'{path} holds {bad} nodes; a folded DiracNet graph may only hold {sorted(ALLOWED_OPS)} (+ Add after '
+            f'MatMul). A BatchNormalization or Add node means the model was not folded: call '
+            f'model.reparameterize() (or build it with inference_mode=True) before exporting.')
+    return {node.op_type for node in graph.node}
+
+
+def ort_session(path: str, threads: Optional[int] = None):
+    """ An ONNX Runtime CPU session with all graph optimizations and `threads` intra-op threads. """
+    import onnxruntime as ort
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.intra_op_num_threads = threads or torch.get_num_threads()
+    options.inter_op_num_threads = 1
+    return ort.InferenceSession(path, options, providers=['CPUExecutionProvider'])
+
+
+def verify_onnx(path: str, model: nn.Module, images: torch.Tensor, tolerance: float = DEFAULT_TOLERANCE) -> Dict[str, Any]:
+    """ Compare ONNX Runtime with PyTorch (fp32, eval) on `images` as one batch and on the first image alone.
+    Raises if the largest difference exceeds `tolerance` times the largest PyTorch logit magnitude. """
+    session = ort_session(path)
+    name = session.get_inputs()[0].name
+    with torch.no_grad():
+        reference = model.eval()(images)
+    outputs = []
+    for batch in (images, images[:1]):
+        got = torch.from_numpy(session.run(None, {name: batch.contiguous().numpy()})[0])
+        expected = (batch.shape[0],) + tuple(reference.shape[1:])
+        if tuple(got.shape) != expected:
+            raise RuntimeError(f'ONNX Runtime returned shape {tuple(got.shape)} for a batch of {batch.shape[0]}, '
+                               f'expected {expected}: the exported batch axis is not dynamic.')
+        outputs.append(got)
+    worst = max((got - reference[:got.shape[0]]).abs().max().item() for got in outputs)
+    scale = reference.abs().max().item()
+    relative = worst / max(scale, 1e-12)
+    if relative > tolerance:
+        raise RuntimeError(f'ONNX Runtime differs from PyTorch by {worst:.3g} (= {relative:.3g} of the logit scale '
+                           f'{scale:.3g}; tolerance {tolerance:g}) in {path}: the export is not faithful.')
+    return dict(max_abs_diff=worst, logit_scale=scale, relative_diff=relative, images=images.shape[0],
+                top1_agreement=(outputs[0].argmax(1) == reference.argmax(1)).float().mean().item())
+
+
+def quantize_onnxruntime(fp32_path: str, int8_path: str, calib: torch.Tensor, batch_size: int = 32,
+                         method: str = 'minmax', weight_bits: int = 8) -> None:
+    """ ONNX Runtime static int8 (QDQ): per-channel symmetric int8 weights (7-bit, +-64, with `weight_bits=7`),
+    uint8 activations calibrated on `calib`. """
+    from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, \
+        quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    if weight_bits not in (7, 8):
+        raise ValueError(f'weight_bits must be 7 or 8, got {weight_bits}.')
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.feeds = iter([{'input': b.contiguous().numpy()} for b in calib.split(batch_size)])
+
+        def get_next(self):
+            return next(self.feeds, None)
+
+    methods = dict(minmax=CalibrationMethod.MinMax, percentile=CalibrationMethod.Percentile,
+                   entropy=CalibrationMethod.Entropy)
+    with tempfile.TemporaryDirectory() as tmp:
+        prepared = os.path.join(tmp, 'prepared.onnx')
+        quant_pre_process(fp32_path, prepared)  # shape inference + graph optimization, as ORT recommends
+        quantize_static(
+            prepared, int8_path, Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+            reduce_range=weight_bits == 7, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+            calibrate_method=methods[method])
+
+
+def write_int8_onnx(model: nn.Module, flow: str, path: str, calib: torch.Tensor, method: str = 'minmax') -> None:
+    """ The int8 ONNX file of a folded model by an ONNX Runtime flow of `ONNX_FLOWS` (the exported graph is checked
+    against the model on calibration images before it is quantized; the split graph's ops too). """
+    spec = ONNX_FLOWS[flow]
+    input_size = tuple(calib.shape[1:])
+    with tempfile.TemporaryDirectory() as tmp:
+        source = os.path.join(tmp, 'fp32.onnx')
+        export_onnx(split_dirac_taps(model) if spec.split_taps else model, source, input_size)
+        if spec.split_taps:
+            check_graph_ops(source, split_taps=True)
+        verify_onnx(source, model, calib[:32])
+        quantize_onnxruntime(source, path, calib, method=method, weight_bits=spec.weight_bits)
+
+
+def prepare(model: nn.Module, workdir: str, input_size: Sequence[int], flow: Optional[str] = None,
+            calib: Optional[torch.Tensor] = None, method: str = 'minmax', threads: Optional[int] = None,
+            tag: str = 'model') -> Runner:
+    """ ONNX Runtime on `model` exported to `workdir`: fp32 without `flow`, else the int8 file of that flow
+    calibrated on `calib`. The file is reused if `workdir` already holds it. """
+    if flow is None:
+        path = os.path.join(workdir, f'{tag}_fp32.onnx')
+        if not os.path.exists(path):
+            export_onnx(model, path, input_size)
+    else:
+        path = os.path.join(workdir, f'{tag}_int8_{flow}.onnx')
+        if not os.path.exists(path):
+            write_int8_onnx(model, flow, path, calib, method)
+    session = ort_session(path, threads)
+    name = session.get_inputs()[0].name
+
+    def bind(x: torch.Tensor):
+        feed = {name: x.contiguous().numpy()}
+        return lambda: session.run(None, feed)
+    return Runner(predict=lambda x: torch.from_numpy(session.run(None, {name: x.contiguous().numpy()})[0]),
+                  bind=bind, precision='fp32' if flow is None else 'int8', file=path)

@@ -1,0 +1,79 @@
+""" Model and image loading shared by the deploy commands (`export-onnx`, `quantize`, `benchmark`).
+
+Models come from a registry name, a checkpoint folder in the Hub layout or a weights file, in eval mode; images are
+the first N of a timm dataset in the model's own eval transform.
+"""
+from pathlib import Path
+from typing import Optional, Tuple
+
+import torch
+import torch.nn as nn
+
+import timm
+from timm.data import create_dataset, create_transform, resolve_model_data_config
+from timm.utils import reparameterize_model
+
+__all__ = ['default_data', 'load_model', 'is_folded', 'fold', 'load_images']
+
+
+def default_data() -> Optional[str]:
+    """ Real CIFAR-10 images as a timm `hfds/` dataset name: the repository's sample (`data/cifar10_sample`) or the
+    full copy in the `shared/` folder beside the repository, whichever exists first; None if neither does. """
+    root = Path(__file__).resolve().parents[1]
+    for path in (root / 'data' / 'cifar10_sample', root.parent / 'shared' / 'data' / 'cifar10'):
+        if path.is_dir():
+            return f'hfds/{path}'
+    return None
+
+
+def load_model(name: Optional[str], checkpoint: Optional[str] = None) -> nn.Module:
+    """ Build a model in eval mode: a registry `name` (random weights without `checkpoint`), a checkpoint folder
+    in the Hub layout (config.json + model.safetensors, via timm's `local-dir:`) or a weights file. Folded and
+    train-form DiracNet weights both load (a folded file is unfolded exactly by the pretrained filter). """
+    if checkpoint is None:
+        if name is None:
+            raise ValueError('Give --model NAME, --checkpoint DIR, or both.')
+        return timm.create_model(name).eval()
+    path = Path(checkpoint)
+    if path.is_dir():
+        if not (path / 'config.json').is_file():
+            raise FileNotFoundError(f'{path} has no config.json: a checkpoint folder needs the layout written by '
+                                    f'timm.models.save_for_hf (config.json + model.safetensors); pass the weights '
+                                    f'file itself with --model NAME otherwise.')
+        model = timm.create_model(f'local-dir:{path}', pretrained=True)
+        if name is not None and model.pretrained_cfg.get('architecture') not in (name, None):
+            raise ValueError(f"--model {name} does not match the checkpoint's architecture "
+                             f"{model.pretrained_cfg.get('architecture')!r} in {path / 'config.json'}.")
+        return model.eval()
+    if not path.is_file():
+        raise FileNotFoundError(f'Checkpoint {path} does not exist.')
+    if name is None:
+        raise ValueError(f'{path} is a weights file: also give --model NAME to say which architecture it is for.')
+    return timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=str(path))).eval()
+
+
+def is_folded(model: nn.Module) -> bool:
+    """ Whether a model is in the inference form: no BatchNorm and no Dirac-parameterized conv left. """
+    from .layers import _DiracConvNd
+    return not any(isinstance(m, (nn.modules.batchnorm._BatchNorm, _DiracConvNd)) for m in model.modules())
+
+
+def fold(model: nn.Module) -> nn.Module:
+    """ Reparameterize for inference in place: DiracNet's own `reparameterize()`, else timm's helper. """
+    if hasattr(model, 'reparameterize'):
+        model.reparameterize()
+        return model.eval()
+    return reparameterize_model(model, inplace=True).eval()
+
+
+def load_images(data: str, model: nn.Module, num: Optional[int] = 64, split: str = 'test'
+                ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """ The first `num` (all if None) images of a timm dataset (e.g. `hfds/<folder>`) and their labels, the images
+    preprocessed by the model's eval transform (its data config: resize, crop, mean/std). """
+    dataset = create_dataset(data, root=None, split=split)
+    if len(dataset) == 0:
+        raise ValueError(f'Dataset {data} (split {split}) is empty.')
+    transform = create_transform(**resolve_model_data_config(model), is_training=False)
+    count = len(dataset) if num is None else min(num, len(dataset))
+    samples = [dataset[i] for i in range(count)]
+    return torch.stack([transform(image) for image, _ in samples]), torch.tensor([int(label) for _, label in samples])
