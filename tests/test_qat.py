@@ -110,3 +110,29 @@ def test_train_qat_fine_tunes_and_exports_the_folded_model(tmp_path, capsys):
         main(args + ['--experiment', 'no-start'])
     assert '--qat fine-tunes trained weights' in capsys.readouterr().err
     assert not (tmp_path / 'no-start').exists()
+
+
+def test_qat_resumes_exactly(tmp_path, monkeypatch):
+    """ 2 QAT epochs straight vs 1 epoch, interrupted, then --resume: the same fake-quantized weights. """
+    import timm_dirac.train as train_module
+    from safetensors.torch import save_file
+    save_file(_trained_like().state_dict(), tmp_path / 'start.safetensors')
+    args = ['--model', 'diracnet34_1_cifar', '--model-kwargs', 'layers=(2,2,2)', '--dataset', f'hfds/{SAMPLE}',
+            '--val-split', 'test', '--qat', '--initial-checkpoint', str(tmp_path / 'start.safetensors'),
+            '--lr', '0.001', '--warmup-epochs', '0', '--epochs', '2', '-b', '32', '--train-num-samples', '64',
+            '--val-num-samples', '32', '--workers', '1', '--output', str(tmp_path)]
+    straight = train(parse_args(args + ['--experiment', 'straight']))
+    save = train_module.save_checkpoint
+
+    def save_then_interrupt(*a, **kw):
+        save(*a, **kw)
+        raise KeyboardInterrupt
+    monkeypatch.setattr(train_module, 'save_checkpoint', save_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        train(parse_args(args + ['--experiment', 'resumed']))
+    monkeypatch.undo()
+    resumed = train(parse_args(args + ['--resume', str(tmp_path / 'resumed' / 'last')]))
+    a, b = straight.state_dict(), resumed.state_dict()
+    assert a.keys() == b.keys() and any('parametrizations' in k for k in a)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
