@@ -153,8 +153,9 @@ def test_two_process_launch(tmp_path):
     assert state['num_updates'] == 256 // (2 * 16)  # one update per global batch of 2 x 16
 
 
-def test_initial_checkpoint_sets_the_starting_weights(tmp_path):
-    """ --initial-checkpoint starts from a weights file (here: lr 0, so the parameters must come out unchanged). """
+def test_initial_checkpoint_sets_the_starting_weights(tmp_path, capsys):
+    """ --initial-checkpoint starts from a weights file (here: lr 0, so the parameters must come out unchanged);
+    the run's first line names its precision. """
     import timm
     from safetensors.torch import save_file
 
@@ -167,6 +168,7 @@ def test_initial_checkpoint_sets_the_starting_weights(tmp_path):
         '--train-num-samples', '64', '--val-num-samples', '8', '--output', str(tmp_path), '--experiment', 'init']))
     for name, p in start.named_parameters():
         torch.testing.assert_close(model.get_parameter(name), p, rtol=0, atol=0, msg=name)
+    assert capsys.readouterr().out.startswith('precision: fp32 (no --amp')
 
 
 def test_config_precedence(tmp_path):

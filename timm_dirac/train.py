@@ -40,6 +40,7 @@ from timm.scheduler import create_scheduler_v2
 from timm.utils import ModelEmaV3, accuracy, distribute_bn
 
 from .data import DataError, eval_loader, eval_transform, load_split, train_transform
+from .precision import auto_precision
 from .qat import merge_qat, prepare_qat
 
 __all__ = ['main', 'parse_args', 'train', 'ConfigError']
@@ -133,9 +134,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument('--model-ema', action='store_true', help='keep and evaluate an EMA of the weights')
     g.add_argument('--model-ema-decay', type=float, default=0.9998)
     g.add_argument('--model-ema-warmup', action='store_true', help='EMA decay warm-up')
-    g.add_argument('--amp', action='store_true', help='mixed precision (without it the accelerate launch setting '
-                   'applies, default off)')
-    g.add_argument('--amp-dtype', default='float16', choices=['float16', 'bfloat16'])
+    g.add_argument('--amp', action=argparse.BooleanOptionalAction, default=False,
+                   help='mixed precision (--no-amp overrides a config: fp32 unless the accelerate launch sets one)')
+    g.add_argument('--amp-dtype', default='auto', choices=['auto', 'float16', 'bfloat16'],
+                   help='auto: bf16 where the hardware computes it (CUDA GPUs with bf16, CPUs with AMX or '
+                   'AVX512-BF16), fp16 on other CUDA GPUs, fp32 on other CPUs')
     g.add_argument('--seed', type=int, default=42)
     g.add_argument('--log-interval', type=int, default=50, metavar='N', help='progress bar update every N steps')
     g.add_argument('--output', default='./output/train', metavar='DIR', help='parent of the run folders')
@@ -227,12 +230,24 @@ def _has_accelerator() -> bool:
     return accel.is_available() if accel is not None else torch.cuda.is_available()
 
 
+def pick_precision(args: argparse.Namespace) -> Tuple[Optional[str], str]:
+    """ accelerate's mixed_precision for `args` ('bf16', 'fp16', 'no'; None: the launch setting) and why. """
+    if not args.amp:
+        return None, 'no --amp: the accelerate launch setting'
+    if args.amp_dtype != 'auto':
+        return ('bf16' if args.amp_dtype == 'bfloat16' else 'fp16'), f'--amp-dtype {args.amp_dtype}'
+    device = 'cuda' if torch.cuda.is_available() else 'cpu' if not _has_accelerator() else 'other'
+    precision, why = auto_precision(device)
+    return {'fp32': 'no'}.get(precision, precision), f'--amp auto: {why}'
+
+
 def make_accelerator(args: argparse.Namespace):
-    """ Accelerator on the GPU(s) if any, else on CPU (so `accelerate launch --multi_gpu` gives gloo ranks). """
+    """ Accelerator on the GPU(s) if any, else on CPU (so `accelerate launch --multi_gpu` gives gloo ranks), in the
+    precision `pick_precision` chooses, which the run's first line names. """
     from accelerate import Accelerator
     from accelerate.utils import DataLoaderConfiguration
 
-    precision = ('bf16' if args.amp_dtype == 'bfloat16' else 'fp16') if args.amp else None
+    precision, _ = pick_precision(args)
     return Accelerator(
         cpu=not _has_accelerator(),
         mixed_precision=precision,
@@ -429,6 +444,9 @@ def train(args: argparse.Namespace) -> nn.Module:
 
     check_args(args)
     accelerator = make_accelerator(args)
+    names = {'bf16': 'bf16 autocast', 'fp16': 'fp16 autocast with a loss scaler', 'no': 'fp32'}
+    accelerator.print(f'precision: {names.get(accelerator.mixed_precision, accelerator.mixed_precision)} '
+                      f'({pick_precision(args)[1]})')
     rank, world = accelerator.process_index, accelerator.num_processes
 
     # model first (same seed on every rank), so that its cfg gives the data transforms
