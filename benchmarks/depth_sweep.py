@@ -11,6 +11,7 @@ resumes where it stopped; `--plot` turns the JSON into a table and PNG plots.
     python benchmarks/depth_sweep.py --plot docs/results/depth_sweep.json
 """
 import argparse
+import copy
 import json
 import math
 import os
@@ -25,11 +26,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import timm_dirac
+from timm.optim import param_groups_weight_decay
+from timm_dirac.dirac_tap import centre_tap_ratio
 from timm_dirac.diracnet import CIFAR_MEAN, CIFAR_STD
 
 NETWORKS = ('dirac', 'plain', 'resnet')
 # settings a resumed sweep must share with its file (torch version and thread count only move the times)
-COMPARABLE = ('sweep', 'width', 'epochs', 'batch_size', 'lr', 'train_samples', 'test_samples', 'seed', 'bf16')
+COMPARABLE = ('sweep', 'width', 'epochs', 'batch_size', 'lr', 'train_samples', 'test_samples', 'seed', 'bf16',
+              'weight_decay_1d')
+LEGACY = dict(weight_decay_1d=True)  # what sweeps written before a setting existed used
 INITS = {
     'kaiming': nn.init.kaiming_normal_,
     'xavier': nn.init.xavier_normal_,
@@ -97,7 +102,9 @@ def train_and_test(model: nn.Module, data: Dict[str, Tuple[torch.Tensor, torch.T
     train_x, train_y = data['train']
     gen = torch.Generator().manual_seed(args.seed)
     steps_per_epoch = math.ceil(len(train_y) / args.batch_size)
-    opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, weight_decay=5e-4, nesterov=True)
+    # the authors' grouping decays every parameter; timm's exempts the 1-d ones (biases, BatchNorm, alpha, beta)
+    params = model.parameters() if args.weight_decay_1d else param_groups_weight_decay(model, 5e-4)
+    opt = torch.optim.SGD(params, lr=args.lr, momentum=0.9, weight_decay=5e-4, nesterov=True)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, args.lr, total_steps=args.epochs * steps_per_epoch)
     start = time.perf_counter()
     losses = []
@@ -123,21 +130,38 @@ def train_and_test(model: nn.Module, data: Dict[str, Tuple[torch.Tensor, torch.T
             correct += (model(normalize(test_x[i:i + 500])).argmax(1) == test_y[i:i + 500]).sum().item()
     final_loss = float(np.mean(losses[-steps_per_epoch:]))
     return dict(test_top1=100. * correct / len(test_y), final_train_loss=final_loss if math.isfinite(final_loss)
-                else None, train_seconds=round(train_seconds, 1))
+                else None, train_seconds=round(train_seconds, 1), **dirac_stats(model))
+
+
+def dirac_stats(model: nn.Module) -> dict:
+    """ The trained alpha and beta (mean, std, min, max over every channel of every layer) and the folded
+    centre-tap ratio (median over layers of `dirac_tap.centre_tap_ratio`, what per-channel int8 suffers from). """
+    stats = {}
+    for name in ('alpha', 'beta'):
+        values = torch.cat([p.detach().flatten() for n, p in model.named_parameters() if n.endswith('.' + name)])
+        if len(values):
+            stats[name] = dict(mean=values.mean().item(), std=values.std().item(), min=values.min().item(),
+                               max=values.max().item())
+    if not any(isinstance(m, ResidualPair) for m in model.modules()):
+        folded = copy.deepcopy(model).eval()
+        folded.reparameterize()
+        stats['centre_tap_ratio_median'] = float(np.median(centre_tap_ratio(folded)))
+    return stats
 
 
 def runs(args) -> List[dict]:
     if args.sweep == 'depth':
-        return [dict(network=n, depth=d, width=args.width, init='kaiming') for d in args.depths for n in NETWORKS]
-    return [dict(network=n, depth=args.init_depth, width=args.width, init=i) for i in INITS for n in ('dirac', 'plain')]
+        return [dict(network=n, depth=d, width=args.width, init='kaiming') for d in args.depths for n in args.networks]
+    return [dict(network=n, depth=args.init_depth, width=args.width, init=i) for i in INITS for n in ('dirac', 'plain')
+            if n in args.networks]
 
 
 def sweep(args):
     out = Path(args.out)
     now = settings(args)
     report = json.loads(out.read_text()) if out.exists() else dict(settings=now, runs=[])
-    changed = [f'{k}: {report["settings"][k]} there, {now[k]} now'
-               for k in COMPARABLE if report['settings'][k] != now[k]]
+    recorded = {**LEGACY, **report['settings']}
+    changed = [f'{k}: {recorded[k]} there, {now[k]} now' for k in COMPARABLE if recorded[k] != now[k]]
     if changed:
         raise SystemExit(f'{out} holds runs with other settings ({"; ".join(changed)}): pass the same settings to '
                          f'resume it, or another --out for a new sweep.')
@@ -211,6 +235,10 @@ def main():
     parser.add_argument('--test-samples', type=int, default=10000)
     parser.add_argument('--seed', type=int, default=0)
     parser.add_argument('--no-bf16', dest='bf16', action='store_false', help='train in fp32 (default: bf16 autocast)')
+    parser.add_argument('--weight-decay-1d', action=argparse.BooleanOptionalAction, default=True,
+                        help="decay every parameter, as the authors' train.py does (--no-weight-decay-1d: timm's "
+                             "grouping, which exempts biases, BatchNorm, alpha and beta)")
+    parser.add_argument('--networks', nargs='+', choices=NETWORKS, default=list(NETWORKS))
     args = parser.parse_args()
     if args.plot:
         return plot(args.plot)

@@ -64,3 +64,28 @@ def test_sweep_trains_on_real_images_and_resumes(tmp_path):
     other_budget = subprocess.run([*cmd, '--epochs', '2'], capture_output=True, text=True)
     assert other_budget.returncode != 0 and 'epochs: 1 there, 2 now' in other_budget.stderr
     assert json.loads(out.read_text())['runs'] == runs  # nothing mixed in or lost
+
+
+def test_grouping_and_trained_dirac_statistics(monkeypatch):
+    """ The authors' grouping decays alpha, beta and BatchNorm; timm's does not. Runs record alpha/beta statistics
+    and the folded centre-tap ratio (what breaks per-channel int8). """
+    model = depth_sweep.build('dirac', depth=10, width=1, init='kaiming')
+    decayed = {}
+    real_sgd = torch.optim.SGD
+
+    def recording_sgd(params, **kw):
+        opt = real_sgd(params, **kw)
+        decayed.update({id(p): g['weight_decay'] for g in opt.param_groups for p in g['params']})
+        raise StopIteration
+    monkeypatch.setattr(torch.optim, 'SGD', recording_sgd)
+    data = {'train': (torch.zeros(4, 3, 32, 32, dtype=torch.uint8), torch.zeros(4, dtype=torch.long))}
+    for decay_1d, alpha_decay in ((True, 5e-4), (False, 0.)):
+        args = depth_sweep.argparse.Namespace(weight_decay_1d=decay_1d, lr=0.1, epochs=1, batch_size=4, seed=0,
+                                              bf16=False)
+        with pytest.raises(StopIteration):
+            depth_sweep.train_and_test(model, data, args)
+        alpha = model.stages[0].blocks[0].conv.alpha
+        assert decayed[id(alpha)] == alpha_decay and decayed[id(model.stages[0].blocks[0].conv.weight)] == 5e-4
+    stats = depth_sweep.dirac_stats(model.eval())
+    assert stats['alpha']['mean'] == pytest.approx(1.) and stats['beta']['mean'] == pytest.approx(0.1)
+    assert stats['centre_tap_ratio_median'] > 1

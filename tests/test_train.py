@@ -171,6 +171,21 @@ def test_initial_checkpoint_sets_the_starting_weights(tmp_path, capsys):
     assert capsys.readouterr().out.startswith('precision: fp32 (no --amp')
 
 
+@pytest.mark.parametrize('config', sorted((ROOT / 'train_configs').glob('*.yaml')), ids=lambda p: p.stem)
+def test_configs_claiming_the_authors_recipe_decay_every_parameter(config):
+    """ The authors' train.py gives weight decay to every parameter, alpha, beta and BatchNorm included; a config
+    that says it follows their recipe must build an optimizer that does the same, and the others timm's grouping. """
+    import timm
+    args = parse_args(['--config', str(config)])
+    model = timm.create_model('diracnet34_1_cifar', layers=(1, 1, 1))
+    optimizer = train_module.build_optimizer(model, args, lr=0.1)
+    decay = {id(p): g['weight_decay'] for g in optimizer.param_groups for p in g['params']}
+    alpha, bn = model.stages[0].blocks[0].conv.alpha, model.stages[0].blocks[0].bn.weight
+    authors = "the authors' recipe" in config.read_text()
+    assert decay[id(model.stem.conv.weight)] == args.weight_decay
+    assert (decay[id(alpha)], decay[id(bn)]) == ((args.weight_decay,) * 2 if authors else (0., 0.))
+
+
 def test_config_precedence(tmp_path):
     cfg = tmp_path / 'c.yaml'
     cfg.write_text('model: diracnet18\nbatch_size: 64\nweight_decay: 1e-4\nmodel_kwargs: {depth: 34}\n'

@@ -103,6 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument('--lr-base-size', type=int, default=256, metavar='N', help='global batch of lr-base')
     g.add_argument('--momentum', type=float, default=0.9, metavar='M')
     g.add_argument('--weight-decay', type=float, default=2e-5)
+    g.add_argument('--weight-decay-1d', action=argparse.BooleanOptionalAction, default=False,
+                   help="decay 1-d parameters too (biases, BatchNorm, Dirac alpha/beta), as the authors' train.py does; "
+                   "default: timm's grouping, which exempts them")
     g.add_argument('--clip-grad', type=float, default=None, metavar='NORM', help='clip the gradient norm')
     g.add_argument('--grad-accum-steps', type=int, default=1, metavar='N', help='batches per optimizer step')
     g = p.add_argument_group('Schedule')
@@ -430,6 +433,12 @@ def export_hub_folders(run_dir: Path, args: argparse.Namespace, num_classes: int
     return written
 
 
+def build_optimizer(model: nn.Module, args: argparse.Namespace, lr: float) -> torch.optim.Optimizer:
+    """ timm's optimizer for `args`; `--weight-decay-1d` decays the 1-d parameters too (the authors' grouping). """
+    return create_optimizer_v2(model, opt=args.opt, lr=lr, weight_decay=args.weight_decay, momentum=args.momentum,
+                               filter_bias_and_bn=not args.weight_decay_1d)
+
+
 def _prepare_qat(model: nn.Module) -> nn.Module:
     try:
         return prepare_qat(model)
@@ -491,8 +500,7 @@ def train(args: argparse.Namespace) -> nn.Module:
     if args.channels_last:
         model.to(memory_format=torch.channels_last)
     lr = args.lr if args.lr is not None else args.lr_base * global_batch / args.lr_base_size
-    optimizer = create_optimizer_v2(model, opt=args.opt, lr=lr, weight_decay=args.weight_decay,
-                                    momentum=args.momentum)
+    optimizer = build_optimizer(model, args, lr)
     mixup = None
     if args.mixup or args.cutmix:
         mixup = Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, prob=args.mixup_prob,
