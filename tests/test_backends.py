@@ -5,23 +5,17 @@ from pathlib import Path
 import pytest
 import torch
 
-import timm
-import timm_dirac  # noqa: F401  registers the models
 from timm_dirac.backends import onnxruntime as ort_backend
 from timm_dirac.backends import pt2e, torch_eager
-from timm_dirac.loading import default_data, fold, load_images
+from timm_dirac.loading import default_data, load_images
 
 pytest.importorskip('onnxruntime')
 DATA = default_data()
 
 
 @pytest.mark.skipif(DATA is None, reason='no real CIFAR-10 images (data/cifar10_sample, ../shared)')
-def test_every_backend_runs_the_folded_model(tmp_path):
-    torch.manual_seed(0)
-    model = timm.create_model('diracnet34_1_cifar', layers=(1, 1, 1)).eval()
-    for bn in [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]:
-        bn.weight.data.fill_(1.)
-    model = fold(model)
+def test_every_backend_runs_the_folded_model(tmp_path, small_folded_diracnet):
+    model = small_folded_diracnet()
     calib, _ = load_images(DATA, model, 32, split='train')
     images, _ = load_images(DATA, model, 8, split='test')
     with torch.no_grad():

@@ -16,13 +16,7 @@ from timm_dirac.data import DataError, eval_indices, eval_loader, eval_transform
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    """ accelerate keeps one process-wide state (precision, device); each test builds its own Accelerator. """
-    from accelerate.state import AcceleratorState
-
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
+pytestmark = pytest.mark.usefixtures('fresh_accelerate_state')
 SAMPLE = f'hfds/{ROOT / "data" / "cifar10_sample"}'
 SHARED = ROOT.parent / 'shared' / 'data' / 'cifar10'
 

@@ -1,14 +1,11 @@
 """ The NumPy int8 reference: it computes what ONNX Runtime computes, and it saturates where pre-VNNI x86 does. """
 import numpy as np
 import pytest
-import torch
 
-import timm
-import timm_dirac  # noqa: F401  registers the models
-from timm_dirac.dirac_tap import split_dirac_taps
 from timm_dirac.backends.onnxruntime import export_onnx, ort_session, quantize_onnxruntime
+from timm_dirac.dirac_tap import split_dirac_taps
 from timm_dirac.int8_reference import QdqReference, _int_conv, saturation_risk
-from timm_dirac.loading import default_data, fold, load_images
+from timm_dirac.loading import default_data, load_images
 
 pytest.importorskip('onnxruntime')
 DATA = default_data()
@@ -35,12 +32,8 @@ def test_saturation_risk_pairs_input_channels_of_one_tap():
 
 
 @pytest.mark.skipif(DATA is None, reason='no real CIFAR-10 images (data/cifar10_sample, ../shared)')
-def test_reference_agrees_with_onnxruntime_on_a_split_model(tmp_path):
-    torch.manual_seed(0)
-    model = timm.create_model('diracnet34_1_cifar', layers=(2, 2, 2)).eval()
-    for bn in [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]:
-        bn.weight.data.fill_(1.)
-    model = fold(model)
+def test_reference_agrees_with_onnxruntime_on_a_split_model(tmp_path, small_folded_diracnet):
+    model = small_folded_diracnet((2, 2, 2))
     calib, _ = load_images(DATA, model, 64, split='train')
     images, _ = load_images(DATA, model, 32, split='test')
     fp32_path, int8_path = str(tmp_path / 'split.onnx'), str(tmp_path / 'split-int8.onnx')

@@ -20,11 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / 'data' / 'cifar10_sample'
 
 
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    from accelerate.state import AcceleratorState
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
+pytestmark = pytest.mark.usefixtures('fresh_accelerate_state')
 
 
 def _trained_like() -> torch.nn.Module:
@@ -112,9 +108,8 @@ def test_train_qat_fine_tunes_and_exports_the_folded_model(tmp_path, capsys):
     assert not (tmp_path / 'no-start').exists()
 
 
-def test_qat_resumes_exactly(tmp_path, monkeypatch):
+def test_qat_resumes_exactly(tmp_path, interrupted):
     """ 2 QAT epochs straight vs 1 epoch, interrupted, then --resume: the same fake-quantized weights. """
-    import timm_dirac.train as train_module
     from safetensors.torch import save_file
     save_file(_trained_like().state_dict(), tmp_path / 'start.safetensors')
     args = ['--model', 'diracnet34_1_cifar', '--model-kwargs', 'layers=(2,2,2)', '--dataset', f'hfds/{SAMPLE}',
@@ -122,15 +117,8 @@ def test_qat_resumes_exactly(tmp_path, monkeypatch):
             '--lr', '0.001', '--warmup-epochs', '0', '--epochs', '2', '-b', '32', '--train-num-samples', '64',
             '--val-num-samples', '32', '--workers', '1', '--output', str(tmp_path)]
     straight = train(parse_args(args + ['--experiment', 'straight']))
-    save = train_module.save_checkpoint
-
-    def save_then_interrupt(*a, **kw):
-        save(*a, **kw)
-        raise KeyboardInterrupt
-    monkeypatch.setattr(train_module, 'save_checkpoint', save_then_interrupt)
-    with pytest.raises(KeyboardInterrupt):
+    with interrupted():
         train(parse_args(args + ['--experiment', 'resumed']))
-    monkeypatch.undo()
     resumed = train(parse_args(args + ['--resume', str(tmp_path / 'resumed' / 'last')]))
     a, b = straight.state_dict(), resumed.state_dict()
     assert a.keys() == b.keys() and any('parametrizations' in k for k in a)

@@ -11,11 +11,11 @@ from onnx import numpy_helper
 
 import timm
 import timm_dirac  # noqa: F401  registers the models
-from timm_dirac.cli import main
-from timm_dirac.dirac_tap import split_dirac_taps
 from timm_dirac.backends.onnxruntime import check_graph_ops, export_onnx, op_types, ort_session, quantize_onnxruntime
 from timm_dirac.backends.pt2e import quantize_pt2e
-from timm_dirac.loading import default_data, fold, load_images
+from timm_dirac.cli import main
+from timm_dirac.dirac_tap import split_dirac_taps
+from timm_dirac.loading import default_data, load_images
 from timm_dirac.quantize import run_quantize, top1
 
 pytest.importorskip('onnxruntime')
@@ -23,14 +23,6 @@ DATA = default_data()
 pytestmark = pytest.mark.skipif(DATA is None, reason='no real CIFAR-10 images (data/cifar10_sample, ../shared)')
 WEIGHTS = Path(__file__).resolve().parents[1] / 'weights' / 'diracnet16_4_cifar.td_cifar10'
 SHARED_CIFAR = Path(__file__).resolve().parents[2] / 'shared' / 'data' / 'cifar10'
-
-
-def _small_model():
-    torch.manual_seed(0)
-    model = timm.create_model('diracnet34_1_cifar', layers=(1, 1, 1)).eval()
-    for bn in [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]:
-        bn.weight.data.fill_(1.)  # keep the logits away from the tiny scale of the authors' U[0, 1) BN init
-    return fold(model)
 
 
 def _close(int8: torch.Tensor, fp32: torch.Tensor) -> float:
@@ -41,8 +33,8 @@ def _weights(path) -> dict:
     return {i.name: numpy_helper.to_array(i) for i in onnx.load(path).graph.initializer}
 
 
-def test_every_flow_tracks_fp32(tmp_path):
-    model = _small_model()
+def test_every_flow_tracks_fp32(tmp_path, small_folded_diracnet):
+    model = small_folded_diracnet()
     calib, _ = load_images(DATA, model, 64, split='train')
     images, _ = load_images(DATA, model, 32, split='test')
     with torch.no_grad():
@@ -62,8 +54,8 @@ def test_every_flow_tracks_fp32(tmp_path):
         assert _close(lowered(images), reference) > 0.98
 
 
-def test_split_graph_is_conv_pairs_added_and_its_weights_are_7_bit(tmp_path):
-    model = _small_model()
+def test_split_graph_is_conv_pairs_added_and_its_weights_are_7_bit(tmp_path, small_folded_diracnet):
+    model = small_folded_diracnet()
     calib, _ = load_images(DATA, model, 32, split='train')
     fp32_path, int8_path = str(tmp_path / 'split.onnx'), str(tmp_path / 'split-int8.onnx')
     export_onnx(split_dirac_taps(model), fp32_path, (3, 32, 32))
@@ -123,9 +115,9 @@ def test_split_flow_meets_the_bar_on_the_full_test_split(tmp_path):
 
 
 @pytest.mark.slow
-def test_quantize_cli(tmp_path, capsys):
+def test_quantize_cli(tmp_path, small_folded_diracnet, capsys):
     checkpoint = tmp_path / 'ckpt'
-    timm.models.save_for_hf(_small_model(), str(checkpoint), model_args=dict(layers=(1, 1, 1), inference_mode=True))
+    timm.models.save_for_hf(small_folded_diracnet(), str(checkpoint), model_args=dict(layers=(1, 1, 1), inference_mode=True))
     out = tmp_path / 'int8'
     assert main(['quantize', '--checkpoint', str(checkpoint), '--num-calib', '32', '--num-eval', '32',
                  '--flow', 'split', 'plain', 'pt2e', '--repeats', '1', '--bench-batch', '1', '8',
@@ -159,9 +151,9 @@ def test_train_form_checkpoint_is_folded_first(tmp_path, capsys):
     (['--method', 'mse'], "unknown calibration method 'mse'"),
     (['--num-calib', '100000'], 'pass --num-calib'),
 ])
-def test_bad_input_is_refused_in_one_line_and_writes_nothing(tmp_path, capsys, extra, message):
+def test_bad_input_is_refused_in_one_line_and_writes_nothing(tmp_path, capsys, small_folded_diracnet, extra, message):
     checkpoint = tmp_path / 'ckpt'
-    timm.models.save_for_hf(_small_model(), str(checkpoint), model_args=dict(layers=(1, 1, 1), inference_mode=True))
+    timm.models.save_for_hf(small_folded_diracnet(), str(checkpoint), model_args=dict(layers=(1, 1, 1), inference_mode=True))
     out = tmp_path / 'int8'
     assert main(['quantize', '--checkpoint', str(checkpoint), '--out', str(out)] + extra) == 2
     err = capsys.readouterr().err

@@ -24,13 +24,7 @@ from timm_dirac.train import ConfigError, main, parse_args, train
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    """ accelerate keeps one process-wide state (precision, device); each test builds its own Accelerator. """
-    from accelerate.state import AcceleratorState
-
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
+pytestmark = pytest.mark.usefixtures('fresh_accelerate_state')
 SAMPLE = ROOT / 'data' / 'cifar10_sample'
 
 # a 3-layer DiracNet (widths 16/32/64), tiny enough for seconds per epoch
@@ -44,7 +38,7 @@ def _summary(run_dir: Path):
         return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
 
 
-def test_train_learns_checkpoints_and_resumes_exactly(tmp_path, monkeypatch, capsys):
+def test_train_learns_checkpoints_and_resumes_exactly(tmp_path, interrupted, capsys):
     """ 2 epochs straight vs interrupted after epoch 1 + --resume: same weights, EMA and metrics, bit for bit. """
     args = TINY + ['--train-num-samples', '1024', '--val-num-samples', '200', '-b', '32', '--output', str(tmp_path),
                    '--model-ema', '--model-ema-decay', '0.9', '--amp', '--amp-dtype', 'bfloat16', '--channels-last']
@@ -65,16 +59,8 @@ def test_train_learns_checkpoints_and_resumes_exactly(tmp_path, monkeypatch, cap
         assert {'model.safetensors', 'config.json', 'README.md'} <= {p.name for p in (run / f'hub-{form}').iterdir()}
 
     # the same run, interrupted right after its first checkpoint, then resumed with the same flags
-    save = train_module.save_checkpoint
-
-    def save_then_interrupt(*a, **kw):
-        save(*a, **kw)
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(train_module, 'save_checkpoint', save_then_interrupt)
-    with pytest.raises(KeyboardInterrupt):
+    with interrupted():
         train(parse_args(args + ['--epochs', '2', '--experiment', 'resumed']))
-    monkeypatch.undo()
     resumed_run = tmp_path / 'resumed'
     assert os.readlink(resumed_run / 'last') == 'checkpoint-1'
     assert [r['epoch'] for r in _summary(resumed_run)] == [1]
