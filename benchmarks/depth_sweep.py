@@ -138,8 +138,9 @@ def dirac_stats(model: nn.Module) -> dict:
     centre-tap ratio (median over layers of `dirac_tap.centre_tap_ratio`, what per-channel int8 suffers from). """
     stats = {}
     for name in ('alpha', 'beta'):
-        values = torch.cat([p.detach().flatten() for n, p in model.named_parameters() if n.endswith('.' + name)])
-        if len(values):
+        found = [p.detach().flatten() for n, p in model.named_parameters() if n.endswith('.' + name)]
+        if found:
+            values = torch.cat(found)
             stats[name] = dict(mean=values.mean().item(), std=values.std().item(), min=values.min().item(),
                                max=values.max().item())
     if not any(isinstance(m, ResidualPair) for m in model.modules()):

@@ -89,3 +89,5 @@ def test_grouping_and_trained_dirac_statistics(monkeypatch):
     stats = depth_sweep.dirac_stats(model.eval())
     assert stats['alpha']['mean'] == pytest.approx(1.) and stats['beta']['mean'] == pytest.approx(0.1)
     assert stats['centre_tap_ratio_median'] > 1
+    plain = depth_sweep.dirac_stats(depth_sweep.build('plain', depth=10, width=1, init='kaiming').eval())
+    assert set(plain) == {'centre_tap_ratio_median'}, 'a plain net has no alpha or beta'
