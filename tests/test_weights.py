@@ -35,6 +35,20 @@ def test_td_cifar10_weights_classify_the_sample_test_images_in_both_forms():
     torch.testing.assert_close(folded_logits, logits, rtol=1e-4, atol=1e-4)
 
 
+def test_td_cifar10_loads_by_name_from_the_repository_copy(monkeypatch):
+    """ In a clone the registered tag loads the weights in weights/ without the network. """
+    import huggingface_hub
+
+    def no_network(*args, **kwargs):
+        raise AssertionError('the Hub was asked for weights the repository holds')
+    monkeypatch.setattr(huggingface_hub, 'hf_hub_download', no_network)
+    by_name = timm.create_model('diracnet16_4_cifar', pretrained=True).eval()
+    from_folder = timm.create_model(f'local-dir:{WEIGHTS}', pretrained=True).eval()
+    assert by_name.pretrained_cfg['file'] == str(WEIGHTS / 'model.safetensors')
+    for key, value in from_folder.state_dict().items():
+        assert torch.equal(by_name.state_dict()[key], value), key
+
+
 def test_td_cifar10_tag_points_at_the_project_namespace():
     cfg = timm.models.get_pretrained_cfg('diracnet16_4_cifar.td_cifar10')
     assert cfg.hf_hub_id == f'{timm_dirac.hub.HUB_NAMESPACE}/diracnet16_4_cifar.td_cifar10'

@@ -10,6 +10,7 @@ The ImageNet nets (DiracNet-18/34) and the CIFAR nets (DiracNet-D-W, named like 
 `style` picks the stem, the stage widths and the depth rule; `depth`, `width` or `layers` pick any member.
 """
 from collections import OrderedDict
+from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -433,6 +434,13 @@ def _cifar_cfg(url: str = '', **kwargs) -> Dict[str, Any]:
         mean=CIFAR_MEAN, std=CIFAR_STD, **kwargs)
 
 
+def _repository_copy(tag: str) -> Optional[str]:
+    """ Our weights' copy in a clone of this repository (weights/<tag>/model.safetensors), if there is one: timm
+    loads a cfg's `file` before its Hub id, so a clone (or an editable install) loads them by name, offline. """
+    path = Path(__file__).resolve().parents[1] / 'weights' / tag / 'model.safetensors'
+    return str(path) if path.is_file() else None
+
+
 # The authors' ImageNet weights (folded v2) load from their own address and are converted on load
 # (convert.checkpoint_filter_fn); their repository has no licence file, so they are not re-hosted. Weights this
 # project trains itself go to the Hub namespace hub.HUB_NAMESPACE (env TIMM_DIRAC_HUB_NAMESPACE) as
@@ -450,6 +458,7 @@ default_cfgs = generate_default_cfgs({
                'ImageNet-1k val top-1 72.21 reported in the DiracNets paper.')),
     'diracnet16_4_cifar.td_cifar10': _cifar_cfg(
         hf_hub_id=f'{HUB_NAMESPACE}/diracnet16_4_cifar.td_cifar10', license='apache-2.0',
+        file=_repository_copy('diracnet16_4_cifar.td_cifar10'),
         notes=('Trained by timm-dirac on CIFAR-10 (train split) in 112 min on a 2-core CPU: '
                'train_configs/diracnet16_4_cifar10_cpu.yaml. 90.00% top-1 on the CIFAR-10 test split.',
                'Until pushed to the Hub, load the copy in the repository: '
