@@ -15,7 +15,10 @@ from timm_dirac.hub import save_hub_folder
 CIFAR = Path(__file__).resolve().parents[1].parent / 'shared' / 'data' / 'cifar10'
 N = 96
 
-pytestmark = pytest.mark.skipif(not (CIFAR / 'data').is_dir(), reason=f'{CIFAR} (shared CIFAR-10 copy) not present')
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLE = ROOT / 'data' / 'cifar10_sample'
+WEIGHTS = ROOT / 'weights' / 'diracnet16_4_cifar.td_cifar10'
+needs_shared = pytest.mark.skipif(not (CIFAR / 'data').is_dir(), reason=f'{CIFAR} (shared CIFAR-10 copy) not present')
 
 
 @pytest.fixture(scope='module')
@@ -49,6 +52,7 @@ def _expected(folder):
                 loss=F.cross_entropy(logits, y).item())
 
 
+@needs_shared
 def test_validate_hfds_matches_direct_computation(tmp_path, hub_folder):
     result = _run(tmp_path, '--checkpoint', str(hub_folder), '--dataset', f'hfds/{CIFAR}', '--split', f'test[:{N}]',
                   '--batch-size', '40')
@@ -64,6 +68,7 @@ def test_validate_hfds_matches_direct_computation(tmp_path, hub_folder):
     assert folded['top1'] == result['top1'] and folded['loss'] == pytest.approx(result['loss'], abs=1e-4)
 
 
+@needs_shared
 def test_image_folder_gives_the_same_result(tmp_path, hub_folder):
     import datasets
 
@@ -82,6 +87,7 @@ def test_image_folder_gives_the_same_result(tmp_path, hub_folder):
     assert by_folder['loss'] == pytest.approx(by_hfds['loss'], abs=1e-4)
 
 
+@needs_shared
 def test_validate_errors(tmp_path, hub_folder):
     with pytest.raises(ValueError, match="names architecture 'diracnet34_1_cifar', not 'diracnet18'"):
         _run(tmp_path, '--model', 'diracnet18', '--checkpoint', str(hub_folder), '--dataset', f'hfds/{CIFAR}')
@@ -90,3 +96,17 @@ def test_validate_errors(tmp_path, hub_folder):
     with pytest.raises(ValueError, match='label 9 but the model has 5 classes'):
         _run(tmp_path, '--model', 'diracnet34_1_cifar', '--num-classes', '5', '--dataset', f'hfds/{CIFAR}',
              '--split', 'test[:20]')
+
+
+def test_published_weights_on_the_sample_without_split_or_prefix(tmp_path, capsys):
+    """ No --split: the dataset's validation split, else its test split, said on stderr; a local `datasets` folder
+    works without the hfds/ prefix; the result names where the weights came from. """
+    with_prefix = _run(tmp_path, '--checkpoint', str(WEIGHTS), '--dataset', f'hfds/{SAMPLE}')
+    without_prefix = _run(tmp_path, '--checkpoint', str(WEIGHTS), '--dataset', str(SAMPLE))
+    assert with_prefix['split'] == without_prefix['split'] == 'test' and with_prefix['samples'] == 1000
+    assert with_prefix['top1'] == without_prefix['top1'] > 85
+    assert "no --split given, using 'test'" in capsys.readouterr().err
+    by_name = _run(tmp_path, '--model', f'local-dir:{WEIGHTS}', '--dataset', str(SAMPLE), '--split', 'test[:50]')
+    assert by_name['weights'] == f'local-dir:{WEIGHTS}' and by_name['samples'] == 50
+    tag = _run(tmp_path, '--model', 'diracnet16_4_cifar', '--pretrained', '--dataset', str(SAMPLE), '--split', 'test[:50]')
+    assert tag['weights'] == f'pretrained ({WEIGHTS / "model.safetensors"})' and tag['top1'] == by_name['top1']

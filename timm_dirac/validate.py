@@ -2,7 +2,8 @@
 
 The model's own preprocessing (timm `resolve_data_config` + `create_transform`, overridable) is used. Datasets:
 an image folder (one sub-folder per class), or `hfds/<Hub id or local path>` for a Hugging Face `datasets`
-dataset (e.g. `hfds/../shared/data/cifar10`), through timm's `create_dataset`. `--split test[:500]` picks a slice.
+dataset (a Hub id or a local folder, which is also recognised without the prefix), through timm's `create_dataset`.
+`--split test[:500]` picks a slice; without `--split` the first of validation, test that the dataset has.
 Weights: `--pretrained` (the model's tag), `--checkpoint` (a Hub folder or a checkpoint file), or a model name
 `local-dir:<folder>` / `hf-hub:<repo id>`.
 """
@@ -11,7 +12,7 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -49,17 +50,37 @@ def create_validation_model(
     return timm.create_model(model_name, pretrained=True, pretrained_cfg_overlay=dict(file=str(path)), **kwargs)
 
 
-def create_validation_dataset(dataset: str, split: str = 'validation', transform=None):
-    """ `hfds/<id or path>` -> timm's Hugging Face datasets reader; otherwise an image folder (timm ImageDataset,
-    looking for a `split` sub-folder first). """
+SPLITS = ('validation', 'test')  # tried in this order when no --split is given
+
+
+def is_datasets_folder(path: str) -> bool:
+    """ A local Hugging Face `datasets` folder (Parquet/Arrow files or a saved dataset), not an image folder. """
+    folder = Path(path)
+    return folder.is_dir() and ((folder / 'dataset_dict.json').is_file() or any(
+        f.suffix in ('.parquet', '.arrow') for pattern in ('*', '*/*') for f in folder.glob(pattern)))
+
+
+def create_validation_dataset(dataset: str, split: Optional[str] = 'validation', transform=None
+                              ) -> Tuple[torch.utils.data.Dataset, str]:
+    """ The dataset and the split used: `hfds/<id or path>` (or a local `datasets` folder given without the
+    prefix) -> timm's Hugging Face datasets reader; otherwise an image folder (timm ImageDataset, looking for a
+    `split` sub-folder first). Without `split`, the first of SPLITS the dataset has. """
     from timm.data import create_dataset
 
-    if dataset.lower().startswith('hfds/'):
-        return create_dataset(dataset, root=None, split=split, transform=transform)
-    if not Path(dataset).is_dir():
+    if not dataset.lower().startswith('hfds/') and is_datasets_folder(dataset):
+        dataset = f'hfds/{dataset}'
+    if not dataset.lower().startswith('hfds/') and not Path(dataset).is_dir():
         raise FileNotFoundError(f'Dataset {dataset} is not a folder. Give an image folder (one sub-folder per class) '
                                 f'or hfds/<Hub id or local path> for a Hugging Face datasets dataset.')
-    return create_dataset('', root=dataset, split=split, search_split=True, transform=transform)
+    for candidate in ([split] if split else SPLITS):
+        try:
+            if dataset.lower().startswith('hfds/'):
+                return create_dataset(dataset, root=None, split=candidate, transform=transform), candidate
+            return create_dataset('', root=dataset, split=candidate, search_split=True, transform=transform), candidate
+        except ValueError as e:  # datasets: Unknown split
+            if split or 'split' not in str(e).lower():
+                raise
+    raise ValueError(f'{dataset} has none of the splits {", ".join(SPLITS)}: pass --split NAME.')
 
 
 @torch.no_grad()
@@ -101,6 +122,20 @@ def validate(
     )
 
 
+def _weights_source(args: argparse.Namespace, model: nn.Module) -> str:
+    """ Where the weights came from: the checkpoint, the `local-dir:`/`hf-hub:` source, the pretrained tag's
+    file, Hub id or URL, or nowhere (random init). """
+    if args.checkpoint:
+        return args.checkpoint
+    if args.model.startswith(('local-dir:', 'hf-hub:')):
+        return args.model
+    if args.pretrained:
+        cfg = model.pretrained_cfg
+        source = cfg.get('file') or (f"hf-hub:{cfg['hf_hub_id']}" if cfg.get('hf_hub_id') else cfg.get('url'))
+        return f'pretrained ({source})'
+    return 'random init'
+
+
 def add_arguments(parser: argparse.ArgumentParser):
     parser.add_argument('--model', default='', help='model name (name.tag, local-dir:<folder>, hf-hub:<repo id>)')
     src = parser.add_mutually_exclusive_group()
@@ -108,7 +143,8 @@ def add_arguments(parser: argparse.ArgumentParser):
     src.add_argument('--checkpoint', default=None, help='Hub folder (config.json + model.safetensors) or a '
                                                           'checkpoint file (ours or the authors\')')
     parser.add_argument('--dataset', required=True, help='image folder, or hfds/<Hub id or local path>')
-    parser.add_argument('--split', default='validation', help='split, e.g. validation, test, test[:1000]')
+    parser.add_argument('--split', default=None, help='split, e.g. validation, test, test[:1000] (default: validation, '
+                                                      'else test, whichever the dataset has)')
     parser.add_argument('--batch-size', type=int, default=128)
     parser.add_argument('--workers', type=int, default=2)
     parser.add_argument('--num-classes', type=int, default=None, help='override the classifier size')
@@ -134,11 +170,14 @@ def run(args: argparse.Namespace) -> int:
     overrides = {k: v for k, v in dict(
         img_size=args.img_size, crop_pct=args.crop_pct, interpolation=args.interpolation).items() if v is not None}
     data_config = resolve_data_config(overrides, model=model)
-    dataset = create_validation_dataset(args.dataset, args.split, create_transform(**data_config, is_training=False))
+    dataset, split = create_validation_dataset(args.dataset, args.split,
+                                               create_transform(**data_config, is_training=False))
+    if args.split is None:
+        print(f'validate: no --split given, using {split!r}', file=sys.stderr)
     results = dict(
         model=args.model or model.pretrained_cfg.get('architecture'),
-        weights=args.checkpoint or ('pretrained' if args.pretrained else 'random init'),
-        dataset=args.dataset, split=args.split, reparam=args.reparam,
+        weights=_weights_source(args, model),
+        dataset=args.dataset, split=split, reparam=args.reparam,
         param_count=round(sum(p.numel() for p in model.parameters()) / 1e6, 4),
         input_size=list(data_config['input_size']), crop_pct=data_config['crop_pct'],
         interpolation=data_config['interpolation'],
