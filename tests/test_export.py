@@ -10,7 +10,7 @@ from timm_dirac.loading import default_data, fold, load_images
 
 pytest.importorskip('onnxruntime')
 DATA = default_data()
-needs_data = pytest.mark.skipif(DATA is None, reason='no real CIFAR-10 images (data/cifar10_sample, ../shared/data/cifar10)')
+needs_data = pytest.mark.skipif(DATA is None, reason='no real CIFAR-10 images (data/cifar10_sample)')
 
 
 @pytest.mark.slow

@@ -123,7 +123,7 @@ def _calibration_images(model: nn.Module, input_size: Sequence[int], num: int = 
     data = default_data()
     if data is None:
         raise FileNotFoundError('The onnxruntime-int8 backend calibrates on real images and found none '
-                                '(data/cifar10_sample or ../shared/data/cifar10): drop that backend or add the data.')
+                                '(data/cifar10_sample of the repository): drop that backend or run from a clone.')
     images = load_images(data, model, num)[0]
     if tuple(images.shape[1:]) != tuple(input_size):
         images = torch.nn.functional.interpolate(images, size=tuple(input_size[1:]), mode='bilinear', antialias=True)

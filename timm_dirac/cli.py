@@ -21,7 +21,9 @@ COMMANDS = {
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog='timm-dirac', description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog='timm-dirac', description='DiracNets for timm: fold, benchmark, export to ONNX, quantize to int8, convert '
+                                       'checkpoints, publish to the Hub and validate.')
     subparsers = parser.add_subparsers(dest='command', required=True, metavar='COMMAND')
     chosen = (argv if argv is not None else sys.argv[1:])[:1]
     for name, (module_name, help_text) in COMMANDS.items():

@@ -28,7 +28,7 @@ from .layers import DiracConv2d, fold_bn
 
 __all__ = ['DiracNet', 'DiracBlock', 'DiracStage', 'DiracStem', 'dirac_layers']
 
-CIFAR_MEAN = (0.4914, 0.4820, 0.4467)  # CIFAR-10 train split, ../shared/data/cifar10/README.md
+CIFAR_MEAN = (0.4914, 0.4820, 0.4467)  # per-channel statistics of the CIFAR-10 train split
 CIFAR_STD = (0.2471, 0.2435, 0.2616)
 
 IMAGENET_LAYERS = {18: (4, 4, 4, 4), 34: (6, 8, 12, 6)}  # Dirac layers per stage (2 per ResNet basic block)

@@ -18,7 +18,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--out', required=True, metavar='FILE.onnx')
     parser.add_argument('--data', default=None,
                         help='real images for the check, a timm dataset name (default: the CIFAR-10 sample in '
-                             'data/cifar10_sample, else the copy in shared/ beside the repository)')
+                             'data/cifar10_sample)')
     parser.add_argument('--split', default='test')
     parser.add_argument('--num-images', type=int, default=32)
     parser.add_argument('--tolerance', type=float, default=DEFAULT_TOLERANCE,

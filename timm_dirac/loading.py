@@ -17,13 +17,10 @@ __all__ = ['default_data', 'load_model', 'is_folded', 'fold', 'load_images']
 
 
 def default_data() -> Optional[str]:
-    """ Real CIFAR-10 images as a timm `hfds/` dataset name: the repository's sample (`data/cifar10_sample`) or the
-    full copy in the `shared/` folder beside the repository, whichever exists first; None if neither does. """
-    root = Path(__file__).resolve().parents[1]
-    for path in (root / 'data' / 'cifar10_sample', root.parent / 'shared' / 'data' / 'cifar10'):
-        if path.is_dir():
-            return f'hfds/{path}'
-    return None
+    """ Real CIFAR-10 images as a timm `hfds/` dataset name: the sample shipped in the repository
+    (`data/cifar10_sample`); None where it is not (an install without the repository). """
+    path = Path(__file__).resolve().parents[1] / 'data' / 'cifar10_sample'
+    return f'hfds/{path}' if path.is_dir() else None
 
 
 def load_model(name: Optional[str], checkpoint: Optional[str] = None) -> nn.Module:

@@ -268,7 +268,7 @@ def train_one_epoch(
     """ One pass over this rank's shard; returns global train loss/top-1/images-per-second and the update count. """
     model.train()
     totals = torch.zeros(3, dtype=torch.float64, device=accelerator.device)  # loss sum, correct, samples
-    bar = tqdm(loader, desc=f'train {epoch}', disable=not accelerator.is_main_process, dynamic_ncols=True,
+    bar = tqdm(loader, desc=f'train {epoch + 1}', disable=not accelerator.is_main_process, dynamic_ncols=True,
                leave=False)
     start = time.perf_counter()
     for step, (images, labels) in enumerate(bar):
