@@ -24,7 +24,7 @@ import torch.nn as nn
 import timm_dirac  # noqa: F401  registers the models
 from timm_dirac.benchmark import machine_info
 from timm_dirac.diracnet import DiracBlock
-from timm_dirac.dirac_tap import _diagonal_centre, centre_tap_ratio
+from timm_dirac.dirac_tap import centre_tap_ratio, diagonal_centre
 from timm_dirac.loading import fold, load_images, load_model
 
 SCHEMES = {'plain 8-bit': (False, 127), 'split 7-bit': (True, 64)}
@@ -40,10 +40,8 @@ def quantize_per_channel(weight: torch.Tensor, qmax: int) -> torch.Tensor:
 def quantize_layer(weight: torch.Tensor, split: bool, qmax: int) -> torch.Tensor:
     if not split:
         return quantize_per_channel(weight, qmax)
-    count = min(weight.shape[0], weight.shape[1])
-    index, centre = torch.arange(count), weight.shape[2] // 2
     taps = weight.new_zeros(weight.shape)
-    taps[index, index, centre, centre] = _diagonal_centre(weight)[:count]
+    taps[diagonal_centre(weight)] = weight[diagonal_centre(weight)]
     return quantize_per_channel(weight - taps, qmax) + taps
 
 

@@ -15,22 +15,28 @@ int8 scale represents exactly (q = +-qmax). The quantized graph runs both as int
 in ONNX Runtime).
 """
 import copy
-from typing import List
+from typing import List, Tuple
 
 import torch
 import torch.nn as nn
 
 from .diracnet import DiracBlock
 
-__all__ = ['SplitDiracConv', 'split_dirac_taps', 'centre_tap_ratio']
+__all__ = ['SplitDiracConv', 'split_dirac_taps', 'centre_tap_ratio', 'diagonal_centre']
+
+
+def diagonal_centre(weight: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, int, int]:
+    """ Where the Dirac taps sit in a (C_out, C_in, k, k) kernel, for `weight[diagonal_centre(weight)]`: the centre
+    tap of output channel o reading input channel o, for o < min(C_out, C_in). """
+    index = torch.arange(min(weight.shape[0], weight.shape[1]), device=weight.device)
+    return index, index, weight.shape[2] // 2, weight.shape[3] // 2
 
 
 def _diagonal_centre(weight: torch.Tensor) -> torch.Tensor:
     """ The centre taps on the diagonal of a (C_out, C_in, k, k) kernel, zero past min(C_out, C_in). """
-    count = min(weight.shape[0], weight.shape[1])
-    index = torch.arange(count, device=weight.device)
+    where = diagonal_centre(weight)
     taps = weight.new_zeros(weight.shape[0])
-    taps[:count] = weight[index, index, weight.shape[2] // 2, weight.shape[3] // 2]
+    taps[:len(where[0])] = weight[where]
     return taps
 
 
@@ -45,13 +51,10 @@ class SplitDiracConv(nn.Module):
                              f'groups 1): its centre taps cannot be split out exactly.')
         out_chs, in_chs = conv.out_channels, conv.in_channels
         taps = _diagonal_centre(conv.weight.detach())
-        count = min(out_chs, in_chs)
-        index = torch.arange(count)
-        centre = conv.kernel_size[0] // 2
         dd = dict(device=taps.device, dtype=taps.dtype)
         self.learned = copy.deepcopy(conv)
         with torch.no_grad():
-            self.learned.weight[index, index, centre, centre] = 0.
+            self.learned.weight[diagonal_centre(self.learned.weight)] = 0.
         if in_chs == out_chs:  # depthwise: one weight per channel
             self.identity = nn.Conv2d(in_chs, out_chs, 1, groups=out_chs, bias=False, **dd)
             with torch.no_grad():
@@ -60,10 +63,21 @@ class SplitDiracConv(nn.Module):
             self.identity = nn.Conv2d(in_chs, out_chs, 1, bias=False, **dd)
             with torch.no_grad():
                 self.identity.weight.zero_()
-                self.identity.weight[index, index, 0, 0] = taps[:count]
+                where = diagonal_centre(self.identity.weight)
+                self.identity.weight[where] = taps[:len(where[0])]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.learned(x) + self.identity(x)
+
+    @torch.no_grad()
+    def merged(self) -> nn.Conv2d:
+        """ The one conv this pair computes: the learned conv with the identity's taps put back on its diagonal
+        (in place on `learned`, which is returned). """
+        identity = self.identity.weight
+        taps = identity.flatten() if self.identity.groups > 1 else identity[diagonal_centre(identity)]
+        where = diagonal_centre(self.learned.weight)
+        self.learned.weight[where] = taps[:len(where[0])]
+        return self.learned
 
 
 def split_dirac_taps(model: nn.Module) -> nn.Module:
@@ -89,8 +103,7 @@ def centre_tap_ratio(model: nn.Module) -> List[float]:
         taps = _diagonal_centre(weight).abs()
         count = min(weight.shape[0], weight.shape[1])
         rest = weight.clone()
-        index = torch.arange(count)
-        rest[index, index, weight.shape[2] // 2, weight.shape[3] // 2] = 0.
+        rest[diagonal_centre(rest)] = 0.
         others = rest.flatten(1).abs().amax(1)
         ratios.append((taps[:count] / others[:count].clamp_min(1e-12)).median().item())
     return ratios

@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 from torch.nn.utils import parametrize
 
-from .dirac_tap import SplitDiracConv, split_dirac_taps
+from .dirac_tap import SplitDiracConv, diagonal_centre, split_dirac_taps
 from .loading import fold
 
 __all__ = ['WeightFakeQuant', 'prepare_qat', 'merge_qat']
@@ -40,9 +40,7 @@ class WeightFakeQuant(nn.Module):
 
 def _off_diagonal_centre(conv: nn.Conv2d) -> torch.Tensor:
     mask = torch.ones_like(conv.weight)
-    count = min(conv.out_channels, conv.in_channels)
-    index, centre = torch.arange(count), conv.kernel_size[0] // 2
-    mask[index, index, centre, centre] = 0.
+    mask[diagonal_centre(mask)] = 0.
     return mask
 
 
@@ -70,13 +68,7 @@ def merge_qat(model: nn.Module) -> nn.Module:
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, SplitDiracConv):
-                conv = child.learned
-                identity = child.identity.weight
-                count = min(conv.out_channels, conv.in_channels)
-                index, centre = torch.arange(count), conv.kernel_size[0] // 2
-                taps = identity[:, 0, 0, 0] if child.identity.groups > 1 else identity[index, index, 0, 0]
-                conv.weight[index, index, centre, centre] = taps[:count]
-                setattr(parent, name, conv)
+                setattr(parent, name, child.merged())
     model.eval()
     if hasattr(model, 'reparameterize'):
         model.reparameterize()  # already folded: records inference_mode in the model's arguments
