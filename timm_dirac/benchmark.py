@@ -31,6 +31,7 @@ from .backends import onnxruntime as ort_backend
 from .backends.torch_eager import PRECISIONS
 from .diracnet import DiracBlock
 from .loading import default_data, is_folded, load_images
+from .precision import cpu_flags
 from .timing import time_interleaved
 
 TIMM_RESULTS = ('timm ImageNet-1k validation results, huggingface/pytorch-image-models '
@@ -235,14 +236,12 @@ def summarize(cases: List[Case]) -> Dict[str, Any]:
 def machine_info() -> Dict[str, Any]:
     """ What the numbers depend on: CPU, threads, library versions. """
     cpu = platform.processor()
-    flags = ''
     try:
         with open('/proc/cpuinfo') as f:
-            info = f.read()
-        cpu = re.search(r'model name\s*:\s*(.*)', info).group(1)
-        flags = re.search(r'flags\s*:\s*(.*)', info).group(1)
+            cpu = re.search(r'model name\s*:\s*(.*)', f.read()).group(1)
     except (OSError, AttributeError):
         pass
+    flags = cpu_flags()
     versions = dict(python=platform.python_version(), torch=torch.__version__, timm=timm.__version__)
     try:
         import onnxruntime
@@ -250,8 +249,7 @@ def machine_info() -> Dict[str, Any]:
     except ImportError:
         pass
     return dict(cpu=cpu, logical_cpus=os.cpu_count(), torch_threads=torch.get_num_threads(),
-                isa=sorted(f for f in ('avx2', 'avx512f', 'avx512_vnni', 'avx_vnni', 'avx512_bf16', 'amx_bf16', 'amx_int8')
-                        if f in flags.split()),
+                isa=sorted(flags & {'avx2', 'avx512f', 'avx512_vnni', 'avx_vnni', 'avx512_bf16', 'amx_bf16', 'amx_int8'}),
                 versions=versions)
 
 

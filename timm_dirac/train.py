@@ -246,18 +246,21 @@ def pick_precision(args: argparse.Namespace) -> Tuple[Optional[str], str]:
 
 def make_accelerator(args: argparse.Namespace):
     """ Accelerator on the GPU(s) if any, else on CPU (so `accelerate launch --multi_gpu` gives gloo ranks), in the
-    precision `pick_precision` chooses, which the run's first line names. """
+    precision `pick_precision` chooses, named with its reason in the run's first line. """
     from accelerate import Accelerator
     from accelerate.utils import DataLoaderConfiguration
 
-    precision, _ = pick_precision(args)
-    return Accelerator(
+    precision, why = pick_precision(args)
+    accelerator = Accelerator(
         cpu=not _has_accelerator(),
         mixed_precision=precision,
         gradient_accumulation_steps=args.grad_accum_steps,
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed),
         step_scheduler_with_optimizer=False,
     )
+    names = {'bf16': 'bf16 autocast', 'fp16': 'fp16 autocast with a loss scaler', 'no': 'fp32'}
+    accelerator.print(f'precision: {names.get(accelerator.mixed_precision, accelerator.mixed_precision)} ({why})')
+    return accelerator
 
 
 # ------------------------------------------------------------------------------------------------ train / eval
@@ -453,9 +456,6 @@ def train(args: argparse.Namespace) -> nn.Module:
 
     check_args(args)
     accelerator = make_accelerator(args)
-    names = {'bf16': 'bf16 autocast', 'fp16': 'fp16 autocast with a loss scaler', 'no': 'fp32'}
-    accelerator.print(f'precision: {names.get(accelerator.mixed_precision, accelerator.mixed_precision)} '
-                      f'({pick_precision(args)[1]})')
     rank, world = accelerator.process_index, accelerator.num_processes
 
     # model first (same seed on every rank), so that its cfg gives the data transforms

@@ -217,5 +217,5 @@ def prepare(model: nn.Module, workdir: str, input_size: Sequence[int], flow: Opt
     def bind(x: torch.Tensor):
         feed = {name: x.contiguous().numpy()}
         return lambda: session.run(None, feed)
-    return Runner(predict=lambda x: torch.from_numpy(session.run(None, {name: x.contiguous().numpy()})[0]),
-                  bind=bind, precision='fp32' if flow is None else 'int8', file=path)
+    return Runner(predict=lambda x: torch.from_numpy(bind(x)()[0]), bind=bind,
+                  precision='fp32' if flow is None else 'int8', file=path)
