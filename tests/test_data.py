@@ -11,7 +11,8 @@ from torchvision import transforms
 import timm
 import timm_dirac  # noqa: F401
 from timm.data import resolve_data_config
-from timm_dirac.data import DataError, eval_indices, eval_loader, eval_transform, load_split, train_transform
+from timm_dirac.data import (
+    DataError, eval_indices, eval_loader, eval_transform, holdout_indices, is_test_split, load_split, train_transform)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -41,6 +42,24 @@ def test_sample_limit_is_a_fixed_subset():
     assert len(a) == 500 and list(a.indices) == list(b.indices) and len(set(a.indices)) == 500
     labels = torch.bincount(torch.tensor([a.dataset.data[i]['label'] for i in a.indices]), minlength=10)
     assert labels.min() > 25  # a random subset of a balanced set stays roughly balanced
+
+
+def test_holdout_is_disjoint_fixed_and_covers_the_split():
+    train, held = holdout_indices(10000, 1000)
+    assert len(held) == 1000 and len(train) == 9000
+    assert sorted(train + held) == list(range(10000)) and train == sorted(train) and held == sorted(held)
+    assert holdout_indices(10000, 1000) == (train, held)  # the same on every rank, seed and resume
+    ds, _ = load_split(SAMPLE, None, 'train')
+    labels = torch.bincount(torch.tensor([ds.data[i]['label'] for i in held]), minlength=10)
+    assert labels.min() > 70  # a random 10% of a balanced set stays roughly balanced, unlike the split's tail
+    for bad in (0, 10000, -5):
+        with pytest.raises(DataError, match='--holdout'):
+            holdout_indices(10000, bad)
+
+
+def test_test_split_names_are_recognised():
+    assert all(is_test_split(s) for s in ('test', 'Testing', 'test[:500]'))
+    assert not any(is_test_split(s) for s in ('validation', 'val', 'train', 'contest'))
 
 
 @pytest.mark.skipif(not SHARED.is_dir(), reason='needs ../shared/data/cifar10 (the full CIFAR-10 copy)')

@@ -95,7 +95,7 @@ def test_train_qat_fine_tunes_and_exports_the_folded_model(tmp_path, capsys):
     from safetensors.torch import save_file
     save_file(_trained_like().state_dict(), tmp_path / 'start.safetensors')
     args = ['--model', 'diracnet34_1_cifar', '--model-kwargs', 'layers=(2,2,2)', '--dataset', f'hfds/{SAMPLE}',
-            '--val-split', 'test', '--qat', '--lr', '0.001', '--warmup-epochs', '0', '--epochs', '1', '-b', '32',
+            '--holdout', '500', '--qat', '--lr', '0.001', '--warmup-epochs', '0', '--epochs', '1', '-b', '32',
             '--train-num-samples', '64', '--val-num-samples', '32', '--workers', '1', '--output', str(tmp_path)]
     train(parse_args(args + ['--initial-checkpoint', str(tmp_path / 'start.safetensors'), '--experiment', 'qat']))
     folded = timm.create_model(f'local-dir:{tmp_path / "qat" / "hub-folded"}', pretrained=True)
@@ -113,7 +113,7 @@ def test_qat_resumes_exactly(tmp_path, interrupted):
     from safetensors.torch import save_file
     save_file(_trained_like().state_dict(), tmp_path / 'start.safetensors')
     args = ['--model', 'diracnet34_1_cifar', '--model-kwargs', 'layers=(2,2,2)', '--dataset', f'hfds/{SAMPLE}',
-            '--val-split', 'test', '--qat', '--initial-checkpoint', str(tmp_path / 'start.safetensors'),
+            '--holdout', '500', '--qat', '--initial-checkpoint', str(tmp_path / 'start.safetensors'),
             '--lr', '0.001', '--warmup-epochs', '0', '--epochs', '2', '-b', '32', '--train-num-samples', '64',
             '--val-num-samples', '32', '--workers', '1', '--output', str(tmp_path)]
     straight = train(parse_args(args + ['--experiment', 'straight']))

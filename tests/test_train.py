@@ -29,7 +29,7 @@ SAMPLE = ROOT / 'data' / 'cifar10_sample'
 
 # a 3-layer DiracNet (widths 16/32/64), tiny enough for seconds per epoch
 TINY = ['--model', 'diracnet34_1_cifar', '--model-kwargs', 'layers=(1,1,1)', '--dataset', f'hfds/{SAMPLE}',
-        '--val-split', 'test', '--opt', 'momentum', '--lr', '0.05', '--sched', 'step', '--decay-epochs', '1',
+        '--holdout', '1000', '--opt', 'momentum', '--lr', '0.05', '--sched', 'step', '--decay-epochs', '1',
         '--decay-rate', '0.5', '--warmup-epochs', '0', '--workers', '1']
 
 
@@ -41,7 +41,8 @@ def _summary(run_dir: Path):
 def test_train_learns_checkpoints_and_resumes_exactly(tmp_path, interrupted, capsys):
     """ 2 epochs straight vs interrupted after epoch 1 + --resume: same weights, EMA and metrics, bit for bit. """
     args = TINY + ['--train-num-samples', '1024', '--val-num-samples', '200', '-b', '32', '--output', str(tmp_path),
-                   '--model-ema', '--model-ema-decay', '0.9', '--amp', '--amp-dtype', 'bfloat16', '--channels-last']
+                   '--model-ema', '--model-ema-decay', '0.9', '--amp', '--amp-dtype', 'bfloat16', '--channels-last',
+                   '--test-split', 'test']
     straight = train(parse_args(args + ['--epochs', '2', '--experiment', 'straight']))
     run = tmp_path / 'straight'
     rows = _summary(run)
@@ -55,6 +56,14 @@ def test_train_learns_checkpoints_and_resumes_exactly(tmp_path, interrupted, cap
     assert (run / 'best').resolve().parent == run
     assert yaml.safe_load((run / 'args.yaml').read_text())['model_kwargs'] == {'layers': [1, 1, 1]}
     assert not list(run.glob('.*tmp'))
+    out = capsys.readouterr().out
+    assert 'validation on 1000 images held out of train, test scored at the end' in out
+    with open(run / 'test.csv') as f:
+        (test,) = list(csv.DictReader(f))
+    assert test['split'] == 'test' and test['count'] == '1000' and float(test['top1']) > 15
+    assert f'test (test, 1000 images, best checkpoint EMA): loss {float(test["loss"]):.4f}' in out
+    card = (run / 'hub-folded' / 'README.md').read_text()
+    assert f'{round(float(test["top1"]), 4)}' in card and 'scored once on test' in card
     for form in ('train', 'folded'):
         assert {'model.safetensors', 'config.json', 'README.md'} <= {p.name for p in (run / f'hub-{form}').iterdir()}
 
@@ -91,8 +100,9 @@ from timm_dirac.train import parse_args, train
 
 seen = []
 get = data.HFImageDataset.__getitem__
-def record(self, index):
-    seen.append((self.data.split, index))
+def record(self, index):  # (training or evaluation transform, index in the split)
+    training = any(type(t).__name__ == 'RandomCrop' for t in self.transform.transforms)
+    seen.append(('train' if training else 'eval', index))
     return get(self, index)
 data.HFImageDataset.__getitem__ = record
 model = train(parse_args(sys.argv[2:]))
@@ -132,9 +142,10 @@ def test_two_process_launch(tmp_path):
     train1 = [i for s, i in r1['seen'] if s == 'train']
     assert len(train0) == len(train1) == 128  # 8 steps of 16 per rank
     assert not set(train0) & set(train1)
-    val0 = [i for s, i in r0['seen'] if s == 'test']
-    val1 = [i for s, i in r1['seen'] if s == 'test']
+    val0 = [i for s, i in r0['seen'] if s == 'eval']
+    val1 = [i for s, i in r1['seen'] if s == 'eval']
     assert not set(val0) & set(val1) and len(val0) + len(val1) == 101
+    assert not set(val0 + val1) & set(train0 + train1)  # validation images are held out of training
     state = torch.load(tmp_path / 'ddp' / 'last' / 'train_state.pt', weights_only=True)
     assert state['num_updates'] == 256 // (2 * 16)  # one update per global batch of 2 x 16
 
@@ -170,6 +181,28 @@ def test_configs_claiming_the_authors_recipe_decay_every_parameter(config):
     authors = "the authors' recipe" in config.read_text()
     assert decay[id(model.stem.conv.weight)] == args.weight_decay
     assert (decay[id(alpha)], decay[id(bn)]) == ((args.weight_decay,) * 2 if authors else (0., 0.))
+
+
+@pytest.mark.parametrize('val', [['--holdout', '64'], ['--holdout', '0', '--val-split', 'test']], ids=['holdout', 'test'])
+def test_best_is_never_chosen_on_a_test_split(tmp_path, monkeypatch, capsys, val):
+    """ Validation scores that fall after epoch 1: a held-out set chooses epoch 1, a test split is only shown. """
+    scores = iter([50., 40.])
+    monkeypatch.setattr(train_module, 'evaluate', lambda *a, **k: dict(loss=1., top1=next(scores), top5=90., count=8))
+    train(parse_args(TINY + val + ['--train-num-samples', '64', '-b', '32', '--epochs', '2', '--output', str(tmp_path),
+                                   '--experiment', 'run']))
+    state = torch.load(tmp_path / 'run' / 'last' / 'train_state.pt', weights_only=True)
+    out = capsys.readouterr().out
+    if '--holdout' in val and '64' in val:
+        assert state['best'] == [(50., 1), (40., 2)] and os.readlink(tmp_path / 'run' / 'best') == 'checkpoint-1'
+    else:
+        assert state['best'] == [(40., 2)] and os.readlink(tmp_path / 'run' / 'best') == 'checkpoint-2'
+        assert 'shown only: best = the last epoch' in out and 'best = the last epoch (not chosen on test)' in out
+
+
+@pytest.mark.parametrize('config', sorted((ROOT / 'train_configs').glob('*.yaml')), ids=lambda p: p.stem)
+def test_configs_choose_on_held_out_images_and_score_the_test_split_once(config):
+    args = parse_args(['--config', str(config)])
+    assert args.holdout > 0 and args.test_split, 'validate on held-out train images, score --test-split at the end'
 
 
 def test_config_precedence(tmp_path):
@@ -224,7 +257,7 @@ def test_unreadable_image_one_error_line(tmp_path, capsys):
                 Image.new('RGB', (32, 32), (60 * i, 0, 200 if cls == 'cat' else 0)).save(
                     tmp_path / 'imgs' / split / cls / f'{i}.png')
     (tmp_path / 'imgs' / 'train' / 'cat' / 'broken.png').write_bytes(b'not an image at all')
-    argv = TINY + ['--dataset', '', '--data-dir', str(tmp_path / 'imgs'), '--val-split', 'val', '-b', '9',
+    argv = TINY + ['--dataset', '', '--data-dir', str(tmp_path / 'imgs'), '--holdout', '0', '--val-split', 'val', '-b', '9',
                    '--epochs', '1', '--output', str(tmp_path / 'out'), '--experiment', 'run']
     _fails(capsys, argv, 'broken.png', 'cannot read image')
     assert not (tmp_path / 'out').exists()

@@ -7,11 +7,14 @@ Transforms: 32 px nets (input <= 64 px) get the CIFAR recipe timm lacks (pad 4 r
 larger nets get timm's `create_transform` (random-resized crop, flip, colour jitter, Auto/RandAugment). Mean, std,
 size and crop come from the model's pretrained_cfg via `resolve_data_config`.
 
+Model selection never sees the test split: `holdout_indices` sets aside a fixed random part of the train split for
+validation (the same on every rank, seed and resume), and the test split is scored once, at the end.
+
 Evaluation is sharded without padding (rank r takes samples r, r + world, ...), so summed metrics count every
 sample exactly once, whatever the batch size and the number of ranks.
 """
 import os
-from typing import Any, Callable, Dict, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from PIL import Image
@@ -21,7 +24,9 @@ from torchvision import transforms
 from timm.data import create_transform
 from timm.data.random_erasing import RandomErasing
 
-__all__ = ['DataError', 'load_split', 'train_transform', 'eval_transform', 'eval_loader', 'eval_indices']
+__all__ = [
+    'DataError', 'load_split', 'fixed_subset', 'holdout_indices', 'is_test_split', 'train_transform', 'eval_transform',
+    'eval_loader', 'eval_indices']
 
 SPLIT_ALIASES = {
     'train': ('train', 'training'),
@@ -144,16 +149,41 @@ def load_split(
     else:
         raise DataError(f'unknown --dataset {dataset!r}: use hfds/<Hub id or local folder>, or leave it empty and '
                         f'pass --data-dir with image folders.')
-    num_classes = ds.num_classes
-    if num_samples is not None:
-        if not 0 < num_samples:
-            raise DataError(f'the sample limit for split {split!r} must be positive, got {num_samples}.')
-        if num_samples < len(ds):
-            keep = torch.randperm(len(ds), generator=torch.Generator().manual_seed(0))[:num_samples]
-            ds = Subset(ds, keep.sort().values.tolist())
     if len(ds) == 0:
         raise DataError(f'split {split!r} of {dataset or data_dir} is empty.')
+    num_classes = ds.num_classes
+    if num_samples is not None:
+        ds = fixed_subset(ds, num_samples, split)
     return ds, num_classes
+
+
+def _fixed_permutation(num_samples: int) -> List[int]:
+    """ One permutation of range(num_samples), independent of --seed, rank and resume. """
+    return torch.randperm(num_samples, generator=torch.Generator().manual_seed(0)).tolist()
+
+
+def fixed_subset(dataset: Dataset, num_samples: int, split: str) -> Dataset:
+    """ A fixed random subset of `num_samples` samples (the same for every seed and rank), in dataset order. """
+    if num_samples < 1:
+        raise DataError(f'the sample limit for split {split!r} must be positive, got {num_samples}.')
+    if num_samples >= len(dataset):
+        return dataset
+    return Subset(dataset, sorted(_fixed_permutation(len(dataset))[:num_samples]))
+
+
+def holdout_indices(num_samples: int, holdout: int) -> Tuple[List[int], List[int]]:
+    """ (train, held out) indices of a split of `num_samples`: `holdout` fixed random samples are set aside for
+    validation, disjoint from the rest, both in dataset order and the same on every rank, seed and resume. """
+    if not 0 < holdout < num_samples:
+        raise DataError(f'--holdout {holdout} must be between 1 and the train split\'s {num_samples - 1} samples; '
+                        f'hold out e.g. a tenth of it.')
+    order = _fixed_permutation(num_samples)
+    return sorted(order[holdout:]), sorted(order[:holdout])
+
+
+def is_test_split(split: str) -> bool:
+    """ Whether `split` names a test split (choosing checkpoints on it would leak the test set into the result). """
+    return split.split('[')[0].strip().lower() in SPLIT_ALIASES['test']
 
 
 def is_small_input(data_config: Dict[str, Any]) -> bool:

@@ -30,6 +30,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import yaml
+from torch.utils.data import Dataset, Subset
 from tqdm import tqdm
 
 import timm
@@ -39,7 +40,8 @@ from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
 from timm.utils import ModelEmaV3, accuracy, distribute_bn
 
-from .data import DataError, eval_loader, eval_transform, load_split, train_transform
+from .data import (
+    DataError, eval_loader, eval_transform, fixed_subset, holdout_indices, is_test_split, load_split, train_transform)
 from .precision import auto_precision
 from .qat import merge_qat, prepare_qat
 
@@ -74,7 +76,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument('--data-dir', default=None, metavar='DIR', help='image folders DIR/<split>/<class>/<image>')
     g.add_argument('--dataset', '-d', default='', metavar='NAME', help='hfds/<Hub id or local folder> (datasets)')
     g.add_argument('--train-split', default='train', metavar='NAME')
-    g.add_argument('--val-split', default='validation', metavar='NAME')
+    g.add_argument('--val-split', default='validation', metavar='NAME',
+                   help='split evaluated every epoch to choose `best`; a test split is only shown, and `best` is then '
+                   'the last epoch (choose on held-out images with --holdout)')
+    g.add_argument('--holdout', type=int, default=0, metavar='N',
+                   help='validate on N fixed random images held out of the train split instead of --val-split')
+    g.add_argument('--test-split', default=None, metavar='NAME',
+                   help='split scored once, at the end, with the weights that are exported (e.g. test)')
     g.add_argument('--train-num-samples', type=int, default=None, metavar='N', help='train on a fixed random N')
     g.add_argument('--val-num-samples', type=int, default=None, metavar='N', help='evaluate on a fixed random N')
     g.add_argument('-j', '--workers', type=int, default=4, metavar='N', help='data loading worker processes')
@@ -222,6 +230,8 @@ def check_args(args: argparse.Namespace) -> None:
         raise ConfigError('--qat fine-tunes trained weights for int8: pass --initial-checkpoint FILE or --pretrained.')
     if args.qat and args.model_ema:
         raise ConfigError('--qat does not keep an EMA (its fake-quantized weights cannot be copied): drop --model-ema.')
+    if args.holdout < 0:
+        raise ConfigError(f'--holdout must be 0 (validate on --val-split) or more, got {args.holdout}.')
     if args.resume and not (Path(args.resume) / 'train_state.pt').is_file():
         raise ConfigError(f'--resume {args.resume} is not a checkpoint folder of this script (no train_state.pt); '
                           f'pass <run folder>/last.')
@@ -392,11 +402,21 @@ def _rank_best(best: List[Tuple[float, int]], metric: float, epoch: int, keep: i
     return best[:keep]
 
 
-def export_hub_folders(run_dir: Path, args: argparse.Namespace, num_classes: int, state: Dict[str, Any]) -> List[Path]:
-    """ The best checkpoint's weights (EMA weights with --model-ema) of a DiracNet as Hub folders, in train form
-    and folded (deep copy, eval, reparameterize); an earlier export is kept, the new one gets a suffix. """
+def _best_weights(run_dir: Path, args: argparse.Namespace, state: Dict[str, Any]) -> Dict[str, torch.Tensor]:
+    """ The best checkpoint's weights: its EMA weights with --model-ema. """
     from safetensors.torch import load_file
 
+    best_dir = run_dir / f'checkpoint-{state["best"][0][1]}'
+    if args.model_ema:
+        return torch.load(best_dir / 'train_state.pt', map_location='cpu', weights_only=True)['ema']
+    return load_file(best_dir / 'model.safetensors')
+
+
+def export_hub_folders(run_dir: Path, args: argparse.Namespace, num_classes: int, state: Dict[str, Any],
+                       test_metrics: Optional[Dict[str, float]] = None) -> List[Path]:
+    """ The best checkpoint's weights (EMA weights with --model-ema) of a DiracNet as Hub folders, in train form
+    and folded (deep copy, eval, reparameterize), with the test split's metrics if it was scored, else the
+    validation metrics; an earlier export is kept, the new one gets a suffix. """
     from .diracnet import DiracNet
     from .hub import save_hub_folder
 
@@ -406,20 +426,20 @@ def export_hub_folders(run_dir: Path, args: argparse.Namespace, num_classes: int
     if args.qat:
         model = _prepare_qat(model)
     epoch = state['best'][0][1]
-    best_dir = run_dir / f'checkpoint-{epoch}'
-    if args.model_ema:
-        model.load_state_dict(torch.load(best_dir / 'train_state.pt', map_location='cpu', weights_only=True)['ema'])
-    else:
-        model.load_state_dict(load_file(best_dir / 'model.safetensors'))
+    model.load_state_dict(_best_weights(run_dir, args, state))
     row = next(r for r in state['summary'] if r['epoch'] == epoch)
     hub_dataset = args.dataset[len('hfds/'):] if args.dataset.startswith('hfds/') else None
     prefix = 'ema_' if args.model_ema else ''
+    chosen = (f'timm-dirac-train, epoch {epoch} of {args.epochs}{" (EMA weights)" if args.model_ema else ""}, '
+              f'{f"chosen on {_val_name(args)}" if _selects(args) else "the last epoch"}')
+    if test_metrics is not None:
+        metrics, split, source = test_metrics, args.test_split, f'{chosen}, scored once on {args.test_split}'
+    else:
+        metrics, split, source = {k: row[prefix + 'val_' + k] for k in ('top1', 'top5', 'loss')}, _val_name(args), chosen
     info = dict(
         dataset=hub_dataset if hub_dataset and not os.path.exists(os.path.expanduser(hub_dataset)) else None,
-        metrics={k: round(row[prefix + 'val_' + k], 4) for k in ('top1', 'top5', 'loss')},
-        eval_split=args.val_split, metrics_source=f'timm-dirac-train, epoch {epoch} of {args.epochs}'
-                                                  f'{" (EMA weights)" if args.model_ema else ""}',
-        epochs=args.epochs, recipe=args.config or None)
+        metrics={k: round(metrics[k], 4) for k in ('top1', 'top5', 'loss')},
+        eval_split=split, metrics_source=source, epochs=args.epochs, recipe=args.config or None)
     if args.qat:  # the fake-quantized split model merges into the folded model int8 will store
         forms = (('folded', merge_qat(model)),)
     else:
@@ -434,6 +454,39 @@ def export_hub_folders(run_dir: Path, args: argparse.Namespace, num_classes: int
             out, suffix = run_dir / f'hub-{form}-{suffix}', suffix + 1
         written.append(save_hub_folder(net, out, train_info=info))
     return written
+
+
+def load_train_val(args: argparse.Namespace, data_config: Dict[str, Any]) -> Tuple[Dataset, Dataset, int]:
+    """ The training and validation sets and the class count: validation is `--holdout` images of the train split
+    (removed from training) or `--val-split`; `--train/val-num-samples` then take fixed subsets. """
+    train_tf = train_transform(
+        data_config, hflip=args.hflip, scale=args.scale, ratio=args.ratio, color_jitter=args.color_jitter,
+        auto_augment=args.aa, interpolation=args.train_interpolation, re_prob=args.reprob)
+    train_set, num_classes = load_split(args.dataset, args.data_dir, args.train_split, None, train_tf)
+    if args.holdout:
+        kept, held = holdout_indices(len(train_set), args.holdout)
+        same_split = load_split(args.dataset, args.data_dir, args.train_split, None, eval_transform(data_config))[0]
+        train_set, val_set = Subset(train_set, kept), Subset(same_split, held)
+    else:
+        val_set, val_classes = load_split(args.dataset, args.data_dir, args.val_split, None,
+                                          eval_transform(data_config))
+        if val_classes != num_classes:
+            raise DataError(f'split {args.train_split!r} has {num_classes} classes but {args.val_split!r} has '
+                            f'{val_classes}; the splits must share one label set.')
+    if args.train_num_samples is not None:
+        train_set = fixed_subset(train_set, args.train_num_samples, args.train_split)
+    if args.val_num_samples is not None:
+        val_set = fixed_subset(val_set, args.val_num_samples, _val_name(args))
+    return train_set, val_set, num_classes
+
+
+def _val_name(args: argparse.Namespace) -> str:
+    return f'{args.holdout} images held out of {args.train_split}' if args.holdout else args.val_split
+
+
+def _selects(args: argparse.Namespace) -> bool:
+    """ Whether `best` is chosen on the validation metric; never on a test split, where `best` is the last epoch. """
+    return bool(args.holdout) or not is_test_split(args.val_split)
 
 
 def build_optimizer(model: nn.Module, args: argparse.Namespace, lr: float) -> torch.optim.Optimizer:
@@ -470,15 +523,9 @@ def train(args: argparse.Namespace) -> nn.Module:
 
     # data: rank 0 first, so that `datasets` builds its cache once
     with accelerator.main_process_first():
-        train_set, num_classes = load_split(
-            args.dataset, args.data_dir, args.train_split, args.train_num_samples, train_transform(
-                data_config, hflip=args.hflip, scale=args.scale, ratio=args.ratio, color_jitter=args.color_jitter,
-                auto_augment=args.aa, interpolation=args.train_interpolation, re_prob=args.reprob))
-        val_set, val_classes = load_split(
-            args.dataset, args.data_dir, args.val_split, args.val_num_samples, eval_transform(data_config))
-    if val_classes != num_classes:
-        raise DataError(f'split {args.train_split!r} has {num_classes} classes but {args.val_split!r} has '
-                        f'{val_classes}; the splits must share one label set.')
+        train_set, val_set, num_classes = load_train_val(args, data_config)
+        test_set = load_split(args.dataset, args.data_dir, args.test_split, None, eval_transform(data_config))[0] \
+            if args.test_split else None
     if args.num_classes is not None and args.num_classes != num_classes:
         raise DataError(f'--num-classes {args.num_classes} disagrees with the dataset, which has {num_classes} '
                         f'classes; drop --num-classes or fix it.')
@@ -557,7 +604,10 @@ def train(args: argparse.Namespace) -> nn.Module:
 
     accelerator.print(
         f'{args.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, {num_classes} classes, '
-        f'input {tuple(data_config["input_size"])} | {len(train_set)} train / {len(val_set)} val images | '
+        f'input {tuple(data_config["input_size"])} | {len(train_set)} train images, validation on '
+        f'{_val_name(args) if args.holdout else f"{len(val_set)} images of {args.val_split}"}'
+        f'{"" if _selects(args) else " (shown only: best = the last epoch; choose on held-out images with --holdout)"}'
+        f'{f", {args.test_split} scored at the end" if test_set is not None else ""} | '
         f'{world} process(es) on {accelerator.device}, precision {accelerator.mixed_precision} | global batch '
         f'{args.batch_size} x {world} x {args.grad_accum_steps} = {global_batch}, lr {lr:g} | run folder {run_dir}')
     lower_is_better = args.eval_metric == 'loss'
@@ -592,15 +642,27 @@ def train(args: argparse.Namespace) -> nn.Module:
         state.update(
             epoch=epoch + 1, scheduler=scheduler.state_dict(), ema=ema.module.state_dict() if ema else None,
             schedule=_schedule_flags(args, lr, updates_per_epoch),
-            best=_rank_best(state['best'], ranked[args.eval_metric], epoch + 1, args.checkpoint_hist,
-                            lower_is_better),
+            best=_rank_best(state['best'] if _selects(args) else [], ranked[args.eval_metric], epoch + 1,
+                            args.checkpoint_hist, lower_is_better),
             summary=state['summary'] + [row])
         save_checkpoint(accelerator, run_dir, state, args)
 
-    if accelerator.is_main_process and state['best']:
-        metric, epoch = state['best'][0]
-        accelerator.print(f'best {args.eval_metric} {metric:.4f} at epoch {epoch}: {run_dir / "best"}')
-        for folder in export_hub_folders(run_dir, args, num_classes, state):
+    metric, best_epoch = state['best'][0]
+    accelerator.print(f'best {args.eval_metric} {metric:.4f} at epoch {best_epoch}: {run_dir / "best"}' if _selects(args)
+                      else f'best = the last epoch (not chosen on {args.val_split}): {run_dir / "best"}')
+    test_metrics = None
+    if test_set is not None:  # once, with the weights that are exported
+        best_model = copy.deepcopy(accelerator.unwrap_model(model))
+        best_model.load_state_dict(_best_weights(run_dir, args, state))
+        test_loader = eval_loader(test_set, args.validation_batch_size or args.batch_size, args.workers, rank, world)
+        test_metrics = evaluate(best_model, test_loader, accelerator, args.channels_last, desc='test')
+        accelerator.print(
+            f'test ({args.test_split}, {test_metrics["count"]} images, best checkpoint{" EMA" if ema else ""}): loss '
+            f'{test_metrics["loss"]:.4f} top1 {test_metrics["top1"]:.2f} top5 {test_metrics["top5"]:.2f}')
+        if accelerator.is_main_process:
+            _write_atomic(run_dir / 'test.csv', _csv([dict(split=args.test_split, epoch=best_epoch, **test_metrics)]))
+    if accelerator.is_main_process:
+        for folder in export_hub_folders(run_dir, args, num_classes, state, test_metrics):
             accelerator.print(f'Hub folder: {folder}')
     accelerator.wait_for_everyone()
     return accelerator.unwrap_model(model)
