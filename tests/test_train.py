@@ -205,6 +205,16 @@ def test_configs_choose_on_held_out_images_and_score_the_test_split_once(config)
     assert args.holdout > 0 and args.test_split, 'validate on held-out train images, score --test-split at the end'
 
 
+def test_a_short_run_says_why_its_validation_numbers_are_low():
+    """ 39 steps of BatchNorm momentum 0.1 leave 0.9^39 = 1.6% of the initial running variance: say so. """
+    import timm
+    model = timm.create_model('diracnet34_1_cifar', layers=(1, 1, 1))
+    note = train_module.young_batchnorm(model, 39)
+    assert '2% of their initial values' in note and 'about 44 batches' in note
+    assert train_module.young_batchnorm(model, 44) == ''
+    assert train_module.young_batchnorm(torch.nn.Linear(2, 2), 1) == ''
+
+
 def test_config_precedence(tmp_path):
     cfg = tmp_path / 'c.yaml'
     cfg.write_text('model: diracnet18\nbatch_size: 64\nweight_decay: 1e-4\nmodel_kwargs: {depth: 34}\n'
@@ -217,6 +227,23 @@ def test_config_precedence(tmp_path):
     assert args.model_kwargs == {'depth': 34, 'width': 0.5}
     assert args.epochs == 300  # default
     assert parse_args([]).batch_size == 128
+
+
+def test_config_paths_count_from_the_working_directory_then_the_config_folder(tmp_path, monkeypatch):
+    (tmp_path / 'configs').mkdir()
+    (tmp_path / 'data').mkdir()
+    (tmp_path / 'elsewhere' / 'here').mkdir(parents=True)
+    cfg = tmp_path / 'configs' / 'c.yaml'
+    cfg.write_text('model: diracnet18\ndataset: hfds/../data\ninitial_checkpoint: ../configs/c.yaml\n')
+    monkeypatch.chdir(tmp_path / 'elsewhere' / 'here')
+    args = parse_args(['--config', str(cfg)])
+    assert args.dataset == f'hfds/{tmp_path / "data"}' and args.initial_checkpoint == str(cfg)
+    monkeypatch.chdir(tmp_path / 'configs')  # ../data exists from here too: the working directory wins
+    assert parse_args(['--config', str(cfg)]).dataset == 'hfds/../data'
+    cfg.write_text('model: diracnet18\ndataset: hfds/uoft-cs/cifar10\n')  # not a folder: a Hub id, unchanged
+    assert parse_args(['--config', str(cfg)]).dataset == 'hfds/uoft-cs/cifar10'
+    monkeypatch.chdir(tmp_path)  # the README's main job from outside the clone
+    assert parse_args(['--config', str(ROOT / 'train_configs' / 'quick_cifar10.yaml')]).dataset == f'hfds/{SAMPLE}'
 
 
 def _fails(capsys, argv, *words):

@@ -118,7 +118,8 @@ def _load_hfds(name: str, split: str):
         raise DataError(f'cannot load dataset {name!r}: {e}') from e
     except (FileNotFoundError, ConnectionError, OSError) as e:
         raise DataError(
-            f'cannot load dataset {name!r}: it is not a local folder and not reachable on the Hub ({e}).') from e
+            f'cannot load dataset {name!r}: it is not a local folder (relative paths count from the working directory, '
+            f'or in a config from the config file\'s folder) and not reachable on the Hub ({e}).') from e
 
 
 def load_split(

@@ -172,6 +172,24 @@ def _typed(action: argparse.Action, key: str, value: Any, path: str) -> Any:
         raise ConfigError(f'{path}: key {key!r} has a bad value {value!r} ({e}).') from e
 
 
+def _resolve_paths(values: Dict[str, Any], config_dir: Path) -> Dict[str, Any]:
+    """ A config's relative data and weights paths as a user expects: from the working directory if they exist
+    there, else from the config file's folder (so a config runs from anywhere); other values unchanged. """
+    def resolve(path: str) -> str:
+        if os.path.isabs(os.path.expanduser(path)) or os.path.exists(path):
+            return path
+        beside = config_dir / path
+        return str(beside.resolve()) if beside.exists() else path
+
+    out = dict(values)
+    for key in ('data_dir', 'initial_checkpoint'):
+        if out.get(key):
+            out[key] = resolve(out[key])
+    if str(out.get('dataset', '')).startswith('hfds/'):
+        out['dataset'] = 'hfds/' + resolve(out['dataset'][len('hfds/'):])
+    return out
+
+
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     """ Flags from the defaults, then the `--config` YAML, then the command line. Unknown YAML keys are errors. """
     parser = build_parser()
@@ -197,7 +215,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
             if dest == 'model_kwargs' and not isinstance(value, dict):
                 raise ConfigError(f'{path}: model_kwargs must be a mapping, e.g. {{depth: 16}}.')
             values[dest] = value if dest == 'model_kwargs' else _typed(actions[dest], key, value, path)
-        parser.set_defaults(**values)
+        parser.set_defaults(**_resolve_paths(values, Path(path).parent))
     args = parser.parse_args(argv)
     if isinstance(args.model_kwargs, list):  # from the command line: [(key, value), ...] over the YAML mapping
         args.model_kwargs = {**parser.get_default('model_kwargs'), **dict(args.model_kwargs)}
@@ -400,6 +418,22 @@ def _rank_best(best: List[Tuple[float, int]], metric: float, epoch: int, keep: i
     best = best + [(metric, epoch)]
     best.sort(key=lambda x: (x[0] if lower_is_better else -x[0], x[1]))
     return best[:keep]
+
+
+def young_batchnorm(model: nn.Module, batches: int, tolerance: float = 0.01) -> str:
+    """ A note when BatchNorm running statistics still hold more than `tolerance` of their initial values after
+    `batches` training batches (momentum m keeps (1 - m)^batches of them): evaluation then understates the model. """
+    momenta = [m.momentum for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.momentum]
+    if not momenta:
+        return ''
+    momentum = min(momenta)
+    left = (1 - momentum) ** batches
+    if left <= tolerance:
+        return ''
+    needed = math.ceil(math.log(tolerance) / math.log(1 - momentum))
+    return (f'note: after {batches} batches the BatchNorm running statistics still hold {100 * left:.0f}% of their '
+            f'initial values, so the validation numbers understate the model; they settle after about {needed} '
+            f'batches (train more epochs).')
 
 
 def _best_weights(run_dir: Path, args: argparse.Namespace, state: Dict[str, Any]) -> Dict[str, torch.Tensor]:
@@ -638,6 +672,9 @@ def train(args: argparse.Namespace) -> nn.Module:
         scheduler.step(epoch + 1, ranked[args.eval_metric])
         row['epoch_s'] = time.perf_counter() - start
         accelerator.print(f'{line} | {row["epoch_s"]:.1f} s', flush=True)
+        young = young_batchnorm(accelerator.unwrap_model(model), (epoch + 1) * len(train_loader))
+        if young:
+            accelerator.print(young)
 
         state.update(
             epoch=epoch + 1, scheduler=scheduler.state_dict(), ema=ema.module.state_dict() if ema else None,
