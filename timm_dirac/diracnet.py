@@ -19,9 +19,8 @@ import torch.nn as nn
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import ClassifierHead, get_device_dtype
 from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
-from timm.models._features import feature_take_indices
-from timm.models._input import update_model_args
 
+from ._timm_compat import feature_take_indices, update_model_args
 from .convert import checkpoint_filter_fn, pretrained_source_error
 from .hub import HUB_NAMESPACE
 from .layers import DiracConv2d, fold_bn

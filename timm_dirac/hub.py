@@ -86,7 +86,7 @@ def count_params_macs(model: nn.Module) -> Dict[str, Tuple[float, float]]:
     folded form of `model`'s architecture, measured with `torch.utils.flop_counter` on meta tensors. """
     import timm
     from torch.utils.flop_counter import FlopCounterMode
-    from timm.models._input import get_model_args, get_model_input_config
+    from timm.models import get_model_args, get_model_input_config
 
     args = {k: v for k, v in get_model_args(model).items() if k != 'inference_mode'}
     input_size = get_model_input_config(model)['input_size']
