@@ -309,3 +309,22 @@ def test_imagenet_path_mixup_accumulation_ema(tmp_path):
     assert 0 < row['train_loss'] < 10 and 'ema_val_top1' in row
     config = yaml.safe_load((tmp_path / 'in' / 'hub-folded' / 'config.json').read_text())
     assert config['model_args']['inference_mode'] is True and config['num_classes'] == 3
+
+
+def test_evaluate_counts_every_sample_once():
+    from accelerate import Accelerator
+    from torch.utils.data import TensorDataset
+
+    from timm_dirac.data import eval_loader
+    from timm_dirac.train import evaluate
+
+    torch.manual_seed(0)
+    x, y = torch.randn(37, 3, 8, 8), torch.randint(0, 10, (37,))
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(192, 10))
+    metrics = evaluate(model, eval_loader(TensorDataset(x, y), 8, 0, 0, 1), Accelerator(cpu=True))
+    with torch.no_grad():
+        logits = model(x)
+    assert metrics['count'] == 37
+    assert metrics['top1'] == pytest.approx(100 * (logits.argmax(1) == y).sum().item() / 37)
+    assert metrics['top5'] == pytest.approx(100 * (logits.topk(5).indices == y[:, None]).any(1).sum().item() / 37)
+    assert metrics['loss'] == pytest.approx(torch.nn.functional.cross_entropy(logits, y).item(), rel=1e-5)

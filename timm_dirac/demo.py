@@ -1,27 +1,18 @@
 """ `timm-dirac demo`: build a DiracNet, fold it, check that both forms agree and time them. """
 import argparse
 import copy
-import time
+import statistics
 
 import timm
 import torch
+
+from .timing import time_interleaved
 
 
 def add_arguments(parser: argparse.ArgumentParser):
     parser.add_argument('--model', default='diracnet18', help='registered diracnet* model name')
     parser.add_argument('--batch-size', type=int, default=8)
-    parser.add_argument('--repeats', type=int, default=5, help='timed forward passes per form (median reported)')
-
-
-def _median_seconds(model: torch.nn.Module, x: torch.Tensor, repeats: int) -> float:
-    times = []
-    with torch.inference_mode():
-        model(x)  # warm-up
-        for _ in range(repeats):
-            start = time.perf_counter()
-            model(x)
-            times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2]
+    parser.add_argument('--repeats', type=int, default=5, help='interleaved timing rounds (median reported)')
 
 
 def run(args: argparse.Namespace) -> int:
@@ -44,9 +35,12 @@ def run(args: argparse.Namespace) -> int:
     print(f'train-form layers: {", ".join(layers(model))}')
     print(f'folded layers:     {", ".join(layers(folded))}')
     print(f'max |folded - train| / max |train| = {rel_err:.2e} (eval mode, batch {args.batch_size})')
-    train_s, folded_s = _median_seconds(model, x, args.repeats), _median_seconds(folded, x, args.repeats)
-    print(f'forward, median of {args.repeats}: train form {train_s * 1e3:.1f} ms, folded {folded_s * 1e3:.1f} ms, '
-          f'speedup {train_s / folded_s:.2f}x ({torch.get_num_threads()} threads)')
+    with torch.inference_mode():
+        times, _ = time_interleaved({'train': lambda: model(x), 'folded': lambda: folded(x)}, repeats=args.repeats,
+                                    min_time=0.2)
+    train_s, folded_s = statistics.median(times['train']), statistics.median(times['folded'])
+    print(f'forward, median of {args.repeats} interleaved rounds: train form {train_s * 1e3:.1f} ms, folded '
+          f'{folded_s * 1e3:.1f} ms, speedup {train_s / folded_s:.2f}x ({torch.get_num_threads()} threads)')
     if rel_err > 1e-5:
         print('ERROR: the folded model does not reproduce the train form')
         return 1
