@@ -24,6 +24,7 @@ import timm  # noqa: E402
 import torch  # noqa: E402
 
 import timm_dirac  # noqa: E402,F401
+from timm_dirac.diracnet import STYLES  # noqa: E402
 from timm_dirac.cli import main as cli_main  # noqa: E402
 
 from authors_format import (  # noqa: E402
@@ -35,7 +36,7 @@ def _structure(model_name: str):
     model = timm.create_model(model_name, device='meta')
     layers = tuple(len(s.blocks) for s in model.stages)
     widths = tuple(s.blocks[0].conv.out_channels for s in model.stages)
-    style = 'imagenet' if len(layers) == 4 else 'cifar'
+    style = next(name for name, style in STYLES.items() if len(style.widths) == len(layers))
     return layers, widths, style, model.num_classes
 
 

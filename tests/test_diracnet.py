@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 import timm_dirac
 from timm_dirac import DiracNet, fold_state_dict, unfold_state_dict
+from timm_dirac.diracnet import STYLES, dirac_layers
 
 SMALL_INPUT = {'imagenet': (3, 64, 64), 'cifar': (3, 32, 32)}
 
@@ -272,3 +273,18 @@ def test_grad_checkpointing_keeps_outputs_and_gradients():
     out.sum().backward()
     ref.sum().backward()
     torch.testing.assert_close(model.stem.conv.weight.grad, reference.stem.conv.weight.grad)
+
+
+@pytest.mark.parametrize('style', sorted(STYLES))
+def test_a_style_is_data_read_by_the_model(style):
+    """ Each style's widths, stem and depth rule build the net: the depth named by the layers round-trips. """
+    cfg = STYLES[style]
+    depth = min(cfg.depth_table) if cfg.depth_table else 2 * len(cfg.widths) + cfg.depth_extra
+    model = timm.create_model('diracnet18' if style == 'imagenet' else 'diracnet34_1_cifar', depth=depth, style=style)
+    layers = tuple(len(s.blocks) for s in model.stages)
+    assert cfg.depth(layers) == depth and layers == dirac_layers(depth, style)
+    assert [s.blocks[0].conv.out_channels for s in model.stages] == list(cfg.widths)
+    assert model.stem.conv.kernel_size == (cfg.stem_kernel,) * 2
+    assert model.feature_info[0]['reduction'] == (2 if cfg.stem_downsample else 1)
+    with pytest.raises(ValueError, match=f'{style} style'):
+        dirac_layers(depth + 1, style)

@@ -226,9 +226,9 @@ def _structure(state_dict: Mapping[str, torch.Tensor]) -> Tuple[Tuple[int, ...],
 
 def _describe(layers: Tuple[int, ...], widths: Tuple[int, ...]) -> str:
     """ The registered model matching a structure, or the kwargs that build it. """
-    from .diracnet import IMAGENET_LAYERS
+    from .diracnet import STYLES
     if len(layers) == 4:
-        depth = next((d for d, ls in IMAGENET_LAYERS.items() if ls == layers), None)
+        depth = next((d for d, ls in STYLES['imagenet'].depth_table.items() if ls == layers), None)
         if depth is not None and widths[0] == 64:
             return f"'diracnet{depth}'"
         return f"'diracnet18' with layers={layers}, width={widths[0] / 64:g}"

@@ -10,6 +10,7 @@ The ImageNet nets (DiracNet-18/34) and the CIFAR nets (DiracNet-D-W, named like 
 `style` picks the stem, the stage widths and the depth rule; `depth`, `width` or `layers` pick any member.
 """
 from collections import OrderedDict
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
@@ -25,31 +26,65 @@ from .convert import checkpoint_filter_fn, pretrained_source_error
 from .hub import HUB_NAMESPACE
 from .layers import DiracConv2d, fold_bn
 
-__all__ = ['DiracNet', 'DiracBlock', 'DiracStage', 'DiracStem', 'dirac_layers']
+__all__ = ['DiracNet', 'DiracBlock', 'DiracStage', 'DiracStem', 'DiracStyle', 'STYLES', 'dirac_layers']
 
 CIFAR_MEAN = (0.4914, 0.4820, 0.4467)  # per-channel statistics of the CIFAR-10 train split
 CIFAR_STD = (0.2471, 0.2435, 0.2616)
 
-IMAGENET_LAYERS = {18: (4, 4, 4, 4), 34: (6, 8, 12, 6)}  # Dirac layers per stage (2 per ResNet basic block)
-STAGE_WIDTHS = {'imagenet': (64, 128, 256, 512), 'cifar': (16, 32, 64)}
+
+@dataclass(frozen=True)
+class DiracStyle:
+    """ What a DiracNet style fixes: the stem, the stage base widths and the rule from depth to layers per stage.
+
+    The depth counts like ResNets': the Dirac layers plus `depth_extra`. A style with a `depth_table` has only the
+    depths listed there; one without has stages of equal, even layer counts (depth = 2n * stages + depth_extra).
+    """
+    widths: Tuple[int, ...]  # base width of each stage, times the `width` multiplier
+    stem_kernel: int
+    stem_downsample: bool  # a stride-2 stem conv and a 3x3/2 max-pool (4x), else a stride-1 stem conv
+    depth_extra: int
+    depth_table: Optional[Dict[int, Tuple[int, ...]]] = None
+
+    def layers(self, depth: int, name: str) -> Tuple[int, ...]:
+        """ Dirac layers per stage for `depth`; a ValueError names the valid depths. """
+        if self.depth_table is not None:
+            if depth not in self.depth_table:
+                raise ValueError(
+                    f'DiracNet ({name} style) has no depth {depth}: valid depths are {sorted(self.depth_table)}. '
+                    f'For another shape pass layers=(...) with the Dirac layers per stage, e.g. '
+                    f'layers={(2,) * len(self.widths)}.')
+            return self.depth_table[depth]
+        step = 2 * len(self.widths)
+        if depth < step + self.depth_extra or (depth - self.depth_extra) % step:
+            valid = ', '.join(str(step * n + self.depth_extra) for n in range(1, 9))
+            raise ValueError(
+                f'DiracNet ({name} style) has no depth {depth}: the depth must be {step}n+{self.depth_extra} with '
+                f'n >= 1 ({valid}, ..., 100, ...), giving 2n Dirac layers in each of the {len(self.widths)} stages.')
+        return (2 * ((depth - self.depth_extra) // step),) * len(self.widths)
+
+    def depth(self, layers: Sequence[int]) -> int:
+        """ The depth a network of `layers` Dirac layers per stage is named by. """
+        return sum(layers) + self.depth_extra
+
+
+STYLES = {
+    # ResNet-18/34 shapes: two Dirac layers per basic block
+    'imagenet': DiracStyle(widths=(64, 128, 256, 512), stem_kernel=7, stem_downsample=True, depth_extra=2,
+                           depth_table={18: (4, 4, 4, 4), 34: (6, 8, 12, 6)}),
+    # DiracNet-D-W, named like WRN-D-W
+    'cifar': DiracStyle(widths=(16, 32, 64), stem_kernel=3, stem_downsample=False, depth_extra=4),
+}
+
+
+def get_style(style: str) -> DiracStyle:
+    if style not in STYLES:
+        raise ValueError(f"Unknown DiracNet style {style!r}: use one of {sorted(STYLES)}.")
+    return STYLES[style]
 
 
 def dirac_layers(depth: int, style: str = 'imagenet') -> Tuple[int, ...]:
     """ Dirac layers per stage for a network `depth` (counted like ResNets: convs plus the stem and the head). """
-    if style == 'imagenet':
-        if depth not in IMAGENET_LAYERS:
-            raise ValueError(
-                f'DiracNet (ImageNet style) has no depth {depth}: valid depths are {sorted(IMAGENET_LAYERS)}. '
-                f'For another shape pass layers=(...) with the Dirac layers per stage, e.g. layers=(2, 2, 2, 2).')
-        return IMAGENET_LAYERS[depth]
-    if style == 'cifar':
-        if depth < 10 or (depth - 4) % 6:
-            valid = ', '.join(str(6 * n + 4) for n in range(1, 9))
-            raise ValueError(
-                f'DiracNet (CIFAR style) has no depth {depth}: the depth must be 6n+4 with n >= 1 '
-                f'({valid}, ..., 100, ...), giving 2n Dirac layers in each of the 3 stages.')
-        return (2 * ((depth - 4) // 6),) * 3
-    raise ValueError(f"Unknown DiracNet style {style!r}: use one of {sorted(STAGE_WIDTHS)}.")
+    return get_style(style).layers(depth, style)
 
 
 class DiracBlock(nn.Module):
@@ -190,34 +225,28 @@ class DiracNet(nn.Module):
         """
         super().__init__()
         dd = dict(device=device, dtype=dtype)
-        if style not in STAGE_WIDTHS:
-            raise ValueError(f"Unknown DiracNet style {style!r}: use one of {sorted(STAGE_WIDTHS)}.")
-        stage_layers = tuple(layers) if layers is not None else dirac_layers(depth, style)
-        base_widths = STAGE_WIDTHS[style]
-        if len(stage_layers) != len(base_widths) or min(stage_layers) < 1:
-            raise ValueError(f'layers={stage_layers} must give {len(base_widths)} positive layer counts, one per '
+        cfg = get_style(style)
+        stage_layers = tuple(layers) if layers is not None else cfg.layers(depth, style)
+        if len(stage_layers) != len(cfg.widths) or min(stage_layers) < 1:
+            raise ValueError(f'layers={stage_layers} must give {len(cfg.widths)} positive layer counts, one per '
                              f'stage of the {style} style.')
-        widths = [int(round(w * width)) for w in base_widths]
+        widths = [int(round(w * width)) for w in cfg.widths]
         self.num_classes = num_classes
         self.in_chans = in_chans
         self.drop_rate = drop_rate
         self.inference_mode = inference_mode
 
         stem_chs = widths[0]
-        if style == 'imagenet':
-            stem_conv = nn.Conv2d(in_chans, stem_chs, 7, stride=2, padding=3, bias=inference_mode, **dd)
-            stem_pool = nn.MaxPool2d(3, stride=2, padding=1)
-            stem_reduction = 2
-        else:
-            stem_conv = nn.Conv2d(in_chans, stem_chs, 3, padding=1, bias=inference_mode, **dd)
-            stem_pool = nn.Identity()
-            stem_reduction = 1
+        stem_reduction = 2 if cfg.stem_downsample else 1
+        stem_conv = nn.Conv2d(in_chans, stem_chs, cfg.stem_kernel, stride=stem_reduction,
+                              padding=cfg.stem_kernel // 2, bias=inference_mode, **dd)
+        stem_pool = nn.MaxPool2d(3, stride=2, padding=1) if cfg.stem_downsample else nn.Identity()
         stem_bn = nn.Identity() if inference_mode else _init_bn(nn.BatchNorm2d(stem_chs, **dd))
         nn.init.kaiming_normal_(stem_conv.weight)
         self.stem = DiracStem(OrderedDict(conv=stem_conv, bn=stem_bn, pool=stem_pool))
         self.feature_info = [dict(num_chs=stem_chs, reduction=stem_reduction, module='stem.bn')]
 
-        reduction = stem_reduction * (2 if style == 'imagenet' else 1)
+        reduction = stem_reduction * (2 if cfg.stem_downsample else 1)
         in_chs = stem_chs
         stages = []
         for i, (num_layers, out_chs) in enumerate(zip(stage_layers, widths)):
@@ -225,7 +254,7 @@ class DiracNet(nn.Module):
                 reduction *= 2
             stages.append(DiracStage(
                 in_chs, out_chs, num_layers, downsample=i > 0,
-                inplace_input=style == 'imagenet',  # behind the stem pool, not the stem tap itself
+                inplace_input=cfg.stem_downsample,  # behind the stem pool, not the stem tap itself
                 dirac=dirac, inference_mode=inference_mode, **dd))
             self.feature_info.append(dict(num_chs=out_chs, reduction=reduction, module=f'stages.{i}'))
             in_chs = out_chs
@@ -392,7 +421,7 @@ def _init_bn(bn: nn.BatchNorm2d) -> nn.BatchNorm2d:
 
 
 def _create_diracnet(variant: str, pretrained: bool = False, **kwargs) -> DiracNet:
-    num_levels = 1 + (4 if kwargs.get('style', 'imagenet') == 'imagenet' else 3)
+    num_levels = 1 + len(get_style(kwargs.get('style', 'imagenet')).widths)
     try:
         return build_model_with_cfg(
             DiracNet,
