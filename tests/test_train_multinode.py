@@ -1,0 +1,161 @@
+""" timm_dirac.train across machines: `accelerate launch` as two machines on this host (`--num_machines 2
+--machine_rank 0/1 --main_process_ip 127.0.0.1`), two gloo ranks each on CPU, a tiny DiracNet on the shipped CIFAR-10
+sample.
+
+Four ranks end with the same weights and BatchNorm statistics; each epoch's training and evaluation shards are
+disjoint and cover the data once; rank 0 alone writes the run folder (checkpoints, links, summary.csv, Hub folders)
+while every rank's RNG state goes into the checkpoint; and the 4-rank run resumed from its epoch-1 checkpoint sees
+the same samples and ends with the same weights and metrics as the uninterrupted run.
+"""
+import csv
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from timm_dirac.data import eval_indices, load_split
+
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLE = ROOT / 'data' / 'cifar10_sample'
+PROBE = ROOT / 'tests' / 'rank_probe.py'
+MACHINES, PER_MACHINE, BATCH, TRAIN, VAL, EPOCHS = 2, 2, 8, 128, 50, 2
+WORLD = MACHINES * PER_MACHINE
+TIMEOUT_S = 240  # a rank that waits forever for a peer fails the test instead of blocking CI
+
+FLAGS = ['--model', 'diracnet34_1_cifar', '--model-kwargs', 'layers=(1,1,1)', '--dataset', f'hfds/{SAMPLE}',
+         '--val-split', 'test', '--train-num-samples', str(TRAIN), '--val-num-samples', str(VAL), '-b', str(BATCH),
+         '--opt', 'momentum', '--lr', '0.05', '--sched', 'step', '--decay-epochs', '1', '--decay-rate', '0.5',
+         '--warmup-epochs', '0', '--workers', '0', '--log-interval', '1', '--epochs', str(EPOCHS)]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+def _launch_two_machines(dump_dir: Path, tag: str, flags: list) -> list:
+    """ One `accelerate launch` per machine rank, both on this host; returns their stdouts (machine 0 first). """
+    port = _free_port()
+    env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get('PYTHONPATH', '')]))
+    procs = []
+    for machine_rank in range(MACHINES):
+        cmd = [sys.executable, '-m', 'accelerate.commands.launch', '--multi_gpu', '--num_machines', str(MACHINES),
+               '--num_processes', str(WORLD), '--machine_rank', str(machine_rank), '--main_process_ip', '127.0.0.1',
+               '--main_process_port', str(port), '--mixed_precision', 'no', '--dynamo_backend', 'no',
+               str(PROBE), str(dump_dir), tag, *flags]
+        procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                                      start_new_session=True))
+    outputs = []
+    try:
+        for machine_rank, proc in enumerate(procs):
+            out, _ = proc.communicate(timeout=TIMEOUT_S)
+            outputs.append(out)
+            assert proc.returncode == 0, f'machine {machine_rank} failed:\n{out[-4000:]}'
+    finally:
+        for proc in procs:
+            if proc.poll() is None:  # the whole launcher session: the launcher, torchrun and its ranks
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+    return outputs
+
+
+def _dumps(dump_dir: Path, tag: str) -> list:
+    return [torch.load(dump_dir / f'rank{r}-{tag}.pt', weights_only=True) for r in range(WORLD)]
+
+
+def _summary(run_dir: Path) -> list:
+    with open(run_dir / 'summary.csv') as f:
+        return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
+
+
+def _per_epoch(seen: list, split: str, epochs: int) -> list:
+    """ A rank's sample indices of `split`, cut into its `epochs` equal passes (workers=0: loaded in order). """
+    indices = [i for s, i in seen if s == split]
+    assert len(indices) % epochs == 0, (split, len(indices))
+    n = len(indices) // epochs
+    return [indices[e * n:(e + 1) * n] for e in range(epochs)]
+
+
+def _assert_same_weights(a: dict, b: dict, what: str) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), f'{what}: {k}'
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(2 * TIMEOUT_S + 60)
+def test_two_machines_four_ranks_train_and_resume(tmp_path):
+    dump = tmp_path / 'dump'
+    dump.mkdir()
+    out = tmp_path / 'out'
+    log0, log1 = _launch_two_machines(dump, 'straight', FLAGS + ['--output', str(out), '--experiment', 'straight'])
+    ranks = _dumps(dump, 'straight')
+
+    # four gloo ranks, two per machine
+    assert [(d['rank'], d['world'], d['node'], d['backend']) for d in ranks] == [
+        (r, WORLD, r // PER_MACHINE, 'gloo') for r in range(WORLD)]
+    assert f'{WORLD} process(es) on cpu' in log0 and f'global batch {BATCH} x {WORLD} x 1 = {BATCH * WORLD}' in log0
+
+    # the same weights and BatchNorm statistics everywhere (ranks saw other batches: the stats were averaged)
+    for d in ranks[1:]:
+        _assert_same_weights(ranks[0]['weights'], d['weights'], f'rank {d["rank"]} vs rank 0')
+    running_var = [v for k, v in ranks[0]['weights'].items() if k.endswith('running_var')]
+    assert running_var and not all(torch.equal(v, torch.ones_like(v)) for v in running_var)  # BN stats did move
+
+    # every epoch: disjoint training and evaluation shards that together cover the (sub)set once
+    train_set = load_split(f'hfds/{SAMPLE}', None, 'train', TRAIN)[0].indices
+    val_set = load_split(f'hfds/{SAMPLE}', None, 'test', VAL)[0].indices
+    train_shards = [_per_epoch(d['seen'], 'train', EPOCHS) for d in ranks]
+    val_shards = [_per_epoch(d['seen'], 'test', EPOCHS) for d in ranks]
+    for epoch in range(EPOCHS):
+        train_epoch = [shards[epoch] for shards in train_shards]
+        assert [len(s) for s in train_epoch] == [TRAIN // WORLD] * WORLD
+        assert sorted(i for s in train_epoch for i in s) == sorted(train_set)
+        val_epoch = [shards[epoch] for shards in val_shards]
+        assert val_epoch == [[val_set[i] for i in eval_indices(VAL, r, WORLD)] for r in range(WORLD)]
+        assert sorted(i for s in val_epoch for i in s) == sorted(val_set)
+    assert train_shards[0][0] != train_shards[0][1]  # reshuffled each epoch
+    assert log0.count(f'val ({VAL} images)') == EPOCHS
+
+    # one writer: only rank 0 moves files into the run folder (each machine's first rank prints the global metrics)
+    run = out / 'straight'
+    for d in ranks[1:]:
+        assert not [p for p in d['replaced'] if p.startswith(str(out))], d['rank']
+    written = {Path(p).name for p in ranks[0]['replaced']}
+    assert {'summary.csv', 'args.yaml', 'last', 'checkpoint-1', 'checkpoint-2'} <= written
+    val_lines = [re.findall(r'val \(\d+ images\) loss \S+ top1 \S+ top5 \S+', log) for log in (log0, log1)]
+    assert len(val_lines[0]) == EPOCHS and val_lines[0] == val_lines[1]
+    assert [r['epoch'] for r in _summary(run)] == list(range(1, EPOCHS + 1))
+    assert sorted(p.name for p in run.iterdir()) == [
+        'args.yaml', 'best', 'checkpoint-1', 'checkpoint-2', 'hub-folded', 'hub-train', 'last', 'summary.csv']
+    for epoch in range(1, EPOCHS + 1):
+        rng = sorted(p.name for p in (run / f'checkpoint-{epoch}').glob('random_states_*.pkl'))
+        assert rng == [f'random_states_{r}.pkl' for r in range(WORLD)]
+    state = torch.load(run / 'last' / 'train_state.pt', weights_only=True)
+    assert state['num_updates'] == EPOCHS * TRAIN // (BATCH * WORLD)
+
+    # resume the 4-rank run from its epoch-1 checkpoint (copied to a new run folder): epoch 2 as before
+    shutil.copytree(run / 'checkpoint-1', out / 'resumed' / 'checkpoint-1')
+    _launch_two_machines(dump, 'resumed', FLAGS + ['--resume', str(out / 'resumed' / 'checkpoint-1')])
+    # (to rounding: DDP regroups its gradient buckets after a run's first step, so the first step after the resume
+    # sums the four ranks' gradients in another order than the uninterrupted run; one process resumes bit for bit)
+    resumed = _dumps(dump, 'resumed')
+    for before, after in zip(ranks, resumed):
+        assert _per_epoch(after['seen'], 'train', 1)[0] == train_shards[before['rank']][1]
+        _assert_same_weights(resumed[0]['weights'], after['weights'], f'resumed rank {after["rank"]} vs rank 0')
+        for k, v in before['weights'].items():
+            torch.testing.assert_close(after['weights'][k], v, rtol=0, atol=1e-6, msg=k)
+    straight_rows, resumed_rows = _summary(run), _summary(out / 'resumed')
+    assert [r['epoch'] for r in resumed_rows] == [1, 2]
+    for a, b in zip(straight_rows, resumed_rows):
+        assert [a[m] for m in ('lr', 'train_top1', 'val_top1', 'val_top5')] == [
+            b[m] for m in ('lr', 'train_top1', 'val_top1', 'val_top5')]
+        assert (a['train_loss'], a['val_loss']) == pytest.approx((b['train_loss'], b['val_loss']), rel=1e-6)
