@@ -383,6 +383,7 @@ def save_checkpoint(accelerator, run_dir: Path, state: Dict[str, Any], args: arg
         shutil.rmtree(tmp, ignore_errors=True)  # a leftover of a crash during an earlier save
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp), safe_serialization=True)
+    accelerator.wait_for_everyone()  # every rank has written its RNG state before the folder is renamed
     if accelerator.is_main_process:
         torch.save(state, tmp / 'train_state.pt')
         os.replace(tmp, run_dir / name)
