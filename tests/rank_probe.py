@@ -1,6 +1,7 @@
 """ Test-side launcher for `accelerate launch`: trains as `train.py` does, then writes what this rank did to
 `<dump dir>/rank<RANK>-<tag>.pt`: where it ran (rank, node, backend), its final weights and BatchNorm statistics,
-the samples it loaded (split, index) in order, and the files it moved into place (atomic writes) under the output.
+the samples it loaded in order ('train' or 'eval' transform, index in the split: held-out validation images come
+from the train split too), and the files it moved into place (atomic writes).
 
     accelerate launch ... tests/rank_probe.py DUMP_DIR TAG <timm-dirac-train flags>
 """
@@ -20,7 +21,8 @@ load_sample = data.HFImageDataset.__getitem__
 
 
 def record_sample(self, index):
-    seen.append((str(self.data.split), index))
+    training = any(type(t).__name__ == 'RandomCrop' for t in self.transform.transforms)
+    seen.append(('train' if training else 'eval', index))
     return load_sample(self, index)
 
 

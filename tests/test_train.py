@@ -93,22 +93,7 @@ def test_train_learns_checkpoints_and_resumes_exactly(tmp_path, interrupted, cap
         train(parse_args(args + ['--epochs', '1', '--experiment', 'straight']))
 
 
-_HARNESS = '''
-import os, sys, torch
-import timm_dirac.data as data
-from timm_dirac.train import parse_args, train
-
-seen = []
-get = data.HFImageDataset.__getitem__
-def record(self, index):  # (training or evaluation transform, index in the split)
-    training = any(type(t).__name__ == 'RandomCrop' for t in self.transform.transforms)
-    seen.append(('train' if training else 'eval', index))
-    return get(self, index)
-data.HFImageDataset.__getitem__ = record
-model = train(parse_args(sys.argv[2:]))
-torch.save(dict(weights=model.state_dict(), seen=[(str(s), i) for s, i in seen]),
-           os.path.join(sys.argv[1], f"rank{os.environ['RANK']}.pt"))
-'''
+PROBE = ROOT / 'tests' / 'rank_probe.py'  # trains, then dumps each rank's weights and the samples it loaded
 
 
 def _free_port() -> int:
@@ -120,11 +105,9 @@ def _free_port() -> int:
 @pytest.mark.slow
 def test_two_process_launch(tmp_path):
     """ Two gloo ranks through `accelerate launch --multi_gpu --num_processes 2` on CPU. """
-    harness = tmp_path / 'harness.py'
-    harness.write_text(_HARNESS)
     cmd = [sys.executable, '-m', 'accelerate.commands.launch', '--multi_gpu', '--num_processes', '2',
            '--num_machines', '1', '--mixed_precision', 'no', '--dynamo_backend', 'no',
-           '--main_process_port', str(_free_port()), str(harness), str(tmp_path),
+           '--main_process_port', str(_free_port()), str(PROBE), str(tmp_path), 'ddp',
            *TINY, '--workers', '0', '--train-num-samples', '256', '--val-num-samples', '101', '-b', '16',
            '--epochs', '1', '--output', str(tmp_path), '--experiment', 'ddp']
     env = dict(os.environ, OMP_NUM_THREADS='1',
@@ -135,7 +118,7 @@ def test_two_process_launch(tmp_path):
     assert 'global batch 16 x 2 x 1 = 32' in proc.stdout
     assert 'val (101 images)' in proc.stdout
 
-    r0, r1 = (torch.load(tmp_path / f'rank{r}.pt', weights_only=True) for r in (0, 1))
+    r0, r1 = (torch.load(tmp_path / f'rank{r}-ddp.pt', weights_only=True) for r in (0, 1))
     for k, v in r0['weights'].items():
         assert torch.equal(v, r1['weights'][k]), k
     train0 = [i for s, i in r0['seen'] if s == 'train']
