@@ -20,17 +20,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from timm_dirac.data import eval_indices, load_split
+from timm_dirac.data import eval_indices, fixed_subset, holdout_indices, load_split
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / 'data' / 'cifar10_sample'
 PROBE = ROOT / 'tests' / 'rank_probe.py'
-MACHINES, PER_MACHINE, BATCH, TRAIN, VAL, EPOCHS = 2, 2, 8, 128, 50, 2
+MACHINES, PER_MACHINE, BATCH, TRAIN, HOLDOUT, VAL, EPOCHS = 2, 2, 8, 128, 1000, 50, 2
 WORLD = MACHINES * PER_MACHINE
 TIMEOUT_S = 240  # a rank that waits forever for a peer fails the test instead of blocking CI
 
 FLAGS = ['--model', 'diracnet34_1_cifar', '--model-kwargs', 'layers=(1,1,1)', '--dataset', f'hfds/{SAMPLE}',
-         '--val-split', 'test', '--train-num-samples', str(TRAIN), '--val-num-samples', str(VAL), '-b', str(BATCH),
+         '--holdout', str(HOLDOUT), '--train-num-samples', str(TRAIN), '--val-num-samples', str(VAL), '-b', str(BATCH),
          '--opt', 'momentum', '--lr', '0.05', '--sched', 'step', '--decay-epochs', '1', '--decay-rate', '0.5',
          '--warmup-epochs', '0', '--workers', '0', '--log-interval', '1', '--epochs', str(EPOCHS)]
 
@@ -110,11 +110,13 @@ def test_two_machines_four_ranks_train_and_resume(tmp_path):
     running_var = [v for k, v in ranks[0]['weights'].items() if k.endswith('running_var')]
     assert running_var and not all(torch.equal(v, torch.ones_like(v)) for v in running_var)  # BN stats did move
 
-    # every epoch: disjoint training and evaluation shards that together cover the (sub)set once
-    train_set = load_split(f'hfds/{SAMPLE}', None, 'train', TRAIN)[0].indices
-    val_set = load_split(f'hfds/{SAMPLE}', None, 'test', VAL)[0].indices
+    # every epoch: disjoint training and evaluation shards that together cover their sets once (indices in the
+    # train split: the validation images are held out of it)
+    kept, held = holdout_indices(len(load_split(f'hfds/{SAMPLE}', None, 'train')[0]), HOLDOUT)
+    train_set, val_set = list(fixed_subset(kept, TRAIN, 'train')), list(fixed_subset(held, VAL, 'holdout'))
+    assert not set(train_set) & set(val_set)
     train_shards = [_per_epoch(d['seen'], 'train', EPOCHS) for d in ranks]
-    val_shards = [_per_epoch(d['seen'], 'test', EPOCHS) for d in ranks]
+    val_shards = [_per_epoch(d['seen'], 'eval', EPOCHS) for d in ranks]
     for epoch in range(EPOCHS):
         train_epoch = [shards[epoch] for shards in train_shards]
         assert [len(s) for s in train_epoch] == [TRAIN // WORLD] * WORLD
