@@ -46,7 +46,8 @@ from timm_dirac.train import build_optimizer, parse_args
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / 'train_configs'
-# recipe config -> images in its dataset's train split (ImageNet-1k, CIFAR-10), for the wall-time projections
+# recipe config -> images in its dataset's train split (ImageNet-1k, CIFAR-10), for the wall-time projections; an
+# epoch trains on them less the config's --holdout (its validation images)
 RECIPES = {'diracnet34_in1k.yaml': 1_281_167, 'diracnet28_10_cifar10.yaml': 50_000}
 EPOCH_RECIPE = 'diracnet28_10_cifar10.yaml'
 DEFAULT_MODELS = ('diracnet18', 'diracnet34', 'resnet18', 'resnet34', 'repvgg_a1', 'repvgg_a2')
@@ -249,7 +250,7 @@ def training_step(config: Path, device: torch.device, batch_size: Optional[int],
     memory = peak_memory_mib(step, device, baseline)  # weights, gradients, optimizer state, batch, activations
     times, iters = time_interleaved({0: step}, repeats, warmup, min_time)
     img_s = batch / statistics.median(times[0])
-    images = RECIPES.get(config.name)
+    images = RECIPES[config.name] - args.holdout if config.name in RECIPES else None
     del model, optimizer, x, y
     free_memory(device)
     return dict(recipe=config.name, model=args.model, input_size=size, batch_size=batch, precision=precision,
@@ -261,10 +262,12 @@ def training_step(config: Path, device: torch.device, batch_size: Optional[int],
 # ------------------------------------------------------------------------------------------------ real epochs
 def real_epochs(dataset: str, epochs: int, train_args: List[str], device: torch.device, timeout_s: float
                 ) -> Dict[str, Any]:
-    """ `train.py` with the CIFAR-10 recipe for `epochs` epochs on `dataset`, in a temporary folder; the rows of
-    its summary.csv (complete epochs only, also when the time runs out) and the recipe's projected wall time. """
+    """ `train.py` with the CIFAR-10 recipe for `epochs` epochs on `dataset`, in a temporary folder: the rows of
+    its summary.csv (complete epochs only, also when the time runs out), its test.csv (the test split scored once at
+    the end) and the recipe's projected wall time. """
     config = CONFIGS / EPOCH_RECIPE
-    recipe_epochs = parse_args(['--config', str(config)]).epochs
+    recipe = parse_args(['--config', str(config)])
+    recipe_images = RECIPES[EPOCH_RECIPE] - recipe.holdout
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get('PYTHONPATH', '')]))
     if device.type == 'cpu':
         env['CUDA_VISIBLE_DEVICES'] = ''
@@ -281,23 +284,30 @@ def real_epochs(dataset: str, epochs: int, train_args: List[str], device: torch.
             log = b''.join(o if isinstance(o, bytes) else o.encode() for o in (e.stdout, e.stderr) if o).decode()
             status = f'stopped after {timeout_s:.0f} s (time budget)'
         seconds = time.monotonic() - start
-        summary = Path(out) / 'gpu-check' / 'summary.csv'
-        rows = []
-        if summary.is_file():
-            with open(summary) as f:
-                rows = [dict(epoch=int(r['epoch']), epoch_s=float(r['epoch_s']), train_img_per_s=float(
-                    r['train_img_s']), train_loss=float(r['train_loss']), test_top1=float(r['val_top1']))
-                        for r in csv.DictReader(f)]
-    found = re.search(r'\| (\d+) train / (\d+) val images \|', log)
-    train_images = int(found.group(1)) if found else None
+        summary, test = (_csv_rows(Path(out) / 'gpu-check' / name) for name in ('summary.csv', 'test.csv'))
+    rows = [dict(epoch=int(r['epoch']), epoch_s=float(r['epoch_s']), train_img_per_s=float(r['train_img_s']),
+                 train_loss=float(r['train_loss']), val_top1=float(r['val_top1'])) for r in summary]
+    found = re.search(r'\| (\d+) train images, validation on (.*?)[,|]', log)
     precision = re.search(r'^precision: (.*)$', log, re.M)
-    result = dict(command=shown, status=status, seconds=seconds, precision=precision.group(1) if precision else None,
-                  train_images=train_images, rows=rows, recipe_epochs=recipe_epochs, projected_hours=None)
+    result = dict(
+        command=shown, status=status, seconds=seconds, precision=precision.group(1) if precision else None,
+        train_images=int(found.group(1)) if found else None, validation=found.group(2).strip() if found else None,
+        rows=rows, test=dict(split=test[0]['split'], epoch=int(test[0]['epoch']), top1=float(test[0]['top1']),
+                             count=int(test[0]['count'])) if test else None,
+        recipe_epochs=recipe.epochs, recipe_train_images=recipe_images, projected_hours=None)
     if status == 'failed':
         result['error'] = log.strip().splitlines()[-1] if log.strip() else 'no output'
-    if rows and train_images:  # the last epoch (the first also pays for warm-up), scaled to CIFAR-10's 50,000
-        result['projected_hours'] = recipe_epochs * rows[-1]['epoch_s'] * RECIPES[EPOCH_RECIPE] / train_images / 3600
+    if rows and result['train_images']:  # the last epoch (the first also pays for warm-up), scaled to the recipe's
+        result['projected_hours'] = (recipe.epochs * rows[-1]['epoch_s'] * recipe_images / result['train_images']
+                                     / 3600)
     return result
+
+
+def _csv_rows(path: Path) -> List[Dict[str, str]]:
+    if not path.is_file():
+        return []
+    with open(path) as f:
+        return list(csv.DictReader(f))
 
 
 # ---------------------------------------------------------------------------------------------------- report
@@ -349,16 +359,21 @@ def format_report(result: Dict[str, Any]) -> str:
     lines += ['', '## Real epochs with train.py', '']
     if epochs:
         lines += [f"`{epochs['command']}`: {epochs['status']} in {epochs['seconds']:.0f} s, "
-                  f"{epochs['train_images'] or '?'} train images, precision {epochs['precision'] or '?'}."
-                  + (f" Error: {epochs['error']}" if 'error' in epochs else ''), '',
-                  '| epoch | epoch s (train + test) | train img/s | train loss | test top-1 |',
+                  f"{epochs['train_images'] or '?'} train images, validation on {epochs['validation'] or '?'}, "
+                  f"precision {epochs['precision'] or '?'}." + (f" Error: {epochs['error']}" if 'error' in epochs else ''),
+                  '', '| epoch | epoch s (train + validation) | train img/s | train loss | validation top-1 |',
                   '|---:|---:|---:|---:|---:|']
         lines += [f"| {r['epoch']} | {r['epoch_s']:.1f} | {r['train_img_per_s']:.0f} | {r['train_loss']:.4f} "
-                  f"| {r['test_top1']:.2f} |" for r in epochs['rows']]
+                  f"| {r['val_top1']:.2f} |" for r in epochs['rows']]
+        test = epochs['test']
+        if test:
+            lines += ['', f"Test top-1 ({test['split']} split, {test['count']} images, weights of epoch "
+                          f"{test['epoch']}): {test['top1']:.2f}."]
         if epochs['projected_hours'] is not None:
-            lines += ['', f"Projected wall time of the {epochs['recipe_epochs']}-epoch recipe on this GPU: "
+            lines += ['', f"Projected wall time of the {epochs['recipe_epochs']}-epoch recipe on this device: "
                           f"{epochs['projected_hours']:.2f} h ({epochs['recipe_epochs']} x the last epoch's time, "
-                          f"scaled from {epochs['train_images']} to {RECIPES[EPOCH_RECIPE]} train images)."]
+                          f"scaled from {epochs['train_images']} to the recipe's {epochs['recipe_train_images']} "
+                          f"train images)."]
     else:
         lines.append('Not run.')
     if result['skipped'] or result['failed']:

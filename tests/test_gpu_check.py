@@ -63,23 +63,27 @@ def test_cpu_run_fills_every_section_with_measurements(tmp_path, tiny_recipes):
     for name, r in train.items():
         assert (r['model'], r['batch_size'], r['input_size'], r['peak_memory_mib']) == ('diracnet34_1_cifar', 2, 32,
                                                                                          None)
-        assert r['train_images'] == gpu_check.RECIPES[name]
+        assert r['train_images'] == gpu_check.RECIPES[name] - gpu_check.parse_args(['--config', str(tiny_recipes / name)]
+                                                                            ).holdout  # validation held out
         assert r['projected_hours'] == pytest.approx(r['recipe_epochs'] * r['train_images'] / r['img_per_s'] / 3600)
-    assert (train['diracnet34_in1k.yaml']['recipe_epochs'], train['diracnet28_10_cifar10.yaml']['recipe_epochs']) == (
-        100, 200)
+    assert [(train[name]['recipe_epochs'], train[name]['train_images']) for name in sorted(train)] == [
+        (200, 45_000), (100, 1_271_167)]
     assert train['diracnet28_10_cifar10.yaml']['precision'] == gpu_check.recipe_precision(
         gpu_check.parse_args(['--amp']), 'cpu')
 
     epochs = result['epochs']
     assert epochs['status'] == 'finished' and epochs['train_images'] == 64
     assert [r['epoch'] for r in epochs['rows']] == [1] and epochs['rows'][0]['epoch_s'] > 0
-    assert epochs['projected_hours'] == pytest.approx(200 * epochs['rows'][0]['epoch_s'] * 50_000 / 64 / 3600)
+    assert epochs['projected_hours'] == pytest.approx(200 * epochs['rows'][0]['epoch_s'] * 45_000 / 64 / 3600)
+    assert 'held out' in epochs['validation'] and 0 <= epochs['rows'][0]['val_top1'] <= 100
+    assert (epochs['test']['split'], epochs['test']['epoch'], epochs['test']['count']) == ('test', 1, 1000)
     assert '--epochs 1' in epochs['command'] and str(ROOT) not in epochs['command']
 
     report = (out / 'gpu_check.md').read_text()
     assert report.count('| diracnet34_1_cifar | folded |') == 2
     assert report.count('| diracnet34_1_cifar | 32 | 2 |') == 2
     assert '| 1 | ' in report and 'Projected wall time of the 200-epoch recipe' in report
+    assert 'Test top-1 (test split, 1000 images' in report
     assert 'nan' not in report and 'Not measured' not in report
     assert not list(out.glob('.*tmp'))
 
