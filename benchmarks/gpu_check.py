@@ -134,8 +134,8 @@ class DeviceCase(Case):
 class Inference:
     """ The inference cases: every model in every precision on the device, channels_last, eager or compiled. """
 
-    def __init__(self, names, precisions, batch_sizes, img_size, device):
-        self.precisions, self.batch_sizes, self.device = precisions, batch_sizes, device
+    def __init__(self, names: List[str], img_size: Optional[int], device: torch.device):
+        self.device = device
         self.models = []  # (name, form, model in fp32 on the CPU, input size, FLOPs per image)
         for name in names:
             for form, model in build_forms(name, ('folded',)).items():
@@ -153,7 +153,7 @@ class Inference:
         return self._placed[name, precision]
 
     def case(self, name: str, precision: str, batch_size: int, backend: str,
-             forward: Optional[Callable] = None) -> Case:
+             forward: Optional[Callable] = None) -> DeviceCase:
         _, form, _, input_size, flops = next(m for m in self.models if m[0] == name)
         forward = forward if forward is not None else self.placed(name, precision)
         x = torch.randn(batch_size, *input_size, device=self.device, dtype=DTYPES[precision]).contiguous(
@@ -166,13 +166,13 @@ class Inference:
         return DeviceCase(name, form, backend, precision, batch_size, flops * batch_size, synced(run, self.device),
                           resident_bytes=resident)
 
-    def gemm(self, n: int, precision: str) -> Case:
+    def gemm(self, n: int, precision: str) -> DeviceCase:
         a, b = (torch.randn(n, n, device=self.device, dtype=DTYPES[precision]) for _ in range(2))
         return DeviceCase(f'gemm{n}', 'gemm', 'eager', precision, 1, 2. * n ** 3, synced(lambda: a @ b, self.device),
                           resident_bytes=2 * a.numel() * a.element_size())
 
 
-def run_case(case: 'DeviceCase', cases: List[Case], memory: Dict, failed: List, device: torch.device
+def run_case(case: DeviceCase, cases: List[Case], memory: Dict, failed: List, device: torch.device
              ) -> Optional[float]:
     """ One call of `case` (a warm-up, or the compile of a compiled model): on success it joins `cases` with its
     peak memory recorded (its weights, input and activations), else its error goes to `failed`. Returns the
@@ -251,8 +251,6 @@ def training_step(config: Path, device: torch.device, batch_size: Optional[int],
     times, iters = time_interleaved({0: step}, repeats, warmup, min_time)
     img_s = batch / statistics.median(times[0])
     images = RECIPES[config.name] - args.holdout if config.name in RECIPES else None
-    del model, optimizer, x, y
-    free_memory(device)
     return dict(recipe=config.name, model=args.model, input_size=size, batch_size=batch, precision=precision,
                 channels_last=args.channels_last, img_per_s=img_s, step_ms=1e3 * statistics.median(times[0]),
                 steps_timed=iters[0] * len(times[0]), peak_memory_mib=memory, recipe_epochs=args.epochs,
@@ -345,8 +343,8 @@ def format_report(result: Dict[str, Any]) -> str:
     lines += ['', f"GEMM peak measured in the same run ({result['settings']['gemm_size']}^3): {peaks or 'none'}.",
               '', '## Training step (synthetic batch: compute only)', '',
               "One optimizer step of the recipe's model, global batch (on this one device), optimizer, channels_last "
-              "and `--amp` precision on a batch already on the device (cuDNN benchmark mode off, as in train.py): no data "
-              "loading, no evaluation. Projected: "
+              "and `--amp` precision on a batch already on the device (cuDNN benchmark mode off, as in train.py): no "
+              "data loading, no evaluation. Projected: "
               "recipe epochs x train images / img/s on this one device.", '',
               '| recipe | model | input | batch | precision | img/s | step ms | peak MiB | epochs x images '
               '| projected h |', '|---|---|---:|---:|---|---:|---:|---:|---:|---:|']
@@ -360,7 +358,8 @@ def format_report(result: Dict[str, Any]) -> str:
     if epochs:
         lines += [f"`{epochs['command']}`: {epochs['status']} in {epochs['seconds']:.0f} s, "
                   f"{epochs['train_images'] or '?'} train images, validation on {epochs['validation'] or '?'}, "
-                  f"precision {epochs['precision'] or '?'}." + (f" Error: {epochs['error']}" if 'error' in epochs else ''),
+                  f"precision {epochs['precision'] or '?'}."
+                  + (f" Error: {epochs['error']}" if 'error' in epochs else ''),
                   '', '| epoch | epoch s (train + validation) | train img/s | train loss | validation top-1 |',
                   '|---:|---:|---:|---:|---:|']
         lines += [f"| {r['epoch']} | {r['epoch_s']:.1f} | {r['train_img_per_s']:.0f} | {r['train_loss']:.4f} "
@@ -434,7 +433,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     device = torch.device(args.device)
     torch.backends.cudnn.benchmark = True
     out = Path(args.out)
-    result = dict(status='running', started=time.strftime('%Y-%m-%d %H:%M:%S %z'), settings=vars(args),
+    result = dict(status='Running', started=time.strftime('%Y-%m-%d %H:%M:%S %z'), settings=vars(args),
                   machine=device_info(device), inference=inference_rows([], {}, {}), training=[], epochs=None,
                   skipped=[], failed=[])
     cases, memory, first_call = [], {}, {}
@@ -452,7 +451,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             result['skipped'].append('eager inference (time budget)')
         elif 'eager' in args.backends:
             log('inference, eager')
-            inference = Inference(args.models, args.precisions, args.batch_sizes, args.img_size, device)
+            inference = Inference(args.models, args.img_size, device)
             candidates = [inference.gemm(args.gemm_size, p) for p in args.precisions]
             candidates += [inference.case(name, p, b, 'eager') for p in args.precisions for b in args.batch_sizes
                            for name, *_ in inference.models]
@@ -478,7 +477,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                                                         args.min_time))
             except Exception as e:
                 result['failed'].append(dict(what=f'training step of {name}', error=_one_line(e)))
-                free_memory(device)
+            free_memory(device)
             update()
 
         # 3. real epochs with train.py
@@ -486,8 +485,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             timeout = min(args.epochs_budget_s, clock.left())
             if timeout > 0:
                 log(f'{args.epochs} real epoch(s) with train.py (at most {timeout:.0f} s)')
-                result['epochs'] = real_epochs(str(Path(args.dataset).resolve()), args.epochs, shlex.split(args.train_args), device,
-                                               timeout)
+                result['epochs'] = real_epochs(str(Path(args.dataset).resolve()), args.epochs,
+                                               shlex.split(args.train_args), device, timeout)
             else:
                 result['skipped'].append(f'{args.epochs} real epoch(s) with train.py (time budget)')
             update()
@@ -495,7 +494,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         # 4. torch.compile, the largest batches first, while time is left
         if 'compile' in args.backends:
             torch.backends.cudnn.benchmark = True
-            inference = Inference(args.models, args.precisions, args.batch_sizes, args.img_size, device)
+            inference = Inference(args.models, args.img_size, device)
             compiled = {}
             for batch in sorted(args.batch_sizes, reverse=True):
                 for precision in args.precisions:

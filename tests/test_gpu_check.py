@@ -63,8 +63,8 @@ def test_cpu_run_fills_every_section_with_measurements(tmp_path, tiny_recipes):
     for name, r in train.items():
         assert (r['model'], r['batch_size'], r['input_size'], r['peak_memory_mib']) == ('diracnet34_1_cifar', 2, 32,
                                                                                          None)
-        assert r['train_images'] == gpu_check.RECIPES[name] - gpu_check.parse_args(['--config', str(tiny_recipes / name)]
-                                                                            ).holdout  # validation held out
+        holdout = gpu_check.parse_args(['--config', str(tiny_recipes / name)]).holdout  # validation images
+        assert r['train_images'] == gpu_check.RECIPES[name] - holdout
         assert r['projected_hours'] == pytest.approx(r['recipe_epochs'] * r['train_images'] / r['img_per_s'] / 3600)
     assert [(train[name]['recipe_epochs'], train[name]['train_images']) for name in sorted(train)] == [
         (200, 45_000), (100, 1_271_167)]

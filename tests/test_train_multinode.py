@@ -44,7 +44,8 @@ def _free_port() -> int:
 def _launch_two_machines(dump_dir: Path, tag: str, flags: list) -> list:
     """ One `accelerate launch` per machine rank, both on this host; returns their stdouts (machine 0 first). """
     port = _free_port()
-    env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get('PYTHONPATH', '')]))
+    env = dict(os.environ, OMP_NUM_THREADS='1',
+               PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get('PYTHONPATH', '')]))
     procs = []
     for machine_rank in range(MACHINES):
         cmd = [sys.executable, '-m', 'accelerate.commands.launch', '--multi_gpu', '--num_machines', str(MACHINES),
