@@ -157,7 +157,8 @@ def test_two_machines_four_ranks_train_and_resume(tmp_path):
         for k, v in before['weights'].items():
             torch.testing.assert_close(after['weights'][k], v, rtol=0, atol=1e-6, msg=k)
     straight_rows, resumed_rows = _summary(run), _summary(out / 'resumed')
-    assert [r['epoch'] for r in resumed_rows] == [1, 2]
+    assert [r['epoch'] for r in resumed_rows] == [1, 2] and not list((out / 'resumed').glob('.*tmp'))
+    assert len(list((out / 'resumed' / 'checkpoint-2').glob('random_states_*.pkl'))) == WORLD
     for a, b in zip(straight_rows, resumed_rows):
         assert [a[m] for m in ('lr', 'train_top1', 'val_top1', 'val_top5')] == [
             b[m] for m in ('lr', 'train_top1', 'val_top1', 'val_top5')]
