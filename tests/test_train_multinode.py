@@ -148,8 +148,8 @@ def test_two_machines_four_ranks_train_and_resume(tmp_path):
     # resume the 4-rank run from its epoch-1 checkpoint (copied to a new run folder): epoch 2 as before
     shutil.copytree(run / 'checkpoint-1', out / 'resumed' / 'checkpoint-1')
     _launch_two_machines(dump, 'resumed', FLAGS + ['--resume', str(out / 'resumed' / 'checkpoint-1')])
-    # (to float rounding, most likely because DDP regroups its gradient buckets after a process's first step, so the
-    # first step after the resume sums the four ranks' gradients in another order; one process resumes bit for bit)
+    # (to float rounding: DDP regroups its gradient buckets after a process's first step, so the first step after
+    # the resume sums the four ranks' gradients in another order; without the regrouping it matched bit for bit)
     resumed = _dumps(dump, 'resumed')
     for before, after in zip(ranks, resumed):
         assert _per_epoch(after['seen'], 'train', 1)[0] == train_shards[before['rank']][1]
