@@ -441,82 +441,80 @@ def main(argv: Optional[List[str]] = None) -> int:
     def log(message: str) -> None:
         print(f'[{clock.elapsed():5.0f} s] {message}', file=sys.stderr, flush=True)
 
-    def update() -> None:
+    def attempt(what: str, work: Callable[[], Any]) -> None:
+        """ Run one piece of work if time is left; a failure becomes a line of the report, then the report is
+        rewritten and the device memory released either way. """
+        if clock.left() <= 0:
+            result['skipped'].append(f'{what} (time budget)')
+            return
+        log(what)
+        try:
+            work()
+        except Exception as e:
+            result['failed'].append(dict(what=what, error=_one_line(e)))
+        free_memory(device)
         result['inference'] = inference_rows(cases, memory, first_call)
         write_report(result, out, clock)
 
+    def eager() -> None:
+        """ Every case warmed up once (a failing one is dropped), then all timed in turn. """
+        inference = Inference(args.models, args.img_size, device)
+        candidates = [inference.gemm(args.gemm_size, p) for p in args.precisions]
+        candidates += [inference.case(name, p, b, 'eager') for p in args.precisions for b in args.batch_sizes
+                       for name, *_ in inference.models]
+        warm = []
+        for case in candidates:
+            run_case(case, warm, memory, result['failed'], device)
+        measure(warm, args.repeats, args.warmup, args.min_time, log=log)
+        cases.extend(warm)
+
+    def compiled() -> None:
+        """ torch.compile cases, the largest batches first, each started only with `--compile-reserve-s` left. """
+        inference = Inference(args.models, args.img_size, device)
+        models = {}
+        for batch in sorted(args.batch_sizes, reverse=True):
+            for precision in args.precisions:
+                for name, *_ in inference.models:
+                    what = f'{name} compile {precision} batch {batch}'
+                    if clock.left() < args.compile_reserve_s:
+                        result['skipped'].append(f'{what} (time budget)')
+                        continue
+                    log(what)
+                    if (name, precision) not in models:
+                        models[name, precision] = torch.compile(
+                            inference.placed(name, precision), dynamic=False, options={'freezing': True})
+                    case = inference.case(name, precision, batch, 'compile', models[name, precision])
+                    measured = []
+                    first = run_case(case, measured, memory, result['failed'], device)
+                    if measured:
+                        measure(measured, args.repeats, args.warmup, args.min_time)
+                        first_call[_key(case)] = first
+                        cases.extend(measured)
+                    result['inference'] = inference_rows(cases, memory, first_call)
+                    write_report(result, out, clock)
+
+    def epochs() -> None:
+        result['epochs'] = real_epochs(str(Path(args.dataset).resolve()), args.epochs, shlex.split(args.train_args),
+                                       device, min(args.epochs_budget_s, clock.left()))
+
     try:
-        # 1. eager inference: every case warmed up (a failure stays one row), then all timed in turn
-        if 'eager' in args.backends and clock.left() <= 0:
-            result['skipped'].append('eager inference (time budget)')
-        elif 'eager' in args.backends:
-            log('inference, eager')
-            inference = Inference(args.models, args.img_size, device)
-            candidates = [inference.gemm(args.gemm_size, p) for p in args.precisions]
-            candidates += [inference.case(name, p, b, 'eager') for p in args.precisions for b in args.batch_sizes
-                           for name, *_ in inference.models]
-            warm = []
-            for case in candidates:
-                run_case(case, warm, memory, result['failed'], device)
-            measure(warm, args.repeats, args.warmup, args.min_time, log=log)
-            cases += warm
-            update()
-            del inference, candidates, warm
-            free_memory(device)
-
-        # 2. a training step of each paper recipe, with train.py's cuDNN setting (PyTorch's default)
-        torch.backends.cudnn.benchmark = False
+        if 'eager' in args.backends:
+            attempt('eager inference', eager)
+        torch.backends.cudnn.benchmark = False  # the training steps as train.py runs them (PyTorch's default)
         for name in RECIPES:
-            if clock.left() <= 0:
-                result['skipped'].append(f'training step of {name} (time budget)')
-                continue
-            log(f'training step, {name}')
-            try:
-                result['training'].append(training_step(CONFIGS / name, device, args.train_batch,
-                                                        args.train_img_size, args.repeats, args.warmup,
-                                                        args.min_time))
-            except Exception as e:
-                result['failed'].append(dict(what=f'training step of {name}', error=_one_line(e)))
-            free_memory(device)
-            update()
-
-        # 3. real epochs with train.py
+            attempt(f'training step of {name}', lambda: result['training'].append(training_step(
+                CONFIGS / name, device, args.train_batch, args.train_img_size, args.repeats, args.warmup,
+                args.min_time)))
         if args.epochs:
-            timeout = min(args.epochs_budget_s, clock.left())
-            if timeout > 0:
-                log(f'{args.epochs} real epoch(s) with train.py (at most {timeout:.0f} s)')
-                result['epochs'] = real_epochs(str(Path(args.dataset).resolve()), args.epochs,
-                                               shlex.split(args.train_args), device, timeout)
-            else:
-                result['skipped'].append(f'{args.epochs} real epoch(s) with train.py (time budget)')
-            update()
-
-        # 4. torch.compile, the largest batches first, while time is left
+            attempt(f'{args.epochs} real epoch(s) with train.py', epochs)
+        torch.backends.cudnn.benchmark = True
         if 'compile' in args.backends:
-            torch.backends.cudnn.benchmark = True
-            inference = Inference(args.models, args.img_size, device)
-            compiled = {}
-            for batch in sorted(args.batch_sizes, reverse=True):
-                for precision in args.precisions:
-                    for name, *_ in inference.models:
-                        if clock.left() < args.compile_reserve_s:
-                            result['skipped'].append(f'{name} compile {precision} batch {batch} (time budget)')
-                            continue
-                        log(f'compile {name} {precision} batch {batch}')
-                        if (name, precision) not in compiled:
-                            compiled[name, precision] = torch.compile(
-                                inference.placed(name, precision), dynamic=False, options={'freezing': True})
-                        case = inference.case(name, precision, batch, 'compile', compiled[name, precision])
-                        first = run_case(case, [], memory, result['failed'], device)
-                        if first is not None:
-                            first_call[_key(case)] = first
-                            measure([case], args.repeats, args.warmup, args.min_time)
-                            cases.append(case)
-                        update()
+            attempt('torch.compile inference', compiled)
         result['status'] = 'Finished'
     except KeyboardInterrupt:  # gpu_check.sh's hard time limit: keep what was measured
         result['status'] = 'Stopped by the time limit (what is listed was measured)'
-    update()
+    result['inference'] = inference_rows(cases, memory, first_call)
+    write_report(result, out, clock)
     log(f'wrote {out / "gpu_check.md"} and {out / "gpu_check.json"}')
     return 0
 

@@ -95,7 +95,9 @@ def test_spent_budget_measures_nothing_and_says_so(tmp_path, tiny_recipes):
     result = json.loads((out / 'gpu_check.json').read_text())
     assert result['inference']['rows'] == [] and result['training'] == [] and result['epochs'] is None
     assert result['inference']['gemm_peak_gflop_per_s'] == {}
-    assert len(result['skipped']) == 1 + 2 + 1 + 2  # eager, the two training steps, the epochs, two compile cases
+    assert result['skipped'] == ['eager inference (time budget)', 'training step of diracnet34_in1k.yaml (time budget)',
+                                 'training step of diracnet28_10_cifar10.yaml (time budget)',
+                                 '2 real epoch(s) with train.py (time budget)', 'torch.compile inference (time budget)']
     report = (out / 'gpu_check.md').read_text()
     assert '| diracnet34_1_cifar |' not in report and 'skipped: eager inference (time budget)' in report
 
@@ -117,3 +119,20 @@ def test_shell_wrapper_runs_the_script_on_cuda():
     proc = subprocess.run(['bash', str(ROOT / 'benchmarks' / 'gpu_check.sh')], capture_output=True, text=True,
                           env=dict(os.environ, PYTHON=sys.executable), timeout=120)
     assert proc.returncode == 2 and proc.stderr.strip().startswith('gpu_check: error: no CUDA GPU')
+
+
+def test_a_failure_is_reported_and_the_rest_still_runs(tmp_path, tiny_recipes, monkeypatch):
+    def out_of_memory(*args, **kwargs):
+        raise RuntimeError('CUDA out of memory. Tried to allocate 20.00 GiB')
+    monkeypatch.setattr(gpu_check, 'training_step', out_of_memory)
+    out = tmp_path / 'gpu'
+    assert gpu_check.main(['--device', 'cpu', '--out', str(out), '--models', 'diracnet34_1_cifar', '--img-size', '32',
+                           '--precisions', 'bf16', '--batch-sizes', '2', '--backends', 'eager', '--repeats', '1',
+                           '--min-time', '0', '--gemm-size', '64', '--epochs', '0']) == 0
+    result = json.loads((out / 'gpu_check.json').read_text())
+    assert result['status'] == 'Finished' and result['training'] == []
+    assert [f['what'] for f in result['failed']] == [f'training step of {name}' for name in gpu_check.RECIPES]
+    assert result['failed'][0]['error'] == 'RuntimeError: CUDA out of memory. Tried to allocate 20.00 GiB'
+    assert len(result['inference']['rows']) == 1  # the eager inference before it was kept
+    report = (out / 'gpu_check.md').read_text()
+    assert '- failed: training step of diracnet34_in1k.yaml: RuntimeError: CUDA out of memory' in report
