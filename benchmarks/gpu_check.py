@@ -8,7 +8,8 @@
    `--amp` picks, on a synthetic batch already on the GPU (compute only: no data loading, no evaluation), and the
    recipe's wall time on this one GPU projected from it.
 3. Real epochs: `train.py --config train_configs/diracnet28_10_cifar10.yaml --epochs N` on a CIFAR-10 folder
-   (epoch time, images/s and test top-1 from its summary.csv), and the recipe's wall time projected from the last.
+   (epoch time, images/s and top-1 on the held-out validation images from its summary.csv, the test split's top-1
+   from its test.csv), and the recipe's wall time projected from the last epoch.
 4. torch.compile (inductor, frozen weights) of the inference cases, largest batches first, while time is left.
 
 Each section and each compile case starts only if the time left allows it; what is skipped or fails is listed as
