@@ -311,3 +311,10 @@ def test_evaluate_counts_every_sample_once():
     assert metrics['top1'] == pytest.approx(100 * (logits.argmax(1) == y).sum().item() / 37)
     assert metrics['top5'] == pytest.approx(100 * (logits.topk(5).indices == y[:, None]).any(1).sum().item() / 37)
     assert metrics['loss'] == pytest.approx(torch.nn.functional.cross_entropy(logits, y).item(), rel=1e-5)
+
+
+def test_validation_is_named_by_what_it_runs_on():
+    args = parse_args(TINY + ['--holdout', '500', '--val-num-samples', '50'])
+    assert train_module._val_name(args) == '50 images held out of train'
+    assert train_module._val_name(parse_args(TINY + ['--holdout', '500'])) == '500 images held out of train'
+    assert train_module._val_name(parse_args(TINY + ['--holdout', '0', '--val-split', 'val'])) == 'val'

@@ -516,7 +516,10 @@ def load_train_val(args: argparse.Namespace, data_config: Dict[str, Any]) -> Tup
 
 
 def _val_name(args: argparse.Namespace) -> str:
-    return f'{args.holdout} images held out of {args.train_split}' if args.holdout else args.val_split
+    """ What the per-epoch validation runs on, e.g. '1000 images held out of train' or 'validation'. """
+    if not args.holdout:
+        return args.val_split
+    return f'{min(args.holdout, args.val_num_samples or args.holdout)} images held out of {args.train_split}'
 
 
 def _selects(args: argparse.Namespace) -> bool:
