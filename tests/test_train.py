@@ -57,7 +57,7 @@ def test_train_learns_checkpoints_and_resumes_exactly(tmp_path, interrupted, cap
     assert yaml.safe_load((run / 'args.yaml').read_text())['model_kwargs'] == {'layers': [1, 1, 1]}
     assert not list(run.glob('.*tmp'))
     out = capsys.readouterr().out
-    assert 'validation on 1000 images held out of train, test scored at the end' in out
+    assert 'validation on 200 images held out of train, test scored at the end' in out
     with open(run / 'test.csv') as f:
         (test,) = list(csv.DictReader(f))
     assert test['split'] == 'test' and test['count'] == '1000' and float(test['top1']) > 15
