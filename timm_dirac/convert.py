@@ -21,7 +21,7 @@ from typing import Any, Dict, Mapping, Optional, Tuple
 import torch
 import torch.nn as nn
 
-from .layers import dirac_kernel, fold_bn_stats
+from .layers import dirac_kernel, fold_bn_stats, is_folded
 
 __all__ = [
     'fold_state_dict', 'unfold_state_dict', 'is_folded_state_dict', 'checkpoint_filter_fn', 'detect_format',
@@ -254,7 +254,7 @@ def checkpoint_filter_fn(state_dict: Dict[str, Any], model: nn.Module) -> Dict[s
     folded or functional ones) into the form (train or folded) and keys of `model`. """
     state_dict = to_timm_state_dict(state_dict)
     check_structure(state_dict, model)
-    model_folded = not isinstance(model.stem.bn, nn.BatchNorm2d)
+    model_folded = is_folded(model)
     if model_folded and not is_folded_state_dict(state_dict):
         return fold_state_dict(state_dict)
     if not model_folded and is_folded_state_dict(state_dict):

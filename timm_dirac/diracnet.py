@@ -24,7 +24,7 @@ from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_c
 from ._timm_compat import feature_take_indices, update_model_args
 from .convert import checkpoint_filter_fn, pretrained_source_error
 from .hub import HUB_NAMESPACE
-from .layers import DiracConv2d, fold_bn
+from .layers import DiracConv2d, fold_bn, is_folded
 
 __all__ = ['DiracNet', 'DiracBlock', 'DiracStage', 'DiracStem', 'DiracStyle', 'STYLES', 'dirac_layers']
 
@@ -194,6 +194,7 @@ class DiracNet(nn.Module):
     `style='imagenet'`: 7x7/2 stem + 3x3/2 max-pool, four stages of widths (64, 128, 256, 512) * width.
     `style='cifar'`: 3x3 stem, three stages of widths (16, 32, 64) * width (DiracNet-D-W).
     """
+    __jit_unused_properties__ = ['inference_mode']
 
     def __init__(
             self,
@@ -234,7 +235,6 @@ class DiracNet(nn.Module):
         self.num_classes = num_classes
         self.in_chans = in_chans
         self.drop_rate = drop_rate
-        self.inference_mode = inference_mode
 
         stem_chs = widths[0]
         stem_reduction = 2 if cfg.stem_downsample else 1
@@ -266,6 +266,12 @@ class DiracNet(nn.Module):
         self._init_head()
         self.register_load_state_dict_pre_hook(_check_checkpoint_form)
 
+    @property
+    def inference_mode(self) -> bool:
+        """ Whether the model is folded, read from its structure, so a model folded by timm's
+        `reparameterize_model` (which never calls this class's own `reparameterize`) says so too. """
+        return is_folded(self)
+
     @torch.no_grad()
     def _init_head(self):
         fc = self.head.fc
@@ -280,7 +286,6 @@ class DiracNet(nn.Module):
         for module in self.modules():
             if module is not self and hasattr(module, 'reparameterize'):
                 module.reparameterize()
-        self.inference_mode = True
         update_model_args(self, inference_mode=True)
 
     @torch.jit.ignore
@@ -386,7 +391,7 @@ class DiracNet(nn.Module):
 
 def _check_checkpoint_form(module: DiracNet, state_dict: Dict[str, torch.Tensor], prefix: str, *args):
     """ Refuse, with the fix, a train-form state dict for a folded model and the reverse. """
-    model_folded = not isinstance(module.stem.bn, nn.BatchNorm2d)
+    model_folded = module.inference_mode
     if prefix + 'stem.bn.running_var' in state_dict and model_folded:
         raise RuntimeError(
             'This checkpoint is a train-form DiracNet (Dirac alpha/beta and BatchNorm tensors) but the model is '
