@@ -11,6 +11,7 @@ The ImageNet nets (DiracNet-18/34) and the CIFAR nets (DiracNet-D-W, named like 
 """
 from collections import OrderedDict
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
@@ -22,7 +23,7 @@ from timm.layers import ClassifierHead, get_device_dtype
 from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
 
 from ._timm_compat import feature_take_indices, update_model_args
-from .convert import checkpoint_filter_fn, pretrained_source_error
+from .convert import CIFAR10_LABELS, checkpoint_filter_fn, pretrained_source_error
 from .hub import HUB_NAMESPACE
 from .layers import DiracConv2d, fold_bn, is_folded
 
@@ -432,7 +433,7 @@ def _create_diracnet(variant: str, pretrained: bool = False, **kwargs) -> DiracN
             DiracNet,
             variant,
             pretrained,
-            pretrained_filter_fn=checkpoint_filter_fn,
+            pretrained_filter_fn=partial(checkpoint_filter_fn, features_only=kwargs.get('features_only', False)),
             feature_cfg=dict(flatten_sequential=True, out_indices=tuple(range(num_levels))),
             **kwargs,
         )
@@ -475,22 +476,23 @@ def _repository_copy(tag: str) -> Optional[str]:
 
 
 # The authors' ImageNet weights (folded v2) load from their own address and are converted on load
-# (convert.checkpoint_filter_fn); their repository has no licence file, so they are not re-hosted. Weights this
+# (convert.checkpoint_filter_fn); their repository has no licence file, so they are not re-hosted. They were trained
+# and evaluated with OpenCV's bicubic resize (cv2.INTER_CUBIC): 'bicubic' is timm's closest setting. Weights this
 # project trains itself go to the Hub namespace hub.HUB_NAMESPACE (env TIMM_DIRAC_HUB_NAMESPACE) as
 # `hf_hub_id=f'{HUB_NAMESPACE}/<model>.<tag>'`. Reported accuracy: hub.REPORTED_RESULTS.
 default_cfgs = generate_default_cfgs({
     'diracnet18.v2_in1k': _cfg(
-        url='https://s3.amazonaws.com/modelzoo-networks/diracnet18v2folded-a2174e15.pth',
+        url='https://s3.amazonaws.com/modelzoo-networks/diracnet18v2folded-a2174e15.pth', interpolation='bicubic',
         origin_url='https://github.com/szagoruyko/diracnets', license='unknown',
         notes=("The authors' folded v2 weights, downloaded from their address and converted on load.",
                "ImageNet-1k val top-1 69.63 / top-5 89.12 reported in the authors' export notebook.")),
     'diracnet34.v2_in1k': _cfg(
-        url='https://s3.amazonaws.com/modelzoo-networks/diracnet34v2folded-dfb15d34.pth',
+        url='https://s3.amazonaws.com/modelzoo-networks/diracnet34v2folded-dfb15d34.pth', interpolation='bicubic',
         origin_url='https://github.com/szagoruyko/diracnets', license='unknown',
         notes=("The authors' folded v2 weights, downloaded from their address and converted on load.",
                'ImageNet-1k val top-1 72.21 reported in the DiracNets paper.')),
     'diracnet16_4_cifar.td_cifar10': _cifar_cfg(
-        hf_hub_id=f'{HUB_NAMESPACE}/diracnet16_4_cifar.td_cifar10', license='apache-2.0',
+        hf_hub_id=f'{HUB_NAMESPACE}/diracnet16_4_cifar.td_cifar10', license='apache-2.0', label_names=CIFAR10_LABELS,
         file=_repository_copy('diracnet16_4_cifar.td_cifar10'),
         notes=('Trained by timm-dirac on CIFAR-10 (train split) in 112 min on a 2-core CPU: '
                'train_configs/diracnet16_4_cifar10_cpu.yaml. 90.00% top-1 on the CIFAR-10 test split.',

@@ -68,7 +68,8 @@ _DATASETS = {
 _DATASETS.update({hub_id: (hub_id, name) for hub_id, name in list(_DATASETS.values())})
 
 # pretrained cfg keys that say where weights come from and what is known about them: true only of the tag's own
-_PROVENANCE_KEYS = ('tag', 'url', 'file', 'hf_hub_id', 'hf_hub_filename', 'source', 'origin_url', 'license', 'notes')
+_PROVENANCE_KEYS = ('tag', 'url', 'file', 'hf_hub_id', 'hf_hub_filename', 'source', 'origin_url', 'license', 'notes',
+                    'label_names', 'label_descriptions')
 
 _CITATIONS = (
     """@article{zagoruyko2017diracnets,
@@ -77,7 +78,7 @@ _CITATIONS = (
   journal={arXiv preprint arXiv:1706.00388},
   year={2017}
 }""",
-    """@misc{rw2019timm,
+    r"""@misc{rw2019timm,
   author = {Ross Wightman},
   title = {PyTorch Image Models},
   year = {2019},
