@@ -138,7 +138,7 @@ def test_card_shows_the_int8_command_and_measured_int8_rows():
     assert '**int8:**' not in card, 'the int8 rows are not listed under Training'
 
 
-RELEASE_FACTS = ('69.63', '89.12', 'modelzoo-networks', 'v2_in1k', 'does not re-host them', 'OpenCV')
+RELEASE_FACTS = ('69.63', '89.12', 'modelzoo-networks', 'v2_in1k', 'does not re-host', 'OpenCV')
 
 
 def test_card_of_authors_release_names_source_licence_accuracy_and_preprocessing():
@@ -147,7 +147,7 @@ def test_card_of_authors_release_names_source_licence_accuracy_and_preprocessing
     assert meta.license == 'unknown' and meta.datasets == ['ILSVRC/imagenet-1k']
     assert [(r.metric_value, r.source_url) for r in meta.eval_results] == [(72.21, 'https://arxiv.org/abs/1706.00388')]
     assert 'https://s3.amazonaws.com/modelzoo-networks/diracnet34v2folded-dfb15d34.pth' in card
-    assert 'does not re-host them' in card and 'Params (M): 21.64 train form, 21.62 folded' in card
+    assert 'does not re-host these weights' in card and 'Params (M): 21.64 train form, 21.62 folded' in card
     assert 'GMACs: 3.64' in card  # measured: a DiracNet-34 has the compute of a ResNet-34
     assert 'bicubic interpolation' in card and 'cv2.INTER_CUBIC' in card
 

@@ -200,10 +200,12 @@ def generate_model_card(
     stats = count_params_macs(model)
     in_size = tuple(cfg.get('input_size', (3, 224, 224)))
     layers = sum(len(s.blocks) for s in model.stages) if hasattr(model, 'stages') else None
+    licence_note = ''
     if authors_release:
-        origin = (f"converted from the authors' released weights ({url or AUTHORS_REPO}). The authors' repository has "
-                  f"no licence file, so the licence of these weights is unknown; timm-dirac does not re-host them: its "
-                  f"pretrained tag downloads them from the authors' address and converts them on the user's machine")
+        origin = f"converted from the authors' released weights ({url or AUTHORS_REPO})"
+        licence_note = (" (the authors' repository has no licence file; timm-dirac does not re-host these weights: "
+                        "its pretrained tag downloads them from the authors' address and converts them on the user's "
+                        "machine)")
     elif source:
         origin = f'converted from {source}'
     elif results:
@@ -233,7 +235,7 @@ def generate_model_card(
         f'  - DiracNets: Training Very Deep Neural Networks Without Skip-Connections: https://arxiv.org/abs/1706.00388',
         f'- **Original:** {cfg.get("origin_url") or AUTHORS_REPO}',
         f'- **Weights:** {origin}',
-        f'- **License:** {license_id}',
+        f'- **License:** {license_id}{licence_note}',
         f'- **Preprocessing:** {preprocessing}',
         '',
         '## Model Usage',
