@@ -3,7 +3,7 @@
 Train form: `stem.conv.weight` + `stem.bn.*`, per Dirac layer `...conv.{weight,alpha,beta}` + `...bn.*`.
 Folded form: `stem.conv.{weight,bias}`, per layer `...conv.{weight,bias}`, no BatchNorm.
 
-Folding (REFERENCE.md section 3) uses the BN running statistics; unfolding is exact: a folded conv (Wf, bf)
+Folding uses the BN running statistics; unfolding is exact: a folded conv (Wf, bf)
 is reproduced by alpha = 0, beta = ||Wf[o]||, W = Wf, BN weight 1, bias bf, mean 0, var 1 - eps.
 
 The authors' releases (github.com/szagoruyko/diracnets, v2) come in two formats, told apart by their keys:
