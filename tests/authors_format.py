@@ -96,7 +96,8 @@ def functional_forward(params: Dict[str, torch.Tensor], x: torch.Tensor, style: 
 
 
 def fold_functional(params: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-    """ The authors' folded state dict (features.* / fc.* keys) of functional params (Dirac term and BN folded into each conv). """
+    """ The authors' folded state dict (features.* / fc.* keys) of functional params: the Dirac term and BN folded
+    into each conv. """
     def fold(w, base):
         s = params[base + 'weight'] / torch.sqrt(params[base + 'running_var'] + EPS)
         return w * s.view(-1, 1, 1, 1), params[base + 'bias'] - params[base + 'running_mean'] * s

@@ -188,7 +188,8 @@ def test_only_the_release_file_gets_the_release_tag(tmp_path, monkeypatch):
 
     digest = hashlib.sha256(path.read_bytes()).hexdigest()[:8]
     release_cfg = timm.models._registry._model_pretrained_cfgs['diracnet18.v2_in1k']
-    monkeypatch.setattr(release_cfg, 'url', f'https://s3.amazonaws.com/modelzoo-networks/diracnet18v2folded-{digest}.pth')
+    url = f'https://s3.amazonaws.com/modelzoo-networks/diracnet18v2folded-{digest}.pth'
+    monkeypatch.setattr(release_cfg, 'url', url)
     assert is_release(path, release_cfg.url) and not is_release(path, 'https://x/diracnet18v2folded-a2174e15.pth')
     assert cli_main(['convert', str(path), '--model', 'diracnet18', '--out', str(tmp_path / 'release')]) == 0
     card = (tmp_path / 'release' / 'README.md').read_text()

@@ -52,7 +52,8 @@ def randomize(model: nn.Module, seed: int = 0) -> nn.Module:
 
 
 def authors_forward(params: dict, x: torch.Tensor, style: str, layers) -> torch.Tensor:
-    """ The authors' functional v2 forward, written from the paper's formulas (Dirac parameterization and v2 layer order). """
+    """ The authors' functional v2 forward, written from the paper's formulas (Dirac parameterization, v2 layer
+    order). """
     def bn(x, prefix):
         return F.batch_norm(x, params[prefix + 'running_mean'], params[prefix + 'running_var'],
                             params[prefix + 'weight'], params[prefix + 'bias'], training=False, eps=1e-5)

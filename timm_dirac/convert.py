@@ -467,7 +467,8 @@ def run(args: argparse.Namespace) -> int:
                                    license=args.license or 'unknown')
     out = save_hub_folder(model.eval(), args.out, train_info=info, overwrite=args.overwrite, release=release,
                           label_names=labels)
+    cfg = model.pretrained_cfg
+    what = f"the release {cfg['architecture']}.{cfg['tag']}" if release else 'not a registered release: no tag'
     print(f'wrote {out}: {", ".join(sorted(p.name for p in out.iterdir()))} '
-          f'({"folded" if folded else "train"} form, from a checkpoint in the {fmt} format; '
-          f'{"the release of " + model.pretrained_cfg["architecture"] + "." + model.pretrained_cfg["tag"] if release else "not a registered release: no tag"})')
+          f'({"folded" if folded else "train"} form, from a checkpoint in the {fmt} format; {what})')
     return 0
