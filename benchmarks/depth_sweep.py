@@ -6,8 +6,8 @@ Every run trains on the same class-balanced subset with the same seed, schedule 
 augmentation (pad-4 reflect, random crop, flip). Results go to a JSON file run by run, so an interrupted sweep
 resumes where it stopped; `--plot` turns the JSON into a table and PNG plots.
 
-    python benchmarks/depth_sweep.py --out docs/results/depth_sweep.json            # depth sweep
-    python benchmarks/depth_sweep.py --sweep init --out docs/results/init_sweep.json  # initialisation sweep
+    python benchmarks/depth_sweep.py --data <CIFAR-10 folder> --out docs/results/depth_sweep.json   # depth sweep
+    python benchmarks/depth_sweep.py --data <CIFAR-10 folder> --sweep init --out docs/results/init_sweep.json
     python benchmarks/depth_sweep.py --plot docs/results/depth_sweep.json
 """
 import argparse
@@ -225,7 +225,8 @@ def main():
     parser.add_argument('--sweep', choices=('depth', 'init'), default='depth')
     parser.add_argument('--out', default='docs/results/depth_sweep.json', help='results JSON (resumed if present)')
     parser.add_argument('--plot', type=Path, help='only print the table and draw the plot of this results JSON')
-    parser.add_argument('--data', type=Path, default=Path(__file__).resolve().parents[2] / 'shared/data/cifar10')
+    parser.add_argument('--data', type=Path, default=None,
+                        help='local CIFAR-10 datasets folder (the Parquet files of uoft-cs/cifar10)')
     parser.add_argument('--depths', type=int, nargs='+', default=[10, 28, 52, 100])
     parser.add_argument('--init-depth', type=int, default=52)
     parser.add_argument('--width', type=int, default=1)
@@ -243,7 +244,7 @@ def main():
     args = parser.parse_args()
     if args.plot:
         return plot(args.plot)
-    if not args.data.exists():
+    if args.data is None or not args.data.exists():
         raise SystemExit(f'CIFAR-10 not found at {args.data}: pass --data <folder with the Parquet CIFAR-10>.')
     sweep(args)
 

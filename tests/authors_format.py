@@ -1,7 +1,8 @@
-""" Synthetic checkpoints in the authors' DiracNet v2 formats, and their forward, from REFERENCE.md's formulas.
+""" Synthetic checkpoints in the authors' DiracNet v2 formats, and their forward, from the paper's formulas.
 
-Written from the formulas (sections 1-4), not from the authors' code, so the conversion is checked against an
-independent formulation: functional params -> functional forward; folded state dict -> plain conv chain.
+Written from the formulas and the released files' key layout, not from the authors' code, so the conversion is
+checked against an independent formulation: functional params -> functional forward; folded state dict -> plain
+conv chain.
 """
 from typing import Dict, Sequence
 
@@ -54,7 +55,7 @@ def make_functional_params(
 
 
 def dirac_weight(w: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
-    """ W_hat = alpha * delta + beta * W / ||W[o]|| (REFERENCE section 1). """
+    """ W_hat = alpha * delta + beta * W / ||W[o]|| (the paper's Dirac parameterization, v2: per output channel). """
     delta = torch.nn.init.dirac_(torch.empty_like(w))
     norm = w.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
     return alpha.view(-1, 1, 1, 1) * delta + beta.view(-1, 1, 1, 1) * w / norm
@@ -72,7 +73,7 @@ def _groups(params, prefix=''):
 
 
 def functional_forward(params: Dict[str, torch.Tensor], x: torch.Tensor, style: str = 'imagenet') -> torch.Tensor:
-    """ The train-form network of REFERENCE section 2 in eval mode, on the authors' flat keys. """
+    """ The v2 train-form network (ReLU -> Dirac conv -> BN layers) in eval mode, on the authors' flat keys. """
     def bn(o, base):
         return F.batch_norm(o, params[base + 'running_mean'], params[base + 'running_var'],
                             params[base + 'weight'], params[base + 'bias'], False, 0., EPS)
@@ -95,7 +96,8 @@ def functional_forward(params: Dict[str, torch.Tensor], x: torch.Tensor, style: 
 
 
 def fold_functional(params: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-    """ The authors' folded state dict (features.* / fc.* keys) of functional params (REFERENCE section 3). """
+    """ The authors' folded state dict (features.* / fc.* keys) of functional params: the Dirac term and BN folded
+    into each conv. """
     def fold(w, base):
         s = params[base + 'weight'] / torch.sqrt(params[base + 'running_var'] + EPS)
         return w * s.view(-1, 1, 1, 1), params[base + 'bias'] - params[base + 'running_mean'] * s

@@ -1,5 +1,7 @@
 """ The authors' checkpoint formats load, converted, through timm's own pretrained loader and `timm-dirac convert`,
 and give the outputs of the authors' formulation; bad files get clear errors and write nothing. """
+import hashlib
+import json
 import pickle
 
 import pytest
@@ -9,11 +11,12 @@ import torch
 import timm_dirac  # noqa: F401
 from timm_dirac.cli import main as cli_main
 from timm_dirac.convert import (
-    checkpoint_filter_fn, convert_authors_checkpoint, detect_format, load_checkpoint_file, pretrained_source_error)
+    checkpoint_filter_fn, convert_authors_checkpoint, detect_format, is_release, load_checkpoint_file,
+    pretrained_source_error)
 
 from authors_format import (
     folded_forward, fold_functional, functional_forward, make_functional_params, params_epoch_optimizer_layout,
-    params_stats_layout)
+    params_stats_layout, write_authors_folded_file)
 
 # (model name, model kwargs, style, authors' layers, widths, classes, input size)
 NETS = {
@@ -101,7 +104,7 @@ def test_wrong_architecture_is_named(tmp_path):
     path = tmp_path / 'small.pth'
     torch.save(params_stats_layout(small), path)
     out = tmp_path / 'out'
-    with pytest.raises(ValueError, match=r"depth=10, width=1, style='cifar'"):
+    with pytest.raises(ValueError, match=r"'diracnet34_1_cifar', depth=10, width=1\)"):
         cli_main(['convert', str(path), '--model', 'diracnet34_1_cifar', '--out', str(out)])
     assert sorted(p.name for p in tmp_path.iterdir()) == ['small.pth']
 
@@ -164,4 +167,72 @@ def test_convert_cli_writes_loadable_folder(tmp_path):
         with torch.no_grad():
             assert _rel_err(model(x), reference(x)) <= 1e-5
         card = (out / 'README.md').read_text()
-        assert 'authors_functional' in card and str(path) in card
+        assert f'converted from {path.name} (authors_functional format)' in card
+        assert str(tmp_path) not in card, 'a local absolute path names nothing for the reader'
+        config = json.loads((out / 'config.json').read_text())
+        assert config['label_names'][:2] == ['airplane', 'automobile'] and len(config['label_names']) == 10
+
+
+def test_only_the_release_file_gets_the_release_tag(tmp_path, monkeypatch):
+    """ A file in the authors' layout under the release's file name is not the release: it gets no tag, no
+    reported accuracy, no address and no licence. The same file, registered as the release by its sha256 prefix
+    (the convention of the authors' file names), gets all of them. """
+    path = tmp_path / 'diracnet18v2folded-a2174e15.pth'
+    write_authors_folded_file(path, 'diracnet18')
+    assert cli_main(['convert', str(path), '--model', 'diracnet18', '--out', str(tmp_path / 'random')]) == 0
+    card = (tmp_path / 'random' / 'README.md').read_text()
+    assert [fact for fact in ('69.63', 'modelzoo-networks', 'v2_in1k', 'does not re-host') if fact in card] == []
+    assert 'converted from diracnet18v2folded-a2174e15.pth (authors_folded format)' in card
+    config = json.loads((tmp_path / 'random' / 'config.json').read_text())
+    assert 'tag' not in config['pretrained_cfg'] and len(config['label_names']) == 1000
+
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()[:8]
+    release_cfg = timm.models._registry._model_pretrained_cfgs['diracnet18.v2_in1k']
+    url = f'https://s3.amazonaws.com/modelzoo-networks/diracnet18v2folded-{digest}.pth'
+    monkeypatch.setattr(release_cfg, 'url', url)
+    assert is_release(path, release_cfg.url) and not is_release(path, 'https://x/diracnet18v2folded-a2174e15.pth')
+    assert cli_main(['convert', str(path), '--model', 'diracnet18', '--out', str(tmp_path / 'release')]) == 0
+    card = (tmp_path / 'release' / 'README.md').read_text()
+    assert all(fact in card for fact in ('69.63', f'diracnet18v2folded-{digest}.pth', 'v2_in1k', 'does not re-host'))
+    assert json.loads((tmp_path / 'release' / 'config.json').read_text())['pretrained_cfg']['tag'] == 'v2_in1k'
+
+
+def test_convert_takes_any_cifar_shape_and_cifar100(tmp_path):
+    """ DiracNet-10-2 (no registered name) with the shape as --model-kwargs, as the shape error says; a CIFAR-100
+    file with its 100-class classifier (read from the file) and CIFAR-100's class names. """
+    params = make_functional_params((2, 2, 2), (32, 64, 128), 'cifar', 100, seed=4)
+    path = tmp_path / 'diracnet10_2_cifar100.pth'
+    torch.save(params_epoch_optimizer_layout(params), path)
+    with pytest.raises(ValueError, match=r"--model diracnet34_1_cifar --model-kwargs depth=10 width=2"):
+        cli_main(['convert', str(path), '--model', 'diracnet34_1_cifar', '--out', str(tmp_path / 'x')])
+    out = tmp_path / 'hub'
+    assert cli_main(['convert', str(path), '--model', 'diracnet34_1_cifar', '--model-kwargs', 'depth=10', 'width=2',
+                     '--out', str(out)]) == 0
+    model = timm.create_model(f'local-dir:{out}', pretrained=True).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert _rel_err(model(x), functional_forward(params, x, 'cifar')) <= 1e-5
+    labels = json.loads((out / 'config.json').read_text())['label_names']
+    assert len(labels) == 100 and labels[:3] == ['apple', 'aquarium_fish', 'baby'] and labels[-1] == 'worm'
+    assert len(set(labels)) == 100
+
+
+def test_classifier_in_the_file_loads_or_is_refused(tmp_path):
+    """ create_model(num_classes=100) with a 100-class file under a 10-class name loads the file's classifier;
+    without num_classes the mismatch is an error that names the fix; another num_classes gets a new classifier. """
+    params = make_functional_params((10, 10, 10), (16, 32, 64), 'cifar', 100, seed=5)
+    path = tmp_path / 'diracnet34-1_cifar100.pth'
+    torch.save(params_stats_layout(params), path)
+    x = torch.randn(2, 3, 32, 32)
+    model = timm.create_model('diracnet34_1_cifar', num_classes=100, pretrained=True,
+                              pretrained_cfg_overlay=dict(file=str(path))).eval()
+    with torch.no_grad():
+        assert _rel_err(model(x), functional_forward(params, x, 'cifar')) <= 1e-5
+    with pytest.raises(ValueError, match='100-class classifier but the model has 10 classes.*num_classes=100'):
+        timm.create_model('diracnet34_1_cifar', pretrained=True, pretrained_cfg_overlay=dict(file=str(path)))
+    head5 = timm.create_model('diracnet34_1_cifar', num_classes=5, pretrained=True,
+                              pretrained_cfg_overlay=dict(file=str(path)))
+    assert head5.head.fc.weight.shape == (5, 64)
+    feats = timm.create_model('diracnet34_1_cifar', features_only=True, pretrained=True,
+                              pretrained_cfg_overlay=dict(file=str(path)))
+    assert len(feats(x)) == 4

@@ -12,7 +12,8 @@ import timm
 import timm_dirac  # noqa: F401
 from timm.data import resolve_data_config
 from timm_dirac.data import (
-    DataError, eval_indices, eval_loader, eval_transform, holdout_indices, is_test_split, load_split, train_transform)
+    DataError, eval_indices, eval_loader, eval_transform, holdout_indices, hub_dataset_id, is_test_split, label_names,
+    load_split, train_transform)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -66,6 +67,16 @@ def test_test_split_names_are_recognised():
 def test_full_cifar10_copy_loads():
     ds, classes = load_split(f'hfds/{SHARED}', None, 'test', num_samples=10)
     assert classes == 10 and len(ds) == 10
+
+
+def test_label_names_from_features_or_class_folders(tmp_path):
+    assert label_names(SAMPLE) == ['airplane', 'automobile', 'bird', 'cat', 'deer', 'dog', 'frog', 'horse', 'ship',
+                                   'truck']
+    for cls in ('zebra', 'ant', 'cat'):
+        (tmp_path / 'val' / cls).mkdir(parents=True)
+    assert label_names('', str(tmp_path), 'validation') == ['ant', 'cat', 'zebra']  # as FolderDataset numbers them
+    assert hub_dataset_id('hfds/uoft-cs/cifar10') == 'uoft-cs/cifar10'
+    assert hub_dataset_id(SAMPLE) is None and hub_dataset_id('') is None  # a local path names nothing public
 
 
 def test_unknown_split_names_the_fix():

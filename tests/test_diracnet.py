@@ -13,7 +13,7 @@ from timm_dirac.diracnet import STYLES, dirac_layers
 
 SMALL_INPUT = {'imagenet': (3, 64, 64), 'cifar': (3, 32, 32)}
 
-# trainable parameters with the default heads (1000 classes ImageNet, 10 classes CIFAR): REFERENCE.md section 2;
+# trainable parameters with the default heads (1000 classes ImageNet, 10 classes CIFAR), as the authors count them;
 # diracnet16_4_cifar by hand with the rule that reproduces the authors' CIFAR counts (3x3 weights + alpha, beta, BN
 # per layer, a stem conv + BN, a linear head)
 PARAM_COUNTS = {
@@ -52,7 +52,8 @@ def randomize(model: nn.Module, seed: int = 0) -> nn.Module:
 
 
 def authors_forward(params: dict, x: torch.Tensor, style: str, layers) -> torch.Tensor:
-    """ The authors' functional v2 forward, written from the paper's formulas (REFERENCE.md sections 1-2). """
+    """ The authors' functional v2 forward, written from the paper's formulas (Dirac parameterization, v2 layer
+    order). """
     def bn(x, prefix):
         return F.batch_norm(x, params[prefix + 'running_mean'], params[prefix + 'running_var'],
                             params[prefix + 'weight'], params[prefix + 'bias'], training=False, eps=1e-5)

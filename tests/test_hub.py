@@ -9,9 +9,12 @@ import timm
 import torch
 from huggingface_hub import ModelCard
 
+from timm.utils import reparameterize_model
+
 import timm_dirac  # noqa: F401
 from timm_dirac.cli import main as cli_main
-from timm_dirac.hub import count_params_macs, generate_model_card, push_hub_folder, save_hub_folder
+from timm_dirac.hub import (
+    REPO_ID_PLACEHOLDER, count_params_macs, generate_model_card, push_hub_folder, save_hub_folder)
 from timm_dirac.validate import create_validation_model
 
 from authors_format import add_to_hf_cache, folded_forward, write_authors_folded_file
@@ -33,12 +36,16 @@ def offline_hub(tmp_path, monkeypatch):
     return cache
 
 
+CIFAR10 = ('airplane', 'automobile', 'bird', 'cat', 'deer', 'dog', 'frog', 'horse', 'ship', 'truck')
+
+
 def test_save_hub_folder_and_generated_card(tmp_path):
     torch.manual_seed(0)
     model = timm.create_model('diracnet34_1_cifar', layers=(1, 1, 1)).eval()
     model.reparameterize()
-    info = dict(dataset='cifar10', metrics=dict(top1=91.25, top5=99.5), eval_split='test', epochs=200)
-    out = save_hub_folder(model, tmp_path / 'hub', train_info=info)
+    info = dict(dataset='cifar10', metrics=dict(top1=91.25, top5=99.5), eval_split='test', epochs=200,
+                license='apache-2.0')
+    out = save_hub_folder(model, tmp_path / 'hub', train_info=info, label_names=CIFAR10)
     assert sorted(p.name for p in out.iterdir()) == ['README.md', 'config.json', 'model.safetensors']
     assert [p.name for p in tmp_path.iterdir()] == ['hub']  # no temp folder left behind
     umask = os.umask(0)
@@ -47,12 +54,11 @@ def test_save_hub_folder_and_generated_card(tmp_path):
     assert out.stat().st_mode & 0o777 == 0o777 & ~umask
     config = json.loads((out / 'config.json').read_text())
     assert config['architecture'] == 'diracnet34_1_cifar' and config['model_args']['inference_mode'] is True
+    assert config['label_names'] == list(CIFAR10)
 
     card = ModelCard.load(out / 'README.md')
     assert card.data.library_name == 'timm' and card.data.pipeline_tag == 'image-classification'
-    assert card.data.license == 'apache-2.0' and card.data.datasets == ['cifar10']
-    assert {(r.metric_name, r.metric_value, r.dataset_split) for r in card.data.eval_results} == {
-        ('top1 accuracy', 91.25, 'test'), ('top5 accuracy', 99.5, 'test')}
+    assert card.data.license == 'apache-2.0' and card.data.datasets == ['uoft-cs/cifar10']
     stats = count_params_macs(model)
     assert stats['train'][0] > stats['folded'][0] > 0 and stats['folded'][1] > 0
     for text in ('import timm_dirac', 'features_only=True', 'reparameterize_model', 'inference_mode=True',
@@ -60,10 +66,64 @@ def test_save_hub_folder_and_generated_card(tmp_path):
         assert text in card.text, text
 
     loaded = timm.create_model(f'local-dir:{out}', pretrained=True).eval()
-    assert loaded.inference_mode
+    assert loaded.inference_mode and loaded.pretrained_cfg['label_names'] == list(CIFAR10)
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         assert torch.equal(loaded(x), model(x))
+
+
+def test_card_metadata_reads_back_with_huggingface_hub(tmp_path):
+    """ model-index: one result per metric (top-5 its own type), the split as the dataset names it, a readable
+    dataset name beside the Hub id. """
+    model = timm.create_model('diracnet34_1_cifar', layers=(1, 1, 1))
+    info = dict(dataset='cifar10', metrics=dict(top1=90.0, top5=99.6, loss=0.36), eval_split='test',
+                license='apache-2.0')
+    card = ModelCard.load(save_hub_folder(model, tmp_path / 'hub', train_info=info, label_names=CIFAR10) / 'README.md')
+    assert {(r.metric_type, r.metric_name, r.metric_value) for r in card.data.eval_results} == {
+        ('accuracy', 'Top-1 Accuracy', 90.0), ('top-5-accuracy', 'Top-5 Accuracy', 99.6)}
+    assert {(r.dataset_type, r.dataset_name, r.dataset_split, r.task_type) for r in card.data.eval_results} == {
+        ('uoft-cs/cifar10', 'CIFAR-10', 'test', 'image-classification')}
+    assert '**Dataset:** CIFAR-10' in card.text
+
+
+def test_card_usage_works_on_a_fresh_machine(tmp_path):
+    """ Install line, plugin import, the repository id (filled in on push), an embeddings example, both citations;
+    never a registry name, which would load the tag's weights instead of these. """
+    model = timm.create_model('diracnet16_4_cifar', layers=(1, 1, 1)).eval()  # its default tag is td_cifar10
+    card = generate_model_card(model, dict(license='apache-2.0'))
+    assert 'pip install timm-dirac' in card and 'import timm_dirac' in card
+    assert f"timm.create_model('hf-hub:{REPO_ID_PLACEHOLDER}', pretrained=True, num_classes=0)" in card
+    assert 'forward_head(output, pre_logits=True)' in card
+    assert "create_model('diracnet16_4_cifar" not in card and 'td_cifar10' not in card
+    assert 'zagoruyko2017diracnets' in card and 'rw2019timm' in card
+    with_id = generate_model_card(model, dict(license='apache-2.0'), repo_id='someone/diracnet16_4_cifar.mine')
+    assert "create_model('hf-hub:someone/diracnet16_4_cifar.mine', pretrained=True)" in with_id
+    assert REPO_ID_PLACEHOLDER not in with_id
+
+
+def test_card_takes_any_text_in_training_facts(tmp_path):
+    """ The card body is plain text, not a template: braces in a training argument are written as they are. """
+    model = timm.create_model('diracnet34_1_cifar', layers=(1, 1, 1))
+    info = dict(command='train.py --model-kwargs "{{depth: 16}}" {% raw %}', license='apache-2.0')
+    card = (save_hub_folder(model, tmp_path / 'hub', train_info=info) / 'README.md').read_text()
+    assert '{{depth: 16}}' in card and '{% raw %}' in card
+
+
+def test_folded_by_timm_helper_is_saved_as_folded(tmp_path):
+    """ timm's reparameterize_model never calls DiracNet.reparameterize: whether a model is folded is read from
+    its structure, by the model, the hub writer and the checkpoint form check alike. """
+    model = timm.create_model('diracnet34_1_cifar', layers=(1, 1, 1)).eval()
+    folded = reparameterize_model(model)
+    assert folded.inference_mode and not model.inference_mode
+    out = save_hub_folder(folded, tmp_path / 'hub', label_names=CIFAR10)
+    assert json.loads((out / 'config.json').read_text())['model_args']['inference_mode'] is True
+    assert 'stored in the folded (inference_mode=True) form' in (out / 'README.md').read_text()
+    loaded = timm.create_model(f'local-dir:{out}', pretrained=True).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), folded(x))
+    with pytest.raises(RuntimeError, match='train-form DiracNet'):
+        folded.load_state_dict(model.state_dict())
 
 
 def test_card_shows_the_int8_command_and_measured_int8_rows():
@@ -78,14 +138,35 @@ def test_card_shows_the_int8_command_and_measured_int8_rows():
     assert '**int8:**' not in card, 'the int8 rows are not listed under Training'
 
 
-def test_card_of_authors_weights_names_source_licence_and_accuracy():
-    card = generate_model_card(timm.create_model('diracnet34', device='meta'))
+RELEASE_FACTS = ('69.63', '89.12', 'modelzoo-networks', 'v2_in1k', 'does not re-host', 'OpenCV')
+
+
+def test_card_of_authors_release_names_source_licence_accuracy_and_preprocessing():
+    card = generate_model_card(timm.create_model('diracnet34', device='meta'), release=True)
     meta = ModelCard(card).data
-    assert meta.license == 'unknown' and meta.datasets == ['imagenet-1k']
+    assert meta.license == 'unknown' and meta.datasets == ['ILSVRC/imagenet-1k']
     assert [(r.metric_value, r.source_url) for r in meta.eval_results] == [(72.21, 'https://arxiv.org/abs/1706.00388')]
     assert 'https://s3.amazonaws.com/modelzoo-networks/diracnet34v2folded-dfb15d34.pth' in card
-    assert 'does not re-host them' in card and 'Params (M): 21.64 train form, 21.62 folded' in card
+    assert 'does not re-host these weights' in card and 'Params (M): 21.64 train form, 21.62 folded' in card
     assert 'GMACs: 3.64' in card  # measured: a DiracNet-34 has the compute of a ResNet-34
+    assert 'bicubic interpolation' in card and 'cv2.INTER_CUBIC' in card
+
+
+def test_weights_not_of_the_tag_never_carry_its_credit(tmp_path):
+    """ create_model gives every model its default tag's cfg: without release=True nothing of the tag (name,
+    address, licence, accuracy, notes) reaches the folder. """
+    model = timm.create_model('diracnet18', layers=(1, 1, 1, 1)).eval()  # random weights, cfg of v2_in1k
+    out = save_hub_folder(model, tmp_path / 'hub', train_info=dict(license='apache-2.0'))
+    text = (out / 'README.md').read_text()
+    assert [fact for fact in RELEASE_FACTS if fact in text] == []
+    cfg = json.loads((out / 'config.json').read_text())['pretrained_cfg']
+    assert not {'tag', 'notes', 'origin_url', 'license'} & set(cfg)
+    assert ModelCard.load(out / 'README.md').data.eval_results is None
+
+    trained = timm.create_model('diracnet16_4_cifar', layers=(1, 1, 1)).eval()  # cfg of td_cifar10 (90.00%)
+    info = dict(dataset='cifar10', metrics=dict(top1=71.0), eval_split='test', license='apache-2.0', epochs=5)
+    text = (save_hub_folder(trained, tmp_path / 'run', train_info=info, label_names=CIFAR10) / 'README.md').read_text()
+    assert '90.00' not in text and '112 min' not in text and 'td_cifar10' not in text and '| top1 | 71.0 |' in text
 
 
 def test_existing_folder_is_refused_then_replaced_with_overwrite(tmp_path):
@@ -176,7 +257,8 @@ def test_bad_hub_folders_get_clear_errors(tmp_path):
 
 
 def test_push_dry_run_and_upload_calls(tmp_path, monkeypatch, capsys):
-    out = save_hub_folder(timm.create_model('diracnet34_1_cifar', layers=(1, 1, 1)), tmp_path / 'hub')
+    out = save_hub_folder(timm.create_model('diracnet34_1_cifar', layers=(1, 1, 1)), tmp_path / 'hub',
+                          train_info=dict(license='apache-2.0'))
     (out / '.notes').write_text('hidden files are not uploaded')
     assert cli_main(['push', str(out), '--repo-id', f'{NS}/diracnet34_1_cifar.test', '--dry-run']) == 0
     printed = capsys.readouterr().out
@@ -186,11 +268,27 @@ def test_push_dry_run_and_upload_calls(tmp_path, monkeypatch, capsys):
     calls = []
     monkeypatch.setattr(huggingface_hub.HfApi, 'create_repo', lambda self, repo_id, **kw: calls.append(
         ('create_repo', repo_id, kw)))
-    monkeypatch.setattr(huggingface_hub.HfApi, 'upload_folder', lambda self, **kw: calls.append(('upload_folder', kw)))
+    monkeypatch.setattr(huggingface_hub.HfApi, 'create_commit', lambda self, **kw: calls.append(('create_commit', kw)))
+    before = _snapshot(out)
     assert cli_main(['push', str(out), '--repo-id', f'{NS}/diracnet34_1_cifar.test', '--private']) == 0
     assert calls[0] == ('create_repo', f'{NS}/diracnet34_1_cifar.test',
                         dict(repo_type='model', private=True, exist_ok=True))
-    assert calls[1][1]['allow_patterns'] == ['README.md', 'config.json', 'model.safetensors']
-    assert calls[1][1]['folder_path'] == str(out)
+    operations = {op.path_in_repo: op for op in calls[1][1]['operations']}
+    assert sorted(operations) == ['README.md', 'config.json', 'model.safetensors']
+    assert operations['model.safetensors'].path_or_fileobj == str(out / 'model.safetensors')
+    card = operations['README.md'].path_or_fileobj.decode()
+    assert f"timm.create_model('hf-hub:{NS}/diracnet34_1_cifar.test', pretrained=True)" in card
+    assert REPO_ID_PLACEHOLDER not in card
+    assert _snapshot(out) == before, 'the local folder is left as it is'
     with pytest.raises(ValueError, match='<namespace>/<name>'):
         push_hub_folder(out, 'no-namespace', dry_run=True)
+
+
+def test_push_refuses_unknown_licence_unless_told(tmp_path, monkeypatch):
+    out = save_hub_folder(timm.create_model('diracnet34_1_cifar', layers=(1, 1, 1)), tmp_path / 'hub')
+    assert ModelCard.load(out / 'README.md').data.license == 'unknown'
+    monkeypatch.setattr(huggingface_hub.HfApi, 'create_repo', lambda *a, **kw: pytest.fail('nothing may be created'))
+    with pytest.raises(ValueError, match='licence of these weights as unknown.*--allow-unknown-license'):
+        cli_main(['push', str(out), '--repo-id', f'{NS}/x'])
+    assert push_hub_folder(out, f'{NS}/x', dry_run=True, allow_unknown_license=True) == [
+        'README.md', 'config.json', 'model.safetensors']

@@ -292,6 +292,10 @@ def test_imagenet_path_mixup_accumulation_ema(tmp_path):
     assert 0 < row['train_loss'] < 10 and 'ema_val_top1' in row
     config = yaml.safe_load((tmp_path / 'in' / 'hub-folded' / 'config.json').read_text())
     assert config['model_args']['inference_mode'] is True and config['num_classes'] == 3
+    assert config['label_names'] == ['cat', 'dog', 'fox']  # the class folders, in label order
+    card = (tmp_path / 'in' / 'hub-folded' / 'README.md').read_text()
+    assert 'v2_in1k' not in card and '69.63' not in card and 'modelzoo-networks' not in card, \
+        "a run of diracnet18 is not the authors' release"
 
 
 def test_evaluate_counts_every_sample_once():

@@ -1,5 +1,5 @@
-""" `timm-dirac validate` on a slice of the real CIFAR-10 test split (../shared/data/cifar10), checked against an
-independent computation over the same images; image folder and `datasets` inputs agree. """
+""" `timm-dirac validate` on a slice of the test split of the real CIFAR-10 sample shipped in data/cifar10_sample,
+checked against an independent computation over the same images; image folder and `datasets` inputs agree. """
 import json
 from pathlib import Path
 
@@ -12,13 +12,11 @@ import timm_dirac  # noqa: F401
 from timm_dirac.cli import main as cli_main
 from timm_dirac.hub import save_hub_folder
 
-CIFAR = Path(__file__).resolve().parents[1].parent / 'shared' / 'data' / 'cifar10'
-N = 96
-
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / 'data' / 'cifar10_sample'
+N = 96
+
 WEIGHTS = ROOT / 'weights' / 'diracnet16_4_cifar.td_cifar10'
-needs_shared = pytest.mark.skipif(not (CIFAR / 'data').is_dir(), reason=f'{CIFAR} (shared CIFAR-10 copy) not present')
 
 
 @pytest.fixture(scope='module')
@@ -41,7 +39,7 @@ def _expected(folder):
 
     model = timm.create_model(f'local-dir:{folder}', pretrained=True).eval()
     transform = create_transform(**resolve_data_config(model=model), is_training=False)
-    rows = datasets.load_dataset(str(CIFAR), split=f'test[:{N}]')
+    rows = datasets.load_dataset(str(SAMPLE), split=f'test[:{N}]')
     x = torch.stack([transform(r['image'].convert('RGB')) for r in rows])
     y = torch.tensor(rows['label'])
     with torch.no_grad():
@@ -52,9 +50,8 @@ def _expected(folder):
                 loss=F.cross_entropy(logits, y).item())
 
 
-@needs_shared
 def test_validate_hfds_matches_direct_computation(tmp_path, hub_folder):
-    result = _run(tmp_path, '--checkpoint', str(hub_folder), '--dataset', f'hfds/{CIFAR}', '--split', f'test[:{N}]',
+    result = _run(tmp_path, '--checkpoint', str(hub_folder), '--dataset', f'hfds/{SAMPLE}', '--split', f'test[:{N}]',
                   '--batch-size', '40')
     expected = _expected(hub_folder)
     assert result['samples'] == N and result['input_size'] == [3, 32, 32]
@@ -62,17 +59,16 @@ def test_validate_hfds_matches_direct_computation(tmp_path, hub_folder):
     assert result['top5'] == pytest.approx(expected['top5'], abs=1e-3)
     assert result['loss'] == pytest.approx(expected['loss'], abs=1e-4)
 
-    folded = _run(tmp_path, '--model', f'local-dir:{hub_folder}', '--dataset', f'hfds/{CIFAR}',
+    folded = _run(tmp_path, '--model', f'local-dir:{hub_folder}', '--dataset', f'hfds/{SAMPLE}',
                   '--split', f'test[:{N}]', '--reparam')
     assert folded['reparam'] and folded['param_count'] < result['param_count']
     assert folded['top1'] == result['top1'] and folded['loss'] == pytest.approx(result['loss'], abs=1e-4)
 
 
-@needs_shared
 def test_image_folder_gives_the_same_result(tmp_path, hub_folder):
     import datasets
 
-    rows = datasets.load_dataset(str(CIFAR), split=f'test[:{N}]').cast_column('image', datasets.Image(decode=False))
+    rows = datasets.load_dataset(str(SAMPLE), split=f'test[:{N}]').cast_column('image', datasets.Image(decode=False))
     names = rows.features['label'].names
     root = tmp_path / 'images' / 'test'
     for i, r in enumerate(rows):
@@ -81,20 +77,19 @@ def test_image_folder_gives_the_same_result(tmp_path, hub_folder):
     assert sorted(names) == names  # folder classes sort into the dataset's label order
     by_folder = _run(tmp_path, '--checkpoint', str(hub_folder), '--dataset', str(tmp_path / 'images'),
                      '--split', 'test')
-    by_hfds = _run(tmp_path, '--checkpoint', str(hub_folder), '--dataset', f'hfds/{CIFAR}', '--split', f'test[:{N}]')
+    by_hfds = _run(tmp_path, '--checkpoint', str(hub_folder), '--dataset', f'hfds/{SAMPLE}', '--split', f'test[:{N}]')
     for key in ('samples', 'top1', 'top5'):
         assert by_folder[key] == by_hfds[key], key
     assert by_folder['loss'] == pytest.approx(by_hfds['loss'], abs=1e-4)
 
 
-@needs_shared
 def test_validate_errors(tmp_path, hub_folder):
     with pytest.raises(ValueError, match="names architecture 'diracnet34_1_cifar', not 'diracnet18'"):
-        _run(tmp_path, '--model', 'diracnet18', '--checkpoint', str(hub_folder), '--dataset', f'hfds/{CIFAR}')
+        _run(tmp_path, '--model', 'diracnet18', '--checkpoint', str(hub_folder), '--dataset', f'hfds/{SAMPLE}')
     with pytest.raises(FileNotFoundError, match='hfds/<Hub id or local path>'):
         _run(tmp_path, '--checkpoint', str(hub_folder), '--dataset', str(tmp_path / 'missing'))
     with pytest.raises(ValueError, match='label 9 but the model has 5 classes'):
-        _run(tmp_path, '--model', 'diracnet34_1_cifar', '--num-classes', '5', '--dataset', f'hfds/{CIFAR}',
+        _run(tmp_path, '--model', 'diracnet34_1_cifar', '--num-classes', '5', '--dataset', f'hfds/{SAMPLE}',
              '--split', 'test[:20]')
 
 

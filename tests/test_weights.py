@@ -59,3 +59,17 @@ def test_td_cifar10_folder_config_says_what_the_registry_says():
     in_folder = json.loads((WEIGHTS / 'config.json').read_text())['pretrained_cfg']
     registered = json.loads(json.dumps(timm.models.get_pretrained_cfg('diracnet16_4_cifar.td_cifar10').to_dict()))
     assert {key: (value, registered.get(key)) for key, value in in_folder.items() if registered.get(key) != value} == {}
+
+
+def test_td_cifar10_folder_names_its_classes_and_its_card_reads_back():
+    """ timm's inference.py and the Hub pipeline read label_names from config.json; huggingface_hub parses the
+    card's metadata and its evaluation results. """
+    from huggingface_hub import ModelCard
+
+    model = timm.create_model(f'local-dir:{WEIGHTS}', pretrained=True)
+    assert model.pretrained_cfg['label_names'] == ['airplane', 'automobile', 'bird', 'cat', 'deer', 'dog', 'frog',
+                                                   'horse', 'ship', 'truck']
+    card = ModelCard.load(WEIGHTS / 'README.md')
+    assert card.data.license == 'apache-2.0' and card.data.datasets == ['uoft-cs/cifar10']
+    assert {(r.metric_type, r.metric_value, r.dataset_name, r.dataset_split) for r in card.data.eval_results} == {
+        ('accuracy', 90.0, 'CIFAR-10', 'test'), ('top-5-accuracy', 99.6, 'CIFAR-10', 'test')}

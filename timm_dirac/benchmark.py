@@ -189,7 +189,8 @@ def _depth_baseline(model: str) -> Optional[str]:
 
 def summarize(cases: List[Case]) -> Dict[str, Any]:
     """ Medians, GEMM peaks, GFLOP/s and ratios (against the ResNet of the same depth, the train form, fp32 in
-    the same backend) of measured cases; goal checks of issue 5. """
+    the same backend) of measured cases, and the checks of the speed goals (folded DiracNet against the ResNet of
+    the same depth). """
     peaks = {}
     rows = []
     for case in cases:
@@ -215,7 +216,7 @@ def summarize(cases: List[Case]) -> Dict[str, Any]:
         fp32 = index.get((r['model'], r['form'], r['backend'].replace('-int8', ''), 'fp32', r['batch_size']))
         r['vs_fp32'] = r['img_per_s'] / fp32['img_per_s'] if r['precision'] != 'fp32' and fp32 else None
 
-    goals = []  # issue 5's goals are about PyTorch; ONNX Runtime rows are informative (it folds BN itself)
+    goals = []  # the goals are about PyTorch; ONNX Runtime rows are informative (it folds BN itself)
     for r in rows:
         if r['form'] != 'folded' or _depth_baseline(r['model']) is None or r['backend'] not in GOAL_BACKENDS:
             continue

@@ -3,7 +3,7 @@
 Train form: `stem.conv.weight` + `stem.bn.*`, per Dirac layer `...conv.{weight,alpha,beta}` + `...bn.*`.
 Folded form: `stem.conv.{weight,bias}`, per layer `...conv.{weight,bias}`, no BatchNorm.
 
-Folding (REFERENCE.md section 3) uses the BN running statistics; unfolding is exact: a folded conv (Wf, bf)
+Folding uses the BN running statistics; unfolding is exact: a folded conv (Wf, bf)
 is reproduced by alpha = 0, beta = ||Wf[o]||, W = Wf, BN weight 1, bias bf, mean 0, var 1 - eps.
 
 The authors' releases (github.com/szagoruyko/diracnets, v2) come in two formats, told apart by their keys:
@@ -21,7 +21,7 @@ from typing import Any, Dict, Mapping, Optional, Tuple
 import torch
 import torch.nn as nn
 
-from .layers import dirac_kernel, fold_bn_stats
+from .layers import dirac_kernel, fold_bn_stats, is_folded
 
 __all__ = [
     'fold_state_dict', 'unfold_state_dict', 'is_folded_state_dict', 'checkpoint_filter_fn', 'detect_format',
@@ -224,17 +224,31 @@ def _structure(state_dict: Mapping[str, torch.Tensor]) -> Tuple[Tuple[int, ...],
     return tuple(layers[g] for g in sorted(layers)), tuple(widths[g] for g in sorted(widths))
 
 
-def _describe(layers: Tuple[int, ...], widths: Tuple[int, ...]) -> str:
-    """ The registered model matching a structure, or the kwargs that build it. """
+def _describe(layers: Tuple[int, ...], widths: Tuple[int, ...], arch: str = '') -> str:
+    """ How to build the model of a structure: a registered name, or a registered name of its style (`arch` if it is
+    one) with the keyword arguments that shape it (for `timm.create_model` and `timm-dirac convert --model-kwargs`). """
+    import timm
     from .diracnet import STYLES
-    if len(layers) == 4:
-        depth = next((d for d, ls in STYLES['imagenet'].depth_table.items() if ls == layers), None)
-        if depth is not None and widths[0] == 64:
-            return f"'diracnet{depth}'"
-        return f"'diracnet18' with layers={layers}, width={widths[0] / 64:g}"
-    if len(layers) == 3 and len(set(layers)) == 1 and layers[0] % 2 == 0:
-        return f"depth={3 * layers[0] + 4}, width={widths[0] / 16:g}, style='cifar' (diracnet<depth>_<width>_cifar)"
-    return f'layers={layers} with stage widths {widths}'
+    found = [(name, style) for name, style in STYLES.items() if len(style.widths) == len(layers)]
+    if not found:
+        return f'a DiracNet with layers={layers} and stage widths {widths}'
+    style_name, style = found[0]
+    depth, width = style.depth(layers), widths[0] / style.widths[0]
+    try:
+        by_depth = style.layers(depth, style_name) == layers
+    except ValueError:
+        by_depth = False
+    suffix = '' if style_name == 'imagenet' else f'_{style_name}'
+    names = [n for n in timm.list_models('diracnet*') if (n.endswith(suffix) if suffix else n.count('_') == 0)]
+    exact = f'diracnet{depth}' + (f'_{width:g}{suffix}' if suffix else '')
+    if by_depth and exact in names and (suffix or width == 1):
+        return f"timm.create_model('{exact}') (timm-dirac convert --model {exact})"
+    name = arch if arch in names else next((n for n in names if n.startswith(f'diracnet{depth}')), names[0])
+    kwargs = dict(depth=depth) if by_depth else dict(layers=layers)
+    kwargs['width'] = int(width) if width.is_integer() else width
+    py = ', '.join(f'{k}={v!r}' for k, v in kwargs.items())
+    cli = ' '.join(f'{k}={v!r}'.replace(' ', '') for k, v in kwargs.items())
+    return f"timm.create_model('{name}', {py}) (timm-dirac convert --model {name} --model-kwargs {cli})"
 
 
 def check_structure(state_dict: Mapping[str, torch.Tensor], model: nn.Module):
@@ -246,15 +260,39 @@ def check_structure(state_dict: Mapping[str, torch.Tensor], model: nn.Module):
         raise ValueError(
             f'This checkpoint has Dirac layers per stage {got[0]} and widths {got[1]}, but the model {name} has '
             f'{want[0]} and {want[1]}: the checkpoint is for another DiracNet. Create the model that matches it: '
-            f'{_describe(*got)}.')
+            f'{_describe(*got, name)}.')
 
 
-def checkpoint_filter_fn(state_dict: Dict[str, Any], model: nn.Module) -> Dict[str, torch.Tensor]:
+def check_classifier(state_dict: Mapping[str, torch.Tensor], model: nn.Module, features_only: bool = False):
+    """ Make timm load a classifier in the checkpoint that fits `model`, and refuse one that cannot load.
+
+    timm keeps the checkpoint's classifier only when the model's class count is the pretrained cfg's, so a file
+    loaded with another `num_classes` than its cfg says (the authors' CIFAR-100 file under a CIFAR-10 name) would
+    lose its classifier silently. Here the cfg is made to say what the file holds: a classifier that fits the model
+    loads; with another `num_classes` asked for, timm starts a new classifier as for any pretrained weights; with
+    the cfg's `num_classes` kept, the mismatch is an error that names the fix. """
+    weight = state_dict.get('head.fc.weight')
+    cfg = model.pretrained_cfg
+    if weight is None or features_only or weight.shape[0] == cfg.get('num_classes'):
+        return
+    classes = weight.shape[0]
+    if model.num_classes == cfg.get('num_classes'):
+        raise ValueError(
+            f'This checkpoint has a {classes}-class classifier but the model has {model.num_classes} classes. Create '
+            f'the model with num_classes={classes} to load it (timm-dirac convert/validate: --num-classes {classes}), '
+            f'or with the num_classes you want for a new classifier.')
+    cfg['num_classes'] = classes  # the cfg now describes the file: timm keeps a fitting classifier, drops another
+
+
+def checkpoint_filter_fn(state_dict: Dict[str, Any], model: nn.Module, features_only: bool = False
+                         ) -> Dict[str, torch.Tensor]:
     """ timm `pretrained_filter_fn`: bring any supported DiracNet checkpoint (ours in either form, the authors'
-    folded or functional ones) into the form (train or folded) and keys of `model`. """
+    folded or functional ones) into the form (train or folded) and keys of `model`; a classifier that fits the
+    model loads (see `check_classifier`; `features_only`: the classifier is not wanted). """
     state_dict = to_timm_state_dict(state_dict)
     check_structure(state_dict, model)
-    model_folded = not isinstance(model.stem.bn, nn.BatchNorm2d)
+    check_classifier(state_dict, model, features_only)
+    model_folded = is_folded(model)
     if model_folded and not is_folded_state_dict(state_dict):
         return fold_state_dict(state_dict)
     if not model_folded and is_folded_state_dict(state_dict):
@@ -316,37 +354,121 @@ def pretrained_source_error(
                         f'{type(error).__name__}: {error}. {fix}')
 
 
+# The datasets the authors' training scripts write checkpoints for, by model style and classifier size: their label
+# order (torchvision's CIFAR classes, ImageNet's synsets) gives the converted folder its class names.
+CIFAR10_LABELS = ('airplane', 'automobile', 'bird', 'cat', 'deer', 'dog', 'frog', 'horse', 'ship', 'truck')
+CIFAR100_LABELS = (
+    'apple', 'aquarium_fish', 'baby', 'bear', 'beaver', 'bed', 'bee', 'beetle', 'bicycle', 'bottle', 'bowl', 'boy',
+    'bridge', 'bus', 'butterfly', 'camel', 'can', 'castle', 'caterpillar', 'cattle', 'chair', 'chimpanzee', 'clock',
+    'cloud', 'cockroach', 'couch', 'crab', 'crocodile', 'cup', 'dinosaur', 'dolphin', 'elephant', 'flatfish', 'forest',
+    'fox', 'girl', 'hamster', 'house', 'kangaroo', 'keyboard', 'lamp', 'lawn_mower', 'leopard', 'lion', 'lizard',
+    'lobster', 'man', 'maple_tree', 'motorcycle', 'mountain', 'mouse', 'mushroom', 'oak_tree', 'orange', 'orchid',
+    'otter', 'palm_tree', 'pear', 'pickup_truck', 'pine_tree', 'plain', 'plate', 'poppy', 'porcupine', 'possum',
+    'rabbit', 'raccoon', 'ray', 'road', 'rocket', 'rose', 'sea', 'seal', 'shark', 'shrew', 'skunk', 'skyscraper',
+    'snail', 'snake', 'spider', 'squirrel', 'streetcar', 'sunflower', 'sweet_pepper', 'table', 'tank', 'telephone',
+    'television', 'tiger', 'tractor', 'train', 'trout', 'tulip', 'turtle', 'wardrobe', 'whale', 'willow_tree', 'wolf',
+    'woman', 'worm')
+
+
+def authors_dataset(model: nn.Module) -> Optional[Tuple[str, Tuple[str, ...]]]:
+    """ (dataset, label names) of a model shaped like one the authors' scripts train (ImageNet style with 1000
+    classes, CIFAR style with 10 or 100), else None. """
+    from timm.data import ImageNetInfo
+    imagenet = len(model.stages) == 4
+    if imagenet and model.num_classes == 1000:
+        return 'imagenet-1k', tuple(ImageNetInfo('imagenet-1k').label_names())
+    if not imagenet and model.num_classes in (10, 100):
+        return ('cifar10', CIFAR10_LABELS) if model.num_classes == 10 else ('cifar100', CIFAR100_LABELS)
+    return None
+
+
+def is_release(path: os.PathLike, url: Optional[str]) -> bool:
+    """ Whether the file at `path` is the one published at `url`: release file names carry a prefix of the file's
+    sha256 (`<name>-<hash prefix>.<ext>`, torch.hub's convention), checked here on the bytes. """
+    import hashlib
+    match = torch.hub.HASH_REGEX.search(os.path.basename(url or ''))
+    if not match:
+        return False
+    digest = hashlib.sha256()
+    with open(path, 'rb') as f:
+        for block in iter(lambda: f.read(1 << 20), b''):
+            digest.update(block)
+    return digest.hexdigest().startswith(match.group(1))
+
+
+def _source_file(source: str) -> Path:
+    """ The local file of a path or URL (a URL is downloaded once into torch hub's cache). """
+    if '://' not in source:
+        return Path(source)
+    from timm.models._hub import download_cached_file
+    return Path(download_cached_file(source, check_hash=False, progress=True))
+
+
+def _classifier_size(state_dict: Mapping[str, Any]) -> Optional[int]:
+    weight = state_dict.get('head.fc.weight')
+    return int(weight.shape[0]) if isinstance(weight, torch.Tensor) else None
+
+
 def add_arguments(parser: argparse.ArgumentParser):
+    from timm.utils import ParseKwargs
+
     parser.add_argument('source', help='checkpoint path or URL: ours (train or folded) or the authors\' (folded or '
                                        'functional v2), read with weights_only=True')
     parser.add_argument('--model', required=True, help='architecture (optionally .tag), e.g. diracnet18')
+    parser.add_argument('--model-kwargs', nargs='*', default={}, action=ParseKwargs, metavar='K=V',
+                        help='model shape, e.g. depth=28 width=2 (any CIFAR DiracNet-D-W) or layers=(2,2,2,2)')
+    parser.add_argument('--num-classes', type=int, default=None,
+                        help="classifier size (default: the checkpoint's, e.g. 100 for a CIFAR-100 file)")
     parser.add_argument('--out', required=True, help='output Hub folder (must not exist unless --overwrite)')
     parser.add_argument('--form', choices=('auto', 'train', 'folded'), default='auto',
                         help='form of the written weights; auto keeps the source\'s form (default)')
+    parser.add_argument('--dataset', default=None,
+                        help='hfds/<Hub id or local folder> the weights were trained on: its class names go into '
+                             "config.json (default for the authors' layouts: ImageNet-1k, CIFAR-10 or CIFAR-100 by "
+                             'model style and classifier size)')
+    parser.add_argument('--license', default=None, help='licence of weights that are not a registered release '
+                                                        '(an SPDX-style Hub id, e.g. apache-2.0; default unknown)')
     parser.add_argument('--overwrite', action='store_true', help='replace an existing output folder')
 
 
 def run(args: argparse.Namespace) -> int:
     import timm
+    from timm.models import get_pretrained_cfg
+
     from .hub import save_hub_folder
 
-    source = args.source
     if Path(args.out).exists() and not args.overwrite:
         raise FileExistsError(f'{args.out} already exists; nothing was written. Choose another --out, or pass '
                               f'--overwrite to replace it.')
-    if '://' in source:
-        checkpoint = torch.hub.load_state_dict_from_url(source, map_location='cpu', weights_only=True)
-    else:
-        checkpoint = load_checkpoint_file(source)
+    path = _source_file(args.source)
+    checkpoint = load_checkpoint_file(path)
     fmt = detect_format(checkpoint)
     folded = fmt.endswith('folded') if args.form == 'auto' else args.form == 'folded'
-    overlay = dict(state_dict=checkpoint)
-    if not fmt.startswith('authors'):
-        overlay.update(url='', hf_hub_id=None, tag=None, origin_url=None, license=None)  # not the tag's weights
-    model = timm.create_model(args.model, pretrained=True, inference_mode=folded, pretrained_cfg_overlay=overlay)
+    num_classes = args.num_classes or _classifier_size(to_timm_state_dict(checkpoint))
+    cfg = get_pretrained_cfg(args.model)
+    release = (cfg is not None and not args.model_kwargs and num_classes in (None, cfg.num_classes)
+               and is_release(path, cfg.url))
+    model = timm.create_model(
+        args.model, pretrained=True, inference_mode=folded, pretrained_cfg_overlay=dict(state_dict=checkpoint),
+        **({} if num_classes is None else dict(num_classes=num_classes)), **args.model_kwargs)
     model.pretrained_cfg.pop('state_dict', None)
-    train_info = {'converted from': f'{source} ({fmt} format)'}
-    out = save_hub_folder(model.eval(), args.out, train_info=train_info, overwrite=args.overwrite)
+
+    authors = authors_dataset(model) if fmt.startswith('authors') else None
+    if args.dataset:
+        from .data import hub_dataset_id, label_names
+        dataset, labels = hub_dataset_id(args.dataset), label_names(args.dataset)
+    elif authors:
+        dataset, labels = authors
+    else:
+        raise ValueError(f'{path.name} is not in the authors\' layout, so its classes are unknown: pass --dataset '
+                         f'hfds/<Hub id or local folder> (the data it was trained on) to name them.')
+    source = args.source if '://' in args.source else path.name  # a file name, never a local absolute path
+    info = {} if release else dict(source=f'{source} ({fmt} format)', dataset=dataset,
+                                   license=args.license or 'unknown')
+    out = save_hub_folder(model.eval(), args.out, train_info=info, overwrite=args.overwrite, release=release,
+                          label_names=labels)
+    cfg = model.pretrained_cfg
+    what = f"the release {cfg['architecture']}.{cfg['tag']}" if release else 'not a registered release: no tag'
     print(f'wrote {out}: {", ".join(sorted(p.name for p in out.iterdir()))} '
-          f'({"folded" if folded else "train"} form, from a checkpoint in the {fmt} format)')
+          f'({"folded" if folded else "train"} form, from a checkpoint in the {fmt} format; {what})')
     return 0

@@ -55,6 +55,7 @@ class HFImageDataset(Dataset):
         self.data = hf_dataset
         self.image_key, self.label_key = images[0], labels[0]
         self.num_classes = features[self.label_key].num_classes
+        self.label_names = list(features[self.label_key].names)
         self.name = name
         self.transform = transform
 
@@ -185,6 +186,26 @@ def holdout_indices(num_samples: int, holdout: int) -> Tuple[List[int], List[int
 def is_test_split(split: str) -> bool:
     """ Whether `split` names a test split (choosing checkpoints on it would leak the test set into the result). """
     return split.split('[')[0].strip().lower() in SPLIT_ALIASES['test']
+
+
+def label_names(dataset: str, data_dir: Optional[str] = None, split: str = 'train') -> List[str]:
+    """ The class names of a dataset in label order: the ClassLabel names of `hfds/<id or folder>`, else the
+    class folders of `data_dir`'s `split` folder (sorted, as FolderDataset numbers them). """
+    if dataset.startswith('hfds/'):
+        return HFImageDataset(_load_hfds(dataset[len('hfds/'):], split), dataset).label_names
+    if dataset not in ('', 'folder') or not data_dir:
+        raise DataError(f'cannot read class names from {dataset or data_dir!r}: give hfds/<Hub id or local folder> '
+                        f'or an image folder (--data-dir) with one sub-folder per class.')
+    from torchvision.datasets.folder import find_classes
+    return find_classes(_split_folder(data_dir, split))[0]
+
+
+def hub_dataset_id(dataset: str) -> Optional[str]:
+    """ The Hub id of `hfds/<id>` for model cards; None for a local folder (its path names nothing public). """
+    if not dataset.startswith('hfds/'):
+        return None
+    name = dataset[len('hfds/'):]
+    return None if os.path.exists(os.path.expanduser(name)) else name
 
 
 def is_small_input(data_config: Dict[str, Any]) -> bool:

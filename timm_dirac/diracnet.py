@@ -11,6 +11,7 @@ The ImageNet nets (DiracNet-18/34) and the CIFAR nets (DiracNet-D-W, named like 
 """
 from collections import OrderedDict
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
@@ -22,9 +23,9 @@ from timm.layers import ClassifierHead, get_device_dtype
 from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
 
 from ._timm_compat import feature_take_indices, update_model_args
-from .convert import checkpoint_filter_fn, pretrained_source_error
+from .convert import CIFAR10_LABELS, checkpoint_filter_fn, pretrained_source_error
 from .hub import HUB_NAMESPACE
-from .layers import DiracConv2d, fold_bn
+from .layers import DiracConv2d, fold_bn, is_folded
 
 __all__ = ['DiracNet', 'DiracBlock', 'DiracStage', 'DiracStem', 'DiracStyle', 'STYLES', 'dirac_layers']
 
@@ -194,6 +195,7 @@ class DiracNet(nn.Module):
     `style='imagenet'`: 7x7/2 stem + 3x3/2 max-pool, four stages of widths (64, 128, 256, 512) * width.
     `style='cifar'`: 3x3 stem, three stages of widths (16, 32, 64) * width (DiracNet-D-W).
     """
+    __jit_unused_properties__ = ['inference_mode']
 
     def __init__(
             self,
@@ -234,7 +236,6 @@ class DiracNet(nn.Module):
         self.num_classes = num_classes
         self.in_chans = in_chans
         self.drop_rate = drop_rate
-        self.inference_mode = inference_mode
 
         stem_chs = widths[0]
         stem_reduction = 2 if cfg.stem_downsample else 1
@@ -266,6 +267,12 @@ class DiracNet(nn.Module):
         self._init_head()
         self.register_load_state_dict_pre_hook(_check_checkpoint_form)
 
+    @property
+    def inference_mode(self) -> bool:
+        """ Whether the model is folded, read from its structure, so a model folded by timm's
+        `reparameterize_model` (which never calls this class's own `reparameterize`) says so too. """
+        return is_folded(self)
+
     @torch.no_grad()
     def _init_head(self):
         fc = self.head.fc
@@ -280,7 +287,6 @@ class DiracNet(nn.Module):
         for module in self.modules():
             if module is not self and hasattr(module, 'reparameterize'):
                 module.reparameterize()
-        self.inference_mode = True
         update_model_args(self, inference_mode=True)
 
     @torch.jit.ignore
@@ -386,7 +392,7 @@ class DiracNet(nn.Module):
 
 def _check_checkpoint_form(module: DiracNet, state_dict: Dict[str, torch.Tensor], prefix: str, *args):
     """ Refuse, with the fix, a train-form state dict for a folded model and the reverse. """
-    model_folded = not isinstance(module.stem.bn, nn.BatchNorm2d)
+    model_folded = module.inference_mode
     if prefix + 'stem.bn.running_var' in state_dict and model_folded:
         raise RuntimeError(
             'This checkpoint is a train-form DiracNet (Dirac alpha/beta and BatchNorm tensors) but the model is '
@@ -427,7 +433,7 @@ def _create_diracnet(variant: str, pretrained: bool = False, **kwargs) -> DiracN
             DiracNet,
             variant,
             pretrained,
-            pretrained_filter_fn=checkpoint_filter_fn,
+            pretrained_filter_fn=partial(checkpoint_filter_fn, features_only=kwargs.get('features_only', False)),
             feature_cfg=dict(flatten_sequential=True, out_indices=tuple(range(num_levels))),
             **kwargs,
         )
@@ -470,22 +476,23 @@ def _repository_copy(tag: str) -> Optional[str]:
 
 
 # The authors' ImageNet weights (folded v2) load from their own address and are converted on load
-# (convert.checkpoint_filter_fn); their repository has no licence file, so they are not re-hosted. Weights this
+# (convert.checkpoint_filter_fn); their repository has no licence file, so they are not re-hosted. They were trained
+# and evaluated with OpenCV's bicubic resize (cv2.INTER_CUBIC): 'bicubic' is timm's closest setting. Weights this
 # project trains itself go to the Hub namespace hub.HUB_NAMESPACE (env TIMM_DIRAC_HUB_NAMESPACE) as
 # `hf_hub_id=f'{HUB_NAMESPACE}/<model>.<tag>'`. Reported accuracy: hub.REPORTED_RESULTS.
 default_cfgs = generate_default_cfgs({
     'diracnet18.v2_in1k': _cfg(
-        url='https://s3.amazonaws.com/modelzoo-networks/diracnet18v2folded-a2174e15.pth',
+        url='https://s3.amazonaws.com/modelzoo-networks/diracnet18v2folded-a2174e15.pth', interpolation='bicubic',
         origin_url='https://github.com/szagoruyko/diracnets', license='unknown',
         notes=("The authors' folded v2 weights, downloaded from their address and converted on load.",
                "ImageNet-1k val top-1 69.63 / top-5 89.12 reported in the authors' export notebook.")),
     'diracnet34.v2_in1k': _cfg(
-        url='https://s3.amazonaws.com/modelzoo-networks/diracnet34v2folded-dfb15d34.pth',
+        url='https://s3.amazonaws.com/modelzoo-networks/diracnet34v2folded-dfb15d34.pth', interpolation='bicubic',
         origin_url='https://github.com/szagoruyko/diracnets', license='unknown',
         notes=("The authors' folded v2 weights, downloaded from their address and converted on load.",
                'ImageNet-1k val top-1 72.21 reported in the DiracNets paper.')),
     'diracnet16_4_cifar.td_cifar10': _cifar_cfg(
-        hf_hub_id=f'{HUB_NAMESPACE}/diracnet16_4_cifar.td_cifar10', license='apache-2.0',
+        hf_hub_id=f'{HUB_NAMESPACE}/diracnet16_4_cifar.td_cifar10', license='apache-2.0', label_names=CIFAR10_LABELS,
         file=_repository_copy('diracnet16_4_cifar.td_cifar10'),
         notes=('Trained by timm-dirac on CIFAR-10 (train split) in 112 min on a 2-core CPU: '
                'train_configs/diracnet16_4_cifar10_cpu.yaml. 90.00% top-1 on the CIFAR-10 test split.',

@@ -16,7 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import register_notrace_function
 
-__all__ = ['DiracConv1d', 'DiracConv2d', 'DiracConv3d', 'dirac_kernel', 'fold_bn', 'fold_bn_stats']
+__all__ = ['DiracConv1d', 'DiracConv2d', 'DiracConv3d', 'dirac_kernel', 'fold_bn', 'fold_bn_stats', 'is_folded']
 
 _size_any = Union[int, Tuple[int, ...]]
 
@@ -168,6 +168,13 @@ class DiracConv3d(_DiracConvNd):
 
     def _conv(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         return F.conv3d(x, weight, self.bias, 1, self.padding, self.dilation)
+
+
+def is_folded(model: nn.Module) -> bool:
+    """ Whether `model` is in the folded (inference) form, read from its structure: no BatchNorm and no
+    Dirac-parameterized conv left, however it was folded (`reparameterize()`, timm's `reparameterize_model`, or built
+    with `inference_mode=True`). """
+    return not any(isinstance(m, (nn.modules.batchnorm._BatchNorm, _DiracConvNd)) for m in model.modules())
 
 
 def _ntuple(value: _size_any, n: int, name: str) -> Tuple[int, ...]:

@@ -13,6 +13,8 @@ import timm
 from timm.data import create_dataset, create_transform, resolve_model_data_config
 from timm.utils import reparameterize_model
 
+from .layers import is_folded
+
 __all__ = ['default_data', 'load_model', 'is_folded', 'fold', 'load_images']
 
 
@@ -47,12 +49,6 @@ def load_model(name: Optional[str], checkpoint: Optional[str] = None) -> nn.Modu
     if name is None:
         raise ValueError(f'{path} is a weights file: also give --model NAME to say which architecture it is for.')
     return timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=str(path))).eval()
-
-
-def is_folded(model: nn.Module) -> bool:
-    """ Whether a model is in the inference form: no BatchNorm and no Dirac-parameterized conv left. """
-    from .layers import _DiracConvNd
-    return not any(isinstance(m, (nn.modules.batchnorm._BatchNorm, _DiracConvNd)) for m in model.modules())
 
 
 def fold(model: nn.Module) -> nn.Module:

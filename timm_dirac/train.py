@@ -452,6 +452,7 @@ def export_hub_folders(run_dir: Path, args: argparse.Namespace, num_classes: int
     """ The best checkpoint's weights (EMA weights with --model-ema) of a DiracNet as Hub folders, in train form
     and folded (deep copy, eval, reparameterize), with the test split's metrics if it was scored, else the
     validation metrics; an earlier export is kept, the new one gets a suffix. """
+    from .data import hub_dataset_id, label_names
     from .diracnet import DiracNet
     from .hub import save_hub_folder
 
@@ -463,7 +464,6 @@ def export_hub_folders(run_dir: Path, args: argparse.Namespace, num_classes: int
     epoch = state['best'][0][1]
     model.load_state_dict(_best_weights(run_dir, args, state))
     row = next(r for r in state['summary'] if r['epoch'] == epoch)
-    hub_dataset = args.dataset[len('hfds/'):] if args.dataset.startswith('hfds/') else None
     prefix = 'ema_' if args.model_ema else ''
     chosen = (f'timm-dirac-train, epoch {epoch} of {args.epochs}{" (EMA weights)" if args.model_ema else ""}, '
               f'{f"chosen on {_val_name(args)}" if _selects(args) else "the last epoch"}')
@@ -471,10 +471,11 @@ def export_hub_folders(run_dir: Path, args: argparse.Namespace, num_classes: int
         metrics, split, source = test_metrics, args.test_split, f'{chosen}, scored once on {args.test_split}'
     else:
         metrics, split, source = {k: row[prefix + 'val_' + k] for k in ('top1', 'top5', 'loss')}, _val_name(args), chosen
-    info = dict(
-        dataset=hub_dataset if hub_dataset and not os.path.exists(os.path.expanduser(hub_dataset)) else None,
+    info = dict(  # this run's own facts: the model's default tag describes other weights (see hub.published_cfg)
+        dataset=hub_dataset_id(args.dataset), license='apache-2.0',
         metrics={k: round(metrics[k], 4) for k in ('top1', 'top5', 'loss')},
         eval_split=split, metrics_source=source, epochs=args.epochs, recipe=args.config or None)
+    labels = label_names(args.dataset, args.data_dir, args.train_split)
     if args.qat:  # the fake-quantized split model merges into the folded model int8 will store
         forms = (('folded', merge_qat(model)),)
     else:
@@ -487,7 +488,7 @@ def export_hub_folders(run_dir: Path, args: argparse.Namespace, num_classes: int
         suffix = 1
         while out.exists():  # a resumed run that finished before: keep the earlier export
             out, suffix = run_dir / f'hub-{form}-{suffix}', suffix + 1
-        written.append(save_hub_folder(net, out, train_info=info))
+        written.append(save_hub_folder(net, out, train_info=info, label_names=labels))
     return written
 
 
