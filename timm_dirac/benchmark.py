@@ -29,7 +29,7 @@ from timm.utils import reparameterize_model
 from .backends import Runner, torch_eager
 from .backends import onnxruntime as ort_backend
 from .backends.torch_eager import PRECISIONS
-from .diracnet import DiracBlock
+from .diracnet import REPORTED_RESULTS, DiracBlock
 from .loading import default_data, is_folded, load_images
 from .precision import cpu_flags
 from .timing import time_interleaved
@@ -39,8 +39,8 @@ TIMM_RESULTS = ('timm ImageNet-1k validation results, huggingface/pytorch-image-
 
 # Reported ImageNet-1k top-1 (%) by model: (weights tag, top-1, source). Used only to place models on the plot.
 REPORTED_TOP1: Dict[str, List[tuple]] = {
-    'diracnet18': [('v2', 69.63, 'DiracNets authors, v2 export notebook (30.37% top-1 error)')],
-    'diracnet34': [('v2', 72.21, 'DiracNets paper, 27.79% top-1 error')],
+    **{name.split('.')[0]: [(name.split('.')[1].split('_')[0], r['top1'], r['source'])]
+       for name, r in REPORTED_RESULTS.items()},
     'resnet18': [('tv_in1k', 69.752, TIMM_RESULTS), ('a1_in1k', 71.504, TIMM_RESULTS)],
     'resnet34': [('tv_in1k', 73.298, TIMM_RESULTS), ('a1_in1k', 76.420, TIMM_RESULTS)],
     'repvgg_a0': [('rvgg_in1k', 72.426, TIMM_RESULTS)],

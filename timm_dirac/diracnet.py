@@ -9,6 +9,7 @@ and every BatchNorm into plain convs, leaving a VGG-like chain of conv-ReLU pair
 The ImageNet nets (DiracNet-18/34) and the CIFAR nets (DiracNet-D-W, named like Wide ResNets) are one class:
 `style` picks the stem, the stage widths and the depth rule; `depth`, `width` or `layers` pick any member.
 """
+import os
 from collections import OrderedDict
 from dataclasses import dataclass
 from functools import partial
@@ -24,7 +25,6 @@ from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_c
 
 from ._timm_compat import feature_take_indices, update_model_args
 from .convert import CIFAR10_LABELS, checkpoint_filter_fn, pretrained_source_error
-from .hub import HUB_NAMESPACE
 from .layers import DiracConv2d, fold_bn, is_folded
 
 __all__ = ['DiracNet', 'DiracBlock', 'DiracStage', 'DiracStem', 'DiracStyle', 'STYLES', 'dirac_layers']
@@ -468,6 +468,37 @@ def _cifar_cfg(url: str = '', **kwargs) -> Dict[str, Any]:
         mean=CIFAR_MEAN, std=CIFAR_STD, **kwargs)
 
 
+# Hub namespace (user or organisation) of the weights this project trains itself, e.g. `<ns>/diracnet34_1_cifar.<tag>`
+HUB_NAMESPACE = os.environ.get('TIMM_DIRAC_HUB_NAMESPACE', 'timm-dirac')
+
+AUTHORS_REPO = 'https://github.com/szagoruyko/diracnets'
+
+_AUTHORS_IMAGENET_EVAL = (
+    "The authors trained and evaluated these weights with OpenCV: resize to 256 with cv2.INTER_CUBIC (bicubic, no "
+    "antialiasing), centre crop 224, ImageNet mean / std. This config uses timm's closest setting (bicubic, crop_pct "
+    "0.875); timm resizes with PIL, which antialiases, so its accuracy can differ from the reported one by about a "
+    "point (a re-evaluation with PIL resizing measured {pil}).")
+
+# Accuracy the weights' authors report, per `<architecture>.<tag>`, for the model cards of exactly those weights.
+REPORTED_RESULTS: Dict[str, Dict[str, Any]] = {
+    'diracnet18.v2_in1k': dict(
+        dataset='imagenet-1k', split='validation', top1=69.63, top5=89.12,
+        source="the authors' export notebook (top-1 / top-5 error 30.37 / 10.88)", source_url=AUTHORS_REPO,
+        note=_AUTHORS_IMAGENET_EVAL.format(pil='68.53 / 88.30')),
+    'diracnet34.v2_in1k': dict(
+        dataset='imagenet-1k', split='validation', top1=72.21,
+        source='the DiracNets paper (top-1 error 27.79), also cited by the RepVGG paper',
+        source_url='https://arxiv.org/abs/1706.00388',
+        note=_AUTHORS_IMAGENET_EVAL.format(pil='71.25 / 90.07')),
+}
+
+
+def _reported_note(name: str) -> str:
+    result = REPORTED_RESULTS[name]
+    top5 = f" / top-5 {result['top5']}" if 'top5' in result else ''
+    return f"ImageNet-1k val top-1 {result['top1']}{top5} reported in {result['source']}."
+
+
 def _repository_copy(tag: str) -> Optional[str]:
     """ Our weights' copy in a clone of this repository (weights/<tag>/model.safetensors), if there is one: timm
     loads a cfg's `file` before its Hub id, so a clone (or an editable install) loads them by name, offline. """
@@ -478,19 +509,19 @@ def _repository_copy(tag: str) -> Optional[str]:
 # The authors' ImageNet weights (folded v2) load from their own address and are converted on load
 # (convert.checkpoint_filter_fn); their repository has no licence file, so they are not re-hosted. They were trained
 # and evaluated with OpenCV's bicubic resize (cv2.INTER_CUBIC): 'bicubic' is timm's closest setting. Weights this
-# project trains itself go to the Hub namespace hub.HUB_NAMESPACE (env TIMM_DIRAC_HUB_NAMESPACE) as
-# `hf_hub_id=f'{HUB_NAMESPACE}/<model>.<tag>'`. Reported accuracy: hub.REPORTED_RESULTS.
+# project trains itself go to the Hub namespace HUB_NAMESPACE (env TIMM_DIRAC_HUB_NAMESPACE) as
+# `hf_hub_id=f'{HUB_NAMESPACE}/<model>.<tag>'`. Reported accuracy: REPORTED_RESULTS.
 default_cfgs = generate_default_cfgs({
     'diracnet18.v2_in1k': _cfg(
         url='https://s3.amazonaws.com/modelzoo-networks/diracnet18v2folded-a2174e15.pth', interpolation='bicubic',
         origin_url='https://github.com/szagoruyko/diracnets', license='unknown',
         notes=("The authors' folded v2 weights, downloaded from their address and converted on load.",
-               "ImageNet-1k val top-1 69.63 / top-5 89.12 reported in the authors' export notebook.")),
+               _reported_note('diracnet18.v2_in1k'))),
     'diracnet34.v2_in1k': _cfg(
         url='https://s3.amazonaws.com/modelzoo-networks/diracnet34v2folded-dfb15d34.pth', interpolation='bicubic',
         origin_url='https://github.com/szagoruyko/diracnets', license='unknown',
         notes=("The authors' folded v2 weights, downloaded from their address and converted on load.",
-               'ImageNet-1k val top-1 72.21 reported in the DiracNets paper.')),
+               _reported_note('diracnet34.v2_in1k'))),
     'diracnet16_4_cifar.td_cifar10': _cifar_cfg(
         hf_hub_id=f'{HUB_NAMESPACE}/diracnet16_4_cifar.td_cifar10', license='apache-2.0', label_names=CIFAR10_LABELS,
         file=_repository_copy('diracnet16_4_cifar.td_cifar10'),

@@ -23,6 +23,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 
+from .diracnet import AUTHORS_REPO, HUB_NAMESPACE, REPORTED_RESULTS
 from .layers import is_folded
 
 __all__ = [
@@ -30,34 +31,10 @@ __all__ = [
     'check_hub_folder', 'generate_model_card', 'count_params_macs', 'published_cfg',
 ]
 
-# Hub namespace (user or organisation) of the weights this project trains itself, e.g. `<ns>/diracnet34_1_cifar.<tag>`
-HUB_NAMESPACE = os.environ.get('TIMM_DIRAC_HUB_NAMESPACE', 'timm-dirac')
-
 HUB_FILES = ('model.safetensors', 'config.json', 'README.md')
 
 # what a card says where the Hub repository id belongs until `push` fills in the real one
 REPO_ID_PLACEHOLDER = '<namespace>/<repository>'
-
-AUTHORS_REPO = 'https://github.com/szagoruyko/diracnets'
-
-_AUTHORS_IMAGENET_EVAL = (
-    "The authors trained and evaluated these weights with OpenCV: resize to 256 with cv2.INTER_CUBIC (bicubic, no "
-    "antialiasing), centre crop 224, ImageNet mean / std. This config uses timm's closest setting (bicubic, crop_pct "
-    "0.875); timm resizes with PIL, which antialiases, so its accuracy can differ from the reported one by about a "
-    "point (a re-evaluation with PIL resizing measured {pil}).")
-
-# Accuracy the weights' authors report, per `<architecture>.<tag>`, for the model cards of exactly those weights.
-REPORTED_RESULTS: Dict[str, Dict[str, Any]] = {
-    'diracnet18.v2_in1k': dict(
-        dataset='imagenet-1k', split='validation', top1=69.63, top5=89.12,
-        source="the authors' export notebook (top-1 / top-5 error 30.37 / 10.88)", source_url=AUTHORS_REPO,
-        note=_AUTHORS_IMAGENET_EVAL.format(pil='68.53 / 88.30')),
-    'diracnet34.v2_in1k': dict(
-        dataset='imagenet-1k', split='validation', top1=72.21,
-        source='the DiracNets paper (top-1 error 27.79), also cited by the RepVGG paper',
-        source_url='https://arxiv.org/abs/1706.00388',
-        note=_AUTHORS_IMAGENET_EVAL.format(pil='71.25 / 90.07')),
-}
 
 # dataset names as written in configs and training runs -> (Hub dataset id, readable name)
 _DATASETS = {
