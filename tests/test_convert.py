@@ -12,7 +12,7 @@ import timm_dirac  # noqa: F401
 from timm_dirac.cli import main as cli_main
 from timm_dirac.convert import (
     checkpoint_filter_fn, convert_authors_checkpoint, detect_format, is_release, load_checkpoint_file,
-    pretrained_source_error)
+    hub_unreachable, pretrained_source_error)
 
 from authors_format import (
     folded_forward, fold_functional, functional_forward, make_functional_params, params_epoch_optimizer_layout,
@@ -152,6 +152,31 @@ def test_unreachable_source_error_names_source_and_fix():
     hub = pretrained_source_error(
         'diracnet34_1_cifar', OSError('offline'), pretrained_cfg_overlay=dict(hf_hub_id='ns/diracnet34_1_cifar.x'))
     assert 'ns/diracnet34_1_cifar.x' in str(hub) and 'hf download' in str(hub)
+
+
+def test_hub_weights_without_network_fail_at_once(tmp_path, monkeypatch):
+    """ Hub weights neither cached nor reachable: one error naming the fix, before huggingface_hub's minute of
+    retries; cached weights (or HF_HUB_OFFLINE) are left to timm. """
+    import socket
+    import time
+    from huggingface_hub import constants
+
+    def no_dns(*args, **kwargs):
+        raise socket.gaierror(-2, 'Name or service not known')
+    monkeypatch.setattr(socket, 'getaddrinfo', no_dns)
+    monkeypatch.setattr(constants, 'HF_HUB_CACHE', str(tmp_path))
+    hub_only = dict(file=None, hf_hub_id='ns/diracnet34_1_cifar.x')
+    start = time.perf_counter()
+    with pytest.raises(RuntimeError, match='no network: huggingface.co does not resolve') as exc:
+        timm.create_model('diracnet34_1_cifar', pretrained=True, pretrained_cfg_overlay=hub_only)
+    assert time.perf_counter() - start < 10 and 'hf download ns/diracnet34_1_cifar.x' in str(exc.value)
+    assert hub_unreachable('diracnet18') is None  # an URL source: timm's own download and error
+    snapshot = tmp_path / 'models--ns--diracnet34_1_cifar.x' / 'snapshots' / 'abc'
+    snapshot.mkdir(parents=True)
+    (snapshot / 'model.safetensors').write_bytes(b'')
+    (tmp_path / 'models--ns--diracnet34_1_cifar.x' / 'refs').mkdir()
+    (tmp_path / 'models--ns--diracnet34_1_cifar.x' / 'refs' / 'main').write_text('abc')
+    assert hub_unreachable('diracnet34_1_cifar', pretrained_cfg_overlay=hub_only) is None
 
 
 def test_convert_cli_writes_loadable_folder(tmp_path):

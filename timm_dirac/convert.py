@@ -323,6 +323,32 @@ def load_checkpoint_file(path: os.PathLike) -> Any:
             f'tensor checkpoint (arbitrary pickles are never unpickled).') from e
 
 
+def hub_unreachable(variant: str, pretrained_cfg: Optional[Any] = None,
+                    pretrained_cfg_overlay: Optional[Dict[str, Any]] = None) -> Optional[OSError]:
+    """ Why Hub weights cannot load, found in a second: their source is a Hub repo that is not in the local cache
+    and the Hub's host does not resolve (no network). huggingface_hub would retry for about a minute first. """
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants, try_to_load_from_cache
+    from timm.models import resolve_pretrained_cfg
+    from ._timm_compat import resolve_pretrained_source
+
+    cfg = resolve_pretrained_cfg(variant, pretrained_cfg=pretrained_cfg, pretrained_cfg_overlay=pretrained_cfg_overlay)
+    load_from, location = resolve_pretrained_source(cfg.to_dict() if hasattr(cfg, 'to_dict') else dict(cfg or {}))
+    if load_from != 'hf-hub' or constants.HF_HUB_OFFLINE:
+        return None
+    repo = location if isinstance(location, str) else location[0]
+    if any(isinstance(try_to_load_from_cache(repo, f), str) for f in ('model.safetensors', 'pytorch_model.bin')):
+        return None
+    host = urlparse(constants.ENDPOINT).hostname
+    try:
+        socket.getaddrinfo(host, 443)
+    except OSError as e:
+        return OSError(f'no network: {host} does not resolve ({e})')
+    return None
+
+
 def pretrained_source_error(
         variant: str,
         error: OSError,
@@ -333,15 +359,15 @@ def pretrained_source_error(
 
     For `_create_diracnet`: `except OSError as e: raise pretrained_source_error(variant, e, ...) from e`.
     """
-    from timm.models._builder import _resolve_pretrained_source
     from timm.models import resolve_pretrained_cfg
+    from ._timm_compat import resolve_pretrained_source
 
     cfg = resolve_pretrained_cfg(variant, pretrained_cfg=pretrained_cfg, pretrained_cfg_overlay=pretrained_cfg_overlay)
     cfg = cfg.to_dict() if hasattr(cfg, 'to_dict') else dict(cfg or {})
-    load_from, location = _resolve_pretrained_source(cfg)
+    load_from, location = resolve_pretrained_source(cfg)
     name = f"{cfg.get('architecture', variant)}{'.' + cfg['tag'] if cfg.get('tag') else ''}"
     where = {'hf-hub': 'the Hugging Face Hub repository', 'url': 'the address', 'file': 'the file'}.get(load_from, '')
-    filename = os.path.basename(str(cfg.get('url') or 'weights.pth'))
+    filename = os.path.basename(str(cfg.get('url') or 'model.safetensors'))
     fix = (f"If you have a copy of the weights (e.g. {filename}"
            f"{' from ' + cfg['url'] if cfg.get('url') else ''}), load it with timm.create_model('{name}', "
            f"pretrained=True, pretrained_cfg_overlay=dict(file='/path/to/{filename}')).")

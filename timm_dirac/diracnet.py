@@ -24,7 +24,7 @@ from timm.layers import ClassifierHead, get_device_dtype
 from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
 
 from ._timm_compat import feature_take_indices, update_model_args
-from .convert import CIFAR10_LABELS, checkpoint_filter_fn, pretrained_source_error
+from .convert import CIFAR10_LABELS, checkpoint_filter_fn, hub_unreachable, pretrained_source_error
 from .layers import DiracConv2d, fold_bn, is_folded
 
 __all__ = ['DiracNet', 'DiracBlock', 'DiracStage', 'DiracStem', 'DiracStyle', 'STYLES', 'dirac_layers']
@@ -428,6 +428,9 @@ def _init_bn(bn: nn.BatchNorm2d) -> nn.BatchNorm2d:
 
 def _create_diracnet(variant: str, pretrained: bool = False, **kwargs) -> DiracNet:
     num_levels = 1 + len(get_style(kwargs.get('style', 'imagenet')).widths)
+    overlays = kwargs.get('pretrained_cfg'), kwargs.get('pretrained_cfg_overlay')
+    if pretrained and (offline := hub_unreachable(variant, *overlays)):
+        raise pretrained_source_error(variant, offline, *overlays)
     try:
         return build_model_with_cfg(
             DiracNet,
@@ -440,8 +443,7 @@ def _create_diracnet(variant: str, pretrained: bool = False, **kwargs) -> DiracN
     except OSError as e:  # URLError and huggingface_hub's network / cache errors are all OSErrors
         if not pretrained:
             raise
-        raise pretrained_source_error(
-            variant, e, kwargs.get('pretrained_cfg'), kwargs.get('pretrained_cfg_overlay')) from e
+        raise pretrained_source_error(variant, e, *overlays) from e
 
 
 def _cfg(url: str = '', **kwargs) -> Dict[str, Any]:
