@@ -1,15 +1,17 @@
 """ DiracNet models: the authors' v2 architecture, the whole family, folding and timm integration. """
 import copy
+import re
 
 import pytest
 import timm
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 import timm_dirac
 from timm_dirac import DiracNet, fold_state_dict, unfold_state_dict
 from timm_dirac.diracnet import STYLES, dirac_layers
+
+from authors_format import functional_forward
 
 SMALL_INPUT = {'imagenet': (3, 64, 64), 'cifar': (3, 32, 32)}
 
@@ -51,33 +53,20 @@ def randomize(model: nn.Module, seed: int = 0) -> nn.Module:
     return model.eval()
 
 
-def authors_forward(params: dict, x: torch.Tensor, style: str, layers) -> torch.Tensor:
-    """ The authors' functional v2 forward, written from the paper's formulas (Dirac parameterization, v2 layer
-    order). """
-    def bn(x, prefix):
-        return F.batch_norm(x, params[prefix + 'running_mean'], params[prefix + 'running_var'],
-                            params[prefix + 'weight'], params[prefix + 'bias'], training=False, eps=1e-5)
-
-    def dirac_conv(x, prefix):
-        w, alpha, beta = params[prefix + 'weight'], params[prefix + 'alpha'], params[prefix + 'beta']
-        delta = nn.init.dirac_(torch.empty_like(w))
-        w_hat = alpha[:, None, None, None] * delta + beta[:, None, None, None] * w / w.flatten(1).norm(dim=1)[
-            :, None, None, None]
-        return F.conv2d(x, w_hat, padding=1)
-
-    if style == 'imagenet':
-        x = bn(F.conv2d(x, params['stem.conv.weight'], stride=2, padding=3), 'stem.bn.')
-        x = F.max_pool2d(x, 3, 2, 1)
-    else:
-        x = F.relu(bn(F.conv2d(x, params['stem.conv.weight'], padding=1), 'stem.bn.'))
-    for g, num_layers in enumerate(layers):
-        if g > 0:
-            x = F.max_pool2d(x, 2)
-        for b in range(num_layers):
-            prefix = f'stages.{g}.blocks.{b}.'
-            x = bn(dirac_conv(F.relu(x), prefix + 'conv.'), prefix + 'bn.')
-    x = F.adaptive_avg_pool2d(F.relu(x), 1).flatten(1)
-    return F.linear(x, params['head.fc.weight'], params['head.fc.bias'])
+def authors_params(model: nn.Module) -> dict:
+    """ The model's tensors under the authors' flat v2 keys (conv, bn.*, group<g>.block<b>.{conv,alpha,beta,bn.*},
+    fc.*), for the one reference forward in authors_format.py. """
+    rules = [(r'^stem\.conv\.weight$', 'conv'), (r'^stem\.bn\.', 'bn.'), (r'^head\.fc\.', 'fc.'),
+             (r'^stages\.(\d+)\.blocks\.(\d+)\.conv\.weight$', r'group\1.block\2.conv'),
+             (r'^stages\.(\d+)\.blocks\.(\d+)\.conv\.(alpha|beta)$', r'group\1.block\2.\3'),
+             (r'^stages\.(\d+)\.blocks\.(\d+)\.bn\.', r'group\1.block\2.bn.')]
+    out = {}
+    for name, t in {**dict(model.named_parameters()), **dict(model.named_buffers())}.items():
+        for pattern, replacement in rules:
+            if re.match(pattern, name):
+                out[re.sub(pattern, replacement, name)] = t
+                break
+    return out
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -105,9 +94,10 @@ def test_forward_matches_the_authors_functional_formulation(name, layers):
     model = randomize(timm.create_model(name))
     style = style_of(model)
     x = torch.randn(2, *SMALL_INPUT[style])
-    params = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+    params = authors_params(model)
+    assert sum(f'group{g}.block0.conv' in params for g in range(4)) == len(layers)
     with torch.no_grad():
-        assert rel_err(model(x), authors_forward(params, x, style, layers)) <= 1e-5
+        assert rel_err(model(x), functional_forward(params, x, style)) <= 1e-5
 
 
 def test_initial_values_follow_the_authors():
