@@ -96,6 +96,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument('--qat', action='store_true', help='quantization-aware fine-tuning for `timm-dirac quantize --flow '
                    'split`: fold, split the Dirac taps, train through the 7-bit int8 weight grid (start from trained '
                    'weights); exports the folded model')
+    g.add_argument('--diracify', action=argparse.BooleanOptionalAction, default=False,
+                   help='Dirac-parameterize the plain convs of any model (timm_dirac.diracify): alpha=1, beta=0.1, or '
+                   'with --pretrained/--initial-checkpoint (plain weights) alpha=0, beta=||W|| (same function); fold '
+                   'back with timm.utils.reparameterize_model')
+    g.add_argument('--diracify-layers', nargs='+', default=None, metavar='GLOB',
+                   help="with --diracify: only the convs whose module names match, e.g. 'features.*'")
     g.add_argument('--num-classes', type=int, default=None, metavar='N', help='default: the dataset\'s class count')
     g.add_argument('--img-size', type=int, default=None, metavar='N', help='input size (default: the model cfg)')
     g.add_argument('--input-size', type=int, nargs=3, default=None, metavar=('C', 'H', 'W'))
@@ -246,6 +252,11 @@ def check_args(args: argparse.Namespace) -> None:
         raise ConfigError('--pretrained and --initial-checkpoint both choose the starting weights: pass one.')
     if args.qat and not (args.initial_checkpoint or args.pretrained):
         raise ConfigError('--qat fine-tunes trained weights for int8: pass --initial-checkpoint FILE or --pretrained.')
+    if args.qat and args.diracify:
+        raise ConfigError('--qat and --diracify exclude each other: --qat fine-tunes a DiracNet for int8, --diracify '
+                          'makes a plain net Dirac-parameterized; pass one.')
+    if args.diracify_layers and not args.diracify:
+        raise ConfigError('--diracify-layers selects the convs of --diracify: add --diracify or drop it.')
     if args.qat and args.model_ema:
         raise ConfigError('--qat does not keep an EMA (its fake-quantized weights cannot be copied): drop --model-ema.')
     if args.holdout < 0:
@@ -541,6 +552,16 @@ def _prepare_qat(model: nn.Module) -> nn.Module:
         raise ConfigError(f'--qat: {e}') from e
 
 
+def _diracify(model: nn.Module, args: argparse.Namespace) -> nn.Module:
+    from .diracify import diracify
+
+    try:
+        return diracify(model, args.diracify_layers, from_pretrained=bool(args.pretrained or args.initial_checkpoint),
+                        verbose=True)
+    except ValueError as e:
+        raise ConfigError(f'--diracify: {e}') from e
+
+
 # ------------------------------------------------------------------------------------------------------ main
 def train(args: argparse.Namespace) -> nn.Module:
     """ Run training as `args` say; returns the trained model (unwrapped; identical on every rank). """
@@ -558,6 +579,8 @@ def train(args: argparse.Namespace) -> nn.Module:
         start = dict(pretrained=True, pretrained_cfg_overlay=dict(file=args.initial_checkpoint))
     model = timm.create_model(args.model, num_classes=args.num_classes, drop_rate=args.drop, **start,
                               **args.model_kwargs)
+    if args.diracify:
+        model = _diracify(model, args)
     data_config = resolve_data_config(dict(img_size=args.img_size, input_size=args.input_size), model=model)
 
     # data: rank 0 first, so that `datasets` builds its cache once
