@@ -322,3 +322,60 @@ def test_validation_is_named_by_what_it_runs_on():
     assert train_module._val_name(args) == '50 images held out of train'
     assert train_module._val_name(parse_args(TINY + ['--holdout', '500'])) == '500 images held out of train'
     assert train_module._val_name(parse_args(TINY + ['--holdout', '0', '--val-split', 'val'])) == 'val'
+
+
+def test_diracify_trains_a_plain_timm_net_that_folds_back(tmp_path, capsys):
+    """ --diracify: the plain net trains in Dirac form (the plan is printed first), the checkpoint holds alpha/beta,
+    and timm's reparameterize_model gives back the original architecture's convs with the same outputs. """
+    import timm
+    from timm.utils import reparameterize_model
+
+    from timm_dirac import DiracifiedConv2d
+
+    args = ['--model', 'test_resnet', '--img-size', '32', '--diracify', '--dataset', f'hfds/{SAMPLE}', '--val-split',
+            'test', '--train-num-samples', '256', '--val-num-samples', '64', '-b', '32', '--epochs', '1',
+            '--warmup-epochs', '0', '--lr', '0.05', '--workers', '0', '--output', str(tmp_path), '--experiment', 'run']
+    model = train(parse_args(args)).eval()
+    out = capsys.readouterr().out
+    assert 'diracify: 11 conv(s) Dirac-parameterized, 4 left alone' in out
+    assert '  kept conv1.0: stride (2, 2)' in out
+    assert isinstance(model.layer1[0].conv1, DiracifiedConv2d)
+    assert model.layer1[0].conv1.alpha.detach().ne(1).any()  # trained
+    from safetensors.torch import load_file
+    assert 'layer1.0.conv1.alpha' in load_file(tmp_path / 'run' / 'last' / 'model.safetensors')
+    folded = reparameterize_model(model)
+    original = timm.create_model('test_resnet', num_classes=10)
+    original.load_state_dict(folded.state_dict(), strict=True)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(original.eval()(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_diracify_from_an_initial_checkpoint_keeps_its_function(tmp_path, capsys):
+    """ --diracify with --initial-checkpoint (plain weights) starts at alpha=0, beta=||W||: with lr 0 the trained
+    convs still compute what the checkpoint's did. """
+    import timm
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    start = timm.create_model('test_resnet', num_classes=10)
+    save_file(start.state_dict(), tmp_path / 'start.safetensors')
+    model = train(parse_args([
+        '--model', 'test_resnet', '--img-size', '32', '--diracify', '--initial-checkpoint',
+        str(tmp_path / 'start.safetensors'), '--num-classes', '10', '--dataset', f'hfds/{SAMPLE}', '--val-split',
+        'test', '--lr', '0', '--warmup-epochs', '0',
+        '--epochs', '1', '-b', '32', '--train-num-samples', '64', '--val-num-samples', '8', '--workers', '0',
+        '--output', str(tmp_path), '--experiment', 'init']))
+    conv = model.layer1[0].conv1
+    assert float(conv.alpha.detach().abs().max()) == 0
+    torch.testing.assert_close(conv.beta.detach(), start.layer1[0].conv1.weight.flatten(1).norm(dim=1))
+
+
+def test_diracify_bad_input_one_error_line(tmp_path, capsys):
+    out = ['--output', str(tmp_path / 'out'), '--experiment', 'run', '--epochs', '1']
+    _fails(capsys, TINY + out + ['--diracify'], '--diracify', 'already has Dirac-parameterized convs')
+    _fails(capsys, TINY + out + ['--model', 'test_resnet', '--diracify', '--diracify-layers', 'head.*'],
+           "'head.*' matches no conv")
+    _fails(capsys, TINY + out + ['--diracify-layers', 'layer1.*'], 'add --diracify')
+    _fails(capsys, TINY + out + ['--diracify', '--qat', '--pretrained'], '--qat and --diracify')
+    assert not (tmp_path / 'out').exists()
