@@ -114,7 +114,10 @@ def test_fresh_start_is_the_papers_and_keeps_the_convs_weights():
     torch.testing.assert_close(dirac.stem.beta, torch.full((8,), 0.1))
     torch.testing.assert_close(dirac.stem.weight, original.stem.weight)
     torch.testing.assert_close(dirac.body[0].bias, original.body[0].bias)
-    custom = diracify(Hand(), alpha_init=0.5, beta_init=1.)
+    custom = Hand()
+    state = torch.random.get_rng_state()
+    diracify(custom, alpha_init=0.5, beta_init=1.)
+    assert torch.equal(torch.random.get_rng_state(), state)  # the caller's random stream is not consumed
     torch.testing.assert_close(custom.vol.alpha, torch.full((4,), 0.5))
     torch.testing.assert_close(custom.vol.beta, torch.ones(4))
 

@@ -49,10 +49,11 @@ class _Diracified:
     ) -> '_Diracified':
         """ The Dirac form of an eligible `conv`; it starts from the conv's own weight and bias. """
         weight = conv.weight
-        dirac = cls(
-            conv.in_channels, conv.out_channels, conv.kernel_size, padding='same', dilation=conv.dilation,
-            bias=conv.bias is not None, alpha_init=alpha_init, beta_init=beta_init, device=weight.device,
-            dtype=weight.dtype)
+        with torch.random.fork_rng(devices=[]):  # the init below is overwritten: leave the caller's RNG stream alone
+            dirac = cls(
+                conv.in_channels, conv.out_channels, conv.kernel_size, padding='same', dilation=conv.dilation,
+                bias=conv.bias is not None, alpha_init=alpha_init, beta_init=beta_init, device=weight.device,
+                dtype=weight.dtype)
         dirac.weight.copy_(weight)
         if conv.bias is not None:
             dirac.bias.copy_(conv.bias)
