@@ -552,12 +552,13 @@ def _prepare_qat(model: nn.Module) -> nn.Module:
         raise ConfigError(f'--qat: {e}') from e
 
 
-def _diracify(model: nn.Module, args: argparse.Namespace) -> nn.Module:
+def _diracify(model: nn.Module, args: argparse.Namespace, verbose: bool) -> nn.Module:
+    """ `--diracify`: Dirac-parameterize the model's plain convs; trained starting weights keep their function. """
     from .diracify import diracify
 
     try:
         return diracify(model, args.diracify_layers, from_pretrained=bool(args.pretrained or args.initial_checkpoint),
-                        verbose=True)
+                        verbose=verbose)
     except ValueError as e:
         raise ConfigError(f'--diracify: {e}') from e
 
@@ -580,7 +581,7 @@ def train(args: argparse.Namespace) -> nn.Module:
     model = timm.create_model(args.model, num_classes=args.num_classes, drop_rate=args.drop, **start,
                               **args.model_kwargs)
     if args.diracify:
-        model = _diracify(model, args)
+        model = _diracify(model, args, verbose=accelerator.is_main_process)
     data_config = resolve_data_config(dict(img_size=args.img_size, input_size=args.input_size), model=model)
 
     # data: rank 0 first, so that `datasets` builds its cache once
