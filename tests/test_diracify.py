@@ -118,6 +118,11 @@ def test_fresh_start_is_the_papers_and_keeps_the_convs_weights():
     state = torch.random.get_rng_state()
     diracify(custom, alpha_init=0.5, beta_init=1.)
     assert torch.equal(torch.random.get_rng_state(), state)  # the caller's random stream is not consumed
+
+    conv = nn.Conv2d(4, 4, 3, padding=1)
+    dirac = diracify(conv, from_pretrained=True)  # a lone conv: its Dirac form comes back, and folds back
+    assert isinstance(dirac, DiracifiedConv2d) and type(dirac.fuse()) is nn.Conv2d
+    torch.testing.assert_close(dirac.fuse().weight, conv.weight)
     torch.testing.assert_close(custom.vol.alpha, torch.full((4,), 0.5))
     torch.testing.assert_close(custom.vol.beta, torch.ones(4))
 

@@ -196,12 +196,13 @@ def diracify(
                          f'{"; kept " + reasons if reasons else ""}.')
     init = dict(from_pretrained=from_pretrained, alpha_init=1. if alpha_init is None else alpha_init,
                 beta_init=0.1 if beta_init is None else beta_init)
-    if plan.eligible == ['']:  # the model is itself a conv
+    if plan.eligible == ['']:  # the model is itself a conv: its Dirac form is returned
         model = _DIRACIFIED[type(model)].from_conv(model, **init)
-    for name in plan.eligible if plan.eligible != [''] else ():
-        parent_name, _, child_name = name.rpartition('.')
-        parent, conv = model.get_submodule(parent_name), model.get_submodule(name)
-        setattr(parent, child_name, _DIRACIFIED[type(conv)].from_conv(conv, **init))
+    else:
+        for name in plan.eligible:
+            parent_name, _, child_name = name.rpartition('.')
+            conv = model.get_submodule(name)
+            setattr(model.get_submodule(parent_name), child_name, _DIRACIFIED[type(conv)].from_conv(conv, **init))
     if verbose:
         print(plan)
     else:
