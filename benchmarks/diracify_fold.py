@@ -1,14 +1,15 @@
 """ Fold a `train.py --diracify` run back into its original timm architecture and check that nothing moved.
 
-Rebuilds the run's model from its args.yaml (diracified as in training), loads the run's weights, folds it with
-`timm.utils.reparameterize_model`, and evaluates both forms in fp32 over a whole split in one pass: top-1 of each,
-how many predictions differ, and the largest relative output difference (max |folded - diracified| / max |diracified|
-per batch). The folded state dict is loaded strictly into a fresh `timm.create_model(<model>)` first, so the check is
-on the untouched original class. A plain run (no --diracify) gets its fp32 top-1 only. `--hub-out` writes the
-folded model as a timm Hub folder (timm's save_for_hf), which loads with timm alone.
+Rebuilds the run's model from its args.yaml (diracified as in training), loads the run's `last` (or `best`)
+weights, folds it with `timm.utils.reparameterize_model`, and evaluates both forms in fp32 over a whole split in one
+pass: top-1 of each, how many predictions differ, and the largest relative output difference
+(max |folded - diracified| / max |diracified| per batch). The folded state dict is loaded strictly into a fresh
+`timm.create_model(<model>)` first, so the check is on the untouched original class. A plain run (no --diracify)
+gets its fp32 top-1 only. `--hub-out` writes the folded model as a timm Hub folder (timm's save_for_hf), which
+loads with timm alone.
 
     python benchmarks/diracify_fold.py output/diracify/vgg11_bn-dirac --dataset hfds/uoft-cs/cifar10 --split test
-    python benchmarks/diracify_fold.py --plot docs/diracify RUN_DIR [RUN_DIR ...]   # table + plot of several runs
+    python benchmarks/diracify_fold.py --plot docs/results RUN_DIR [RUN_DIR ...]   # table + plot of several runs
 """
 import argparse
 import csv
@@ -35,11 +36,11 @@ def _create(run: Dict[str, Any], num_classes: int) -> torch.nn.Module:
 
 
 @torch.no_grad()
-def fold_and_evaluate(run_dir: Path, dataset: str, split: str, batch_size: int
+def fold_and_evaluate(run_dir: Path, dataset: str, split: str, batch_size: int, checkpoint: str = 'last'
                       ) -> Tuple[Dict[str, Any], torch.nn.Module]:
-    """ The evaluation of the run's last weights (see the module docstring) and its folded (or plain) model. """
+    """ The evaluation of the run's `checkpoint` weights (see the module docstring) and its folded (or plain) model. """
     run = yaml.safe_load((run_dir / 'args.yaml').read_text())
-    state = load_file(run_dir / 'last' / 'model.safetensors')
+    state = load_file(run_dir / checkpoint / 'model.safetensors')
     classifier = timm.get_pretrained_cfg(run['model'].split('.')[0]).classifier  # e.g. 'head.fc'
     num_classes = state[f'{classifier}.weight'].shape[0]
     model = _create(run, num_classes)
@@ -69,7 +70,8 @@ def fold_and_evaluate(run_dir: Path, dataset: str, split: str, batch_size: int
             max_rel = max(max_rel, ((out - ref).abs().max() / ref.abs().max()).item())
             disagree += (out.argmax(1) != ref.argmax(1)).sum().item()
         count += labels.shape[0]
-    result = dict(run=run_dir.name, model=run['model'], diracify=bool(run.get('diracify')), split=split,
+    result = dict(run=run_dir.name, checkpoint=checkpoint, model=run['model'], diracify=bool(run.get('diracify')),
+                  split=split,
                   samples=count, top1=round(100. * correct['trained'] / count, 2),
                   seconds=round(time.perf_counter() - start, 1), torch=torch.__version__, timm=timm.__version__)
     if 'folded' in forms:
@@ -90,7 +92,8 @@ def plot(out_dir: Path, run_dirs: List[Path]) -> None:
     import matplotlib.pyplot as plt
 
     fig, (ax_loss, ax_top1) = plt.subplots(1, 2, figsize=(10, 4))
-    print('| run | epochs | final train loss | test top-1 (fp32) | folded top-1 | max rel. error | predictions changed |')
+    print('| run | epochs | final train loss | test top-1 (fp32) | folded top-1 | max rel. error '
+          '| predictions changed |')
     print('|---|---|---|---|---|---|---|')
     for run_dir in run_dirs:
         rows = _summary(run_dir)
@@ -116,6 +119,7 @@ def main() -> None:
     p.add_argument('--dataset', default='hfds/uoft-cs/cifar10', help='hfds/<Hub id or local folder>')
     p.add_argument('--split', default='test')
     p.add_argument('-b', '--batch-size', type=int, default=250)
+    p.add_argument('--checkpoint', default='last', choices=['last', 'best'], help='which weights of the run')
     p.add_argument('--hub-out', type=Path, default=None, help='write the folded model here (one run only)')
     p.add_argument('--plot', type=Path, default=None, metavar='DIR', help='table and PNG from the runs\' '
                    'summary.csv and fold_eval.json instead of evaluating')
@@ -127,7 +131,7 @@ def main() -> None:
     if args.hub_out and args.hub_out.exists():
         sys.exit(f'diracify_fold.py: error: {args.hub_out} exists; nothing was written. Pass a new folder.')
     for run_dir in args.runs:
-        result, folded = fold_and_evaluate(run_dir, args.dataset, args.split, args.batch_size)
+        result, folded = fold_and_evaluate(run_dir, args.dataset, args.split, args.batch_size, args.checkpoint)
         (run_dir / 'fold_eval.json').write_text(json.dumps(result, indent=1) + '\n')
         print(json.dumps(result))
         if args.hub_out:
