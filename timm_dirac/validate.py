@@ -93,6 +93,7 @@ def validate(
         progress: bool = True,
 ) -> Dict[str, Any]:
     """ Top-1 / top-5 accuracy (%) and mean cross-entropy of `model` (eval mode) over `dataset`. """
+    from timm.utils import accuracy
     from tqdm import tqdm
 
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers, shuffle=False)
@@ -106,11 +107,11 @@ def validate(
             raise ValueError(f'The dataset has label {int(targets.max())} but the model has {logits.shape[1]} '
                              f'classes: validate a model trained on this label set (or pass --num-classes).')
         loss_sum += F.cross_entropy(logits.float(), targets, reduction='sum').item()
-        top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
-        hits = top5 == targets[:, None]
-        correct1 += hits[:, 0].sum().item()
-        correct5 += hits.any(dim=1).sum().item()
-        count += targets.shape[0]
+        n = targets.shape[0]
+        top1, top5 = accuracy(logits, targets, topk=(1, min(5, logits.shape[1])))  # percent of this batch
+        correct1 += round(top1.item() * n / 100)
+        correct5 += round(top5.item() * n / 100)
+        count += n
     if count == 0:
         raise ValueError('The dataset is empty: check the path and --split.')
     return dict(
