@@ -270,7 +270,7 @@ def test_unreadable_image_one_error_line(tmp_path, capsys):
     argv = TINY + ['--dataset', '', '--data-dir', str(tmp_path / 'imgs'), '--holdout', '0', '--val-split', 'val', '-b', '9',
                    '--epochs', '1', '--output', str(tmp_path / 'out'), '--experiment', 'run']
     _fails(capsys, argv, 'broken.png', 'cannot read image')
-    assert not (tmp_path / 'out').exists()
+    assert not (tmp_path / 'out' / 'run').exists()  # a new run that failed before its first checkpoint
 
 
 def test_imagenet_path_mixup_accumulation_ema(tmp_path):
