@@ -311,3 +311,90 @@ def test_evaluate_counts_every_sample_once():
     assert metrics['top1'] == pytest.approx(100 * (logits.argmax(1) == y).sum().item() / 37)
     assert metrics['top5'] == pytest.approx(100 * (logits.topk(5).indices == y[:, None]).any(1).sum().item() / 37)
     assert metrics['loss'] == pytest.approx(torch.nn.functional.cross_entropy(logits, y).item(), rel=1e-5)
+
+
+# ------------------------------------------------------------------------------------------- kills and resume
+class Killed(BaseException):
+    """ What `kill -9` at that moment would leave: nothing after it runs (no `except Exception` cleanup). """
+
+
+def _kill_at(monkeypatch, point: str, epoch: int):
+    """ Make the checkpoint save of `epoch` die at `point`, one of the steps of `save_checkpoint`: inside
+    accelerate's save_state (model written, optimizer half written), the train_state.pt write, the rename of the
+    temp folder, the moves of `last` and `best`, the pruning of an old checkpoint, the summary.csv write. """
+    import io
+    real_replace, real_save = os.replace, torch.save
+    moves = {'rename': f'checkpoint-{epoch}', 'last': 'last', 'best': 'best', 'summary': 'summary.csv'}
+
+    def replace(src, dst, *args, **kwargs):
+        dst = Path(dst)
+        saving = (dst.parent / f'checkpoint-{epoch}').is_dir()  # the epoch's checkpoint is in place
+        if point == 'rename' and dst.name == moves['rename']:
+            raise Killed
+        if point in ('last', 'best', 'summary') and dst.name == moves[point] and saving:
+            raise Killed
+        if point == 'prune' and dst.name.endswith('.del') and saving:
+            raise Killed
+        return real_replace(src, dst, *args, **kwargs)
+
+    def save(obj, f, *args, **kwargs):
+        name = Path(f).name if isinstance(f, (str, os.PathLike)) else ''
+        if f'.checkpoint-{epoch}.tmp' in str(f) and (point, name) in (('optimizer', 'optimizer.bin'),
+                                                                        ('train_state', 'train_state.pt')):
+            buffer = io.BytesIO()
+            real_save(obj, buffer)
+            Path(f).write_bytes(buffer.getvalue()[:len(buffer.getvalue()) // 2])
+            raise Killed
+        return real_save(obj, f, *args, **kwargs)
+    monkeypatch.setattr(os, 'replace', replace)
+    monkeypatch.setattr(torch, 'save', save)
+
+
+KILL_ARGS = TINY + ['--train-num-samples', '128', '--val-num-samples', '32', '-b', '32', '--epochs', '3',
+                    '--checkpoint-hist', '1', '--eval-metric', 'loss', '--workers', '0']
+KILLS = [('optimizer', 1), ('train_state', 1), ('rename', 1), ('optimizer', 2), ('train_state', 2), ('rename', 2),
+         ('last', 2), ('best', 2), ('prune', 2), ('summary', 2), ('summary', 3), ('last', 3)]
+
+
+@pytest.fixture(scope='module')
+def straight_run(tmp_path_factory):
+    """ The uninterrupted reference run: its weights and summary. """
+    from accelerate.state import AcceleratorState
+    out = tmp_path_factory.mktemp('straight')
+    model = train(parse_args(KILL_ARGS + ['--output', str(out), '--experiment', 'run']))
+    AcceleratorState._reset_state(reset_partial_state=True)
+    return model.state_dict(), _summary(out / 'run')
+
+
+def _assert_consistent(run: Path, epochs: int):
+    """ `last` is the newest checkpoint, `best` the best epoch's, no other checkpoint or temp leftover is there,
+    summary.csv has every epoch. """
+    state = torch.load(run / 'last' / 'train_state.pt', weights_only=True)
+    assert os.readlink(run / 'last') == f'checkpoint-{epochs}' and state['epoch'] == epochs
+    assert os.readlink(run / 'best') == f'checkpoint-{state["best"][0][1]}' and (run / 'best').is_dir()
+    assert {p.name for p in run.glob('checkpoint-*')} == {f'checkpoint-{epochs}'} | {
+        f'checkpoint-{e}' for _, e in state['best']}
+    assert not list(run.glob('.*')), list(run.glob('.*'))
+    assert [r['epoch'] for r in _summary(run)] == list(range(1, epochs + 1))
+
+
+@pytest.mark.parametrize('point,epoch', KILLS, ids=[f'{p}-epoch{e}' for p, e in KILLS])
+def test_kill_at_any_checkpoint_step_resumes_bit_identically(tmp_path, monkeypatch, straight_run, point, epoch):
+    """ A run killed at any step of any checkpoint save, resumed with `--resume <run>/last`, repairs its run
+    folder and ends with the weights and metrics of the uninterrupted run, bit for bit. """
+    from accelerate.state import AcceleratorState
+    args = KILL_ARGS + ['--output', str(tmp_path), '--experiment', 'run']
+    with monkeypatch.context() as patch:
+        _kill_at(patch, point, epoch)
+        with pytest.raises(Killed):
+            train(parse_args(args))
+    AcceleratorState._reset_state(reset_partial_state=True)
+    resumed = train(parse_args(args + ['--resume', str(tmp_path / 'run' / 'last')]))
+
+    weights, rows = straight_run
+    for k, v in resumed.state_dict().items():
+        assert torch.equal(v, weights[k]), k
+    _assert_consistent(tmp_path / 'run', 3)
+    timing = ('epoch_s', 'train_img_s')
+    assert [{k: v for k, v in r.items() if k not in timing} for r in _summary(tmp_path / 'run')] == \
+        [{k: v for k, v in r.items() if k not in timing} for r in rows]

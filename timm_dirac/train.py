@@ -46,6 +46,7 @@ from timm.utils import ModelEmaV3, accuracy, distribute_bn
 from .data import (
     DataError, eval_loader, eval_transform, fixed_subset, holdout_indices, is_test_split, load_split, train_transform)
 from .errors import run_refusing
+from .finite import check_weights
 from .precision import auto_precision
 from .qat import merge_qat, prepare_qat
 
@@ -256,9 +257,8 @@ def check_args(args: argparse.Namespace) -> None:
         raise ConfigError('--qat does not keep an EMA (its fake-quantized weights cannot be copied): drop --model-ema.')
     if args.holdout < 0:
         raise ConfigError(f'--holdout must be 0 (validate on --val-split) or more, got {args.holdout}.')
-    if args.resume and not (Path(args.resume) / 'train_state.pt').is_file():
-        raise ConfigError(f'--resume {args.resume} is not a checkpoint folder of this script (no train_state.pt); '
-                          f'pass <run folder>/last.')
+    if args.resume:
+        find_resume_checkpoint(args.resume)  # refuses a folder that is no run or checkpoint now, not later
 
 
 # ------------------------------------------------------------------------------------------------ accelerator
