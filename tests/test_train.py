@@ -398,3 +398,27 @@ def test_kill_at_any_checkpoint_step_resumes_bit_identically(tmp_path, monkeypat
     timing = ('epoch_s', 'train_img_s')
     assert [{k: v for k, v in r.items() if k not in timing} for r in _summary(tmp_path / 'run')] == \
         [{k: v for k, v in r.items() if k not in timing} for r in rows]
+
+
+@pytest.mark.parametrize('damage', ['garbage', 'foreign', 'garbage_without_manifest'])
+def test_resume_restores_everything_or_says_what_it_could_not(tmp_path, interrupted, damage):
+    """ A corrupt or foreign random_states_0.pkl (accelerate skips an unreadable one silently and the run would
+    drift from the uninterrupted one) is refused by name, from the checkpoint's SHA-256 list or, for a checkpoint
+    without one, by checking the restored RNG state. """
+    args = KILL_ARGS + ['--output', str(tmp_path), '--epochs', '2']
+    for name, seed in (('run', '42'), ('other', '7')):
+        with interrupted():
+            train(parse_args(args + ['--experiment', name, '--seed', seed]))
+    rng = tmp_path / 'run' / 'checkpoint-1' / 'random_states_0.pkl'
+    if damage == 'foreign':  # a valid RNG file, from another run with another seed
+        other = tmp_path / 'other' / 'checkpoint-1' / 'random_states_0.pkl'
+        rng.write_bytes(other.read_bytes())
+    else:
+        rng.write_bytes(b'\x80\x04not a pickle')
+    if damage == 'garbage_without_manifest':  # a checkpoint written before the SHA-256 list existed
+        state_file = tmp_path / 'run' / 'checkpoint-1' / 'train_state.pt'
+        state = torch.load(state_file, weights_only=True)
+        del state['files']
+        torch.save(state, state_file)
+    with pytest.raises(ConfigError, match='random_states_0.pkl'):
+        train(parse_args(args + ['--resume', str(tmp_path / 'run')]))
