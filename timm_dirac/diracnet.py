@@ -23,6 +23,7 @@ from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_c
 
 from ._timm_compat import feature_take_indices, update_model_args
 from .convert import checkpoint_filter_fn, pretrained_source_error
+from .errors import first_sentence
 from .hub import HUB_NAMESPACE
 from .layers import DiracConv2d, fold_bn
 
@@ -436,6 +437,16 @@ def _create_diracnet(variant: str, pretrained: bool = False, **kwargs) -> DiracN
             raise
         raise pretrained_source_error(
             variant, e, kwargs.get('pretrained_cfg'), kwargs.get('pretrained_cfg_overlay')) from e
+    except ValueError:  # the checkpoint filter's own messages
+        raise
+    except Exception as e:  # torch.load / safetensors / load_state_dict on a damaged or foreign file
+        if not pretrained:
+            raise
+        overlay = kwargs.get('pretrained_cfg_overlay') or {}
+        source = overlay.get('file') or 'the pretrained weights'
+        raise ValueError(f'cannot load {source} into {variant} ({first_sentence(e)}): the file is truncated, corrupt '
+                         f'or empty, or holds another model\'s weights; write or download it again, or pass the '
+                         f'--model it was trained as.') from e
 
 
 def _cfg(url: str = '', **kwargs) -> Dict[str, Any]:

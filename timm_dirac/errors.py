@@ -5,9 +5,9 @@ wants it. The messages of the project's own errors name the fix; an error from d
 is reduced to its last line with its type, which is what a user can search for.
 """
 import sys
-from typing import Callable, NoReturn
+from typing import Callable
 
-__all__ = ['one_line', 'refuse', 'run_refusing']
+__all__ = ['one_line', 'first_sentence', 'run_refusing']
 
 
 def one_line(error: BaseException) -> str:
@@ -25,9 +25,10 @@ def one_line(error: BaseException) -> str:
     return last
 
 
-def refuse(prog: str, error: BaseException) -> NoReturn:
-    print(f'{prog}: error: {one_line(error)}', file=sys.stderr)
-    sys.exit(2)
+def first_sentence(error: BaseException) -> str:
+    """ `Type: first sentence` of an error from a library (torch's zip errors run to five sentences). """
+    text = str(error).strip().splitlines()[0] if str(error).strip() else 'no message'
+    return f'{type(error).__name__}: {text.split(". ")[0].rstrip(".")}'
 
 
 def run_refusing(prog: str, func: Callable[[], int], debug: bool = False) -> int:

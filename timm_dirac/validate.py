@@ -9,6 +9,7 @@ Weights: `--pretrained` (the model's tag), `--checkpoint` (a Hub folder or a che
 """
 import argparse
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -32,6 +33,7 @@ def create_validation_model(
     A Hub folder's config.json must name `model_name`'s architecture (when a registry name is given).
     """
     import timm
+    from .finite import check_weights
     from .hub import check_hub_folder
 
     if checkpoint is None:
@@ -44,10 +46,14 @@ def create_validation_model(
         if arch and not arch.startswith(('local-dir:', 'hf-hub:')) and config['architecture'] != arch:
             raise ValueError(f'{path / "config.json"} names architecture {config["architecture"]!r}, not {arch!r}: '
                              f'the folder holds another model. Pass --model {config["architecture"]} or omit --model.')
-        return timm.create_model(f'local-dir:{path}', pretrained=True, **kwargs)
+        model = timm.create_model(f'local-dir:{path}', pretrained=True, **kwargs)
+        check_weights(model.state_dict(), str(path), floating=False)
+        return model
     if not model_name:
         raise ValueError(f'--checkpoint {checkpoint} is a file: name its architecture with --model.')
-    return timm.create_model(model_name, pretrained=True, pretrained_cfg_overlay=dict(file=str(path)), **kwargs)
+    model = timm.create_model(model_name, pretrained=True, pretrained_cfg_overlay=dict(file=str(path)), **kwargs)
+    check_weights(model.state_dict(), str(path), floating=False)
+    return model
 
 
 SPLITS = ('validation', 'test')  # tried in this order when no --split is given
@@ -113,6 +119,9 @@ def validate(
         count += targets.shape[0]
     if count == 0:
         raise ValueError('The dataset is empty: check the path and --split.')
+    if not math.isfinite(loss_sum):
+        raise ValueError(f'The model gave non-finite logits (loss {loss_sum}): its weights or inputs are broken; '
+                         f'no result is reported. Check the checkpoint (or use an earlier one).')
     return dict(
         samples=count,
         top1=round(100. * correct1 / count, 3),
