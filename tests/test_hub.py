@@ -96,7 +96,7 @@ def test_existing_folder_is_refused_then_replaced_with_overwrite(tmp_path):
         save_hub_folder(other, out)
     assert _snapshot(out) == before
     with pytest.raises(FileExistsError):
-        cli_main(['convert', str(out / 'model.safetensors'), '--model', 'diracnet34_1_cifar', '--out', str(out)])
+        cli_main(['--debug', 'convert', str(out / 'model.safetensors'), '--model', 'diracnet34_1_cifar', '--out', str(out)])
     assert _snapshot(out) == before
     save_hub_folder(other, out, overwrite=True)
     assert _snapshot(out)['model.safetensors'] != before['model.safetensors']

@@ -422,3 +422,85 @@ def test_resume_restores_everything_or_says_what_it_could_not(tmp_path, interrup
         torch.save(state, state_file)
     with pytest.raises(ConfigError, match='random_states_0.pkl'):
         train(parse_args(args + ['--resume', str(tmp_path / 'run')]))
+
+
+# ------------------------------------------------------------------------------------------- refusals
+def test_config_file_mistakes_one_error_line(tmp_path, capsys):
+    """ YAML that is broken, carries a python tag, or gives 2.7 epochs is refused like the command line would. """
+    out = ['--output', str(tmp_path / 'out'), '--experiment', 'run']
+    cases = {'broken': ('model: [diracnet18\n', 'not plain YAML'),
+             'tag': ('model: !!python/object/apply:os.system ["echo owned"]\n', 'not plain YAML'),
+             'float_epochs': ('model: diracnet18\nepochs: 2.7\n', "'epochs'")}
+    for name, (text, words) in cases.items():
+        cfg = tmp_path / f'{name}.yaml'
+        cfg.write_text(text)
+        _fails(capsys, ['--config', str(cfg)] + out, words)
+    assert 'owned' not in capsys.readouterr().out
+    assert not (tmp_path / 'out').exists()
+
+
+@pytest.mark.parametrize('flag,value', [('--lr', 'nan'), ('--lr', '-0.1'), ('--weight-decay', 'inf'),
+                                        ('--smoothing', '1.5')])
+def test_bad_numbers_refused_before_training(tmp_path, capsys, flag, value):
+    _fails(capsys, TINY + ['--output', str(tmp_path / 'out'), flag, value], flag)
+    assert not (tmp_path / 'out').exists()
+
+
+def test_unwritable_output_refused_before_training(tmp_path, capsys):
+    """ An --output that cannot hold a run folder (here: below a file, which no user can write into) is refused
+    before the first epoch, not after it. """
+    (tmp_path / 'file').write_text('')
+    started = []
+    original = train_module.train_one_epoch
+    train_module.train_one_epoch = lambda *a, **k: started.append(1) or original(*a, **k)
+    try:
+        _fails(capsys, TINY + ['--train-num-samples', '64', '--val-num-samples', '8', '-b', '32', '--output',
+                               str(tmp_path / 'file' / 'out')], 'cannot write the run folder', '--output')
+    finally:
+        train_module.train_one_epoch = original
+    assert not started
+
+
+def test_one_class_dataset_refused(tmp_path, capsys):
+    for split in ('train', 'val'):
+        (tmp_path / 'imgs' / split / 'cat').mkdir(parents=True)
+        for i in range(4):
+            Image.new('RGB', (32, 32), (60 * i, 0, 0)).save(tmp_path / 'imgs' / split / 'cat' / f'{i}.png')
+    argv = TINY + ['--dataset', '', '--data-dir', str(tmp_path / 'imgs'), '--val-split', 'val', '-b', '2',
+                   '--output', str(tmp_path / 'out')]
+    _fails(capsys, argv, '1 class', 'at least 2')
+
+
+def test_disk_full_during_a_checkpoint_says_so(tmp_path, monkeypatch, capsys):
+    """ torch.save reports a full disk as 'unexpected pos'; the refusal says 'no space left' and what is kept. """
+    import shutil
+    real_save = torch.save
+
+    def full(obj, f, *args, **kwargs):
+        if str(f).endswith('optimizer.bin'):
+            raise RuntimeError('[enforce fail at inline_container.cc:664] . unexpected pos 568320 vs 568208')
+        return real_save(obj, f, *args, **kwargs)
+    monkeypatch.setattr(torch, 'save', full)
+    monkeypatch.setattr(shutil, 'disk_usage', lambda path: shutil._ntuple_diskusage(10 << 20, 10 << 20, 1000))
+    line = _fails(capsys, KILL_ARGS + ['--output', str(tmp_path), '--experiment', 'run', '--epochs', '1'],
+                  'no space left', 'checkpoint-1', 'run the command again')
+    assert 'unexpected pos' not in line
+
+
+def test_diverging_training_stops_with_the_last_good_checkpoint(tmp_path, interrupted, capsys):
+    """ A non-finite loss stops the run before its checkpoint: `last` stays at the good epoch, no NaN row in
+    summary.csv, no Hub folder. """
+    args = KILL_ARGS + ['--output', str(tmp_path), '--experiment', 'run', '--epochs', '2']
+    with interrupted():
+        train(parse_args(args))
+    line = _fails(capsys, args + ['--resume', str(tmp_path / 'run'), '--lr', '1e30'], 'epoch 2', 'diverged',
+                  '--lr', 'checkpoint')
+    assert 'epoch 1' in line
+    run = tmp_path / 'run'
+    assert os.readlink(run / 'last') == 'checkpoint-1' and [r['epoch'] for r in _summary(run)] == [1]
+    assert not list(run.glob('checkpoint-2')) and not list(run.glob('hub-*'))
+
+
+def test_debug_shows_the_traceback(tmp_path, capsys):
+    with pytest.raises(ConfigError, match='--batch-size'):
+        main(TINY + ['--output', str(tmp_path), '-b', '0', '--debug'])

@@ -30,7 +30,7 @@ def hub_folder(tmp_path_factory):
 
 def _run(tmp_path, *args):
     out = tmp_path / f'result{len(list(tmp_path.glob("result*")))}.json'
-    assert cli_main(['validate', *args, '--json', str(out), '--no-progress', '--workers', '0']) == 0
+    assert cli_main(['--debug', 'validate', *args, '--json', str(out), '--no-progress', '--workers', '0']) == 0
     return json.loads(out.read_text())
 
 

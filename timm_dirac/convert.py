@@ -269,9 +269,9 @@ def checkpoint_filter_fn(state_dict: Dict[str, Any], model: nn.Module) -> Dict[s
         raise ValueError(f'DiracNet weights cannot be loaded into a {type(model).__name__}: the model name or the '
                          f'config.json architecture must be a DiracNet (diracnet*).')
     state_dict = to_timm_state_dict(state_dict)
-    check_weights(state_dict, 'the checkpoint')
     check_structure(state_dict, model)
     check_dirac_pairs(state_dict)
+    check_weights(state_dict, 'the checkpoint')
     model_folded = not isinstance(model.stem.bn, nn.BatchNorm2d)
     if model_folded and not is_folded_state_dict(state_dict):
         return fold_state_dict(state_dict)

@@ -435,9 +435,10 @@ def _write_error(run_dir: Path, name: str, error: Exception) -> CheckpointError:
     needed = sum(f.stat().st_size for f in last[-1].iterdir()) if last else 0
     full = getattr(error, 'errno', None) == errno.ENOSPC or free < max(needed, 1 << 20)
     cause = 'no space left on the device' if full else f'{type(error).__name__}: {str(error).strip().splitlines()[-1]}'
-    kept = f'the run is intact up to {last[-1].name}' if last else 'no checkpoint was written yet'
+    then = f'the run is intact up to {last[-1].name}: free space, then --resume {run_dir}' if last else \
+        'free space, then run the command again'
     return CheckpointError(f'cannot write {name} in {run_dir} ({cause}; {free / 2**20:.0f} MiB free, a checkpoint '
-                           f'takes about {needed / 2**20:.0f} MiB); {kept}: free space, then --resume {run_dir}.')
+                           f'takes about {needed / 2**20:.0f} MiB); {then}.')
 
 
 def publish(run_dir: Path, state: Dict[str, Any]) -> None:
