@@ -466,8 +466,8 @@ def test_one_class_dataset_refused(tmp_path, capsys):
         (tmp_path / 'imgs' / split / 'cat').mkdir(parents=True)
         for i in range(4):
             Image.new('RGB', (32, 32), (60 * i, 0, 0)).save(tmp_path / 'imgs' / split / 'cat' / f'{i}.png')
-    argv = TINY + ['--dataset', '', '--data-dir', str(tmp_path / 'imgs'), '--val-split', 'val', '-b', '2',
-                   '--output', str(tmp_path / 'out')]
+    argv = TINY + ['--dataset', '', '--data-dir', str(tmp_path / 'imgs'), '--holdout', '0', '--val-split', 'val',
+                   '-b', '2', '--output', str(tmp_path / 'out')]
     _fails(capsys, argv, '1 class', 'at least 2')
 
 

@@ -171,10 +171,14 @@ def _typed(action: argparse.Action, key: str, value: Any, path: str) -> Any:
     """ Convert a YAML value as the command line would (YAML reads `1e-4` as a string, for one). """
     if value is None or action.type is None or isinstance(value, bool):
         return value
+    def convert(v: Any) -> Any:
+        if action.type is int and isinstance(v, float):  # the command line refuses `--epochs 2.7`; so does YAML
+            raise ValueError(f'{v!r} is not a whole number')
+        return action.type(v)
     try:
         if isinstance(value, (list, tuple)):
-            return [action.type(v) for v in value]
-        return action.type(value)
+            return [convert(v) for v in value]
+        return convert(value)
     except (TypeError, ValueError, argparse.ArgumentTypeError) as e:
         raise ConfigError(f'{path}: key {key!r} has a bad value {value!r} ({e}).') from e
 
@@ -210,6 +214,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                 cfg = yaml.safe_load(f) or {}
         except OSError as e:
             raise ConfigError(f'cannot read config file {path}: {e.strerror}.') from e
+        except yaml.YAMLError as e:  # also python/object tags, which safe_load never constructs
+            where = getattr(e, 'problem_mark', None)
+            line = f' line {where.line + 1}' if where else ''
+            problem = getattr(e, 'problem', None) or str(e).splitlines()[0]
+            raise ConfigError(f'{path}{line} is not plain YAML ({problem}); write flag: value lines only.') from e
         if not isinstance(cfg, dict):
             raise ConfigError(f'{path} must be a YAML mapping of flag names to values.')
         actions = {a.dest: a for a in parser._actions if a.dest != 'help'}
@@ -241,6 +250,15 @@ def check_args(args: argparse.Namespace) -> None:
             raise ConfigError(f'--{name.replace("_", "-")} must be at least 1, got {getattr(args, name)}.')
     if args.validation_batch_size is not None and args.validation_batch_size < 1:
         raise ConfigError(f'--validation-batch-size must be at least 1, got {args.validation_batch_size}.')
+    for name in ('lr', 'lr_base', 'momentum', 'weight_decay', 'warmup_lr', 'min_lr', 'decay_rate', 'decay_epochs',
+                 'clip_grad', 'drop', 'smoothing', 'mixup', 'cutmix', 'mixup_prob', 'model_ema_decay', 'reprob',
+                 'color_jitter', 'hflip'):
+        value = getattr(args, name)
+        if value is not None and not (math.isfinite(value) and value >= 0):
+            raise ConfigError(f'--{name.replace("_", "-")} must be a finite number >= 0, got {value}.')
+    for name in ('drop', 'smoothing', 'mixup_prob', 'model_ema_decay', 'reprob', 'hflip'):
+        if getattr(args, name) > 1:
+            raise ConfigError(f'--{name.replace("_", "-")} is a fraction between 0 and 1, got {getattr(args, name)}.')
     if args.workers < 0:
         raise ConfigError(f'--workers must be 0 or more, got {args.workers}.')
     if (args.mixup or args.cutmix) and args.batch_size % 2:
