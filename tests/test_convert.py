@@ -165,3 +165,11 @@ def test_convert_cli_writes_loadable_folder(tmp_path):
             assert _rel_err(model(x), reference(x)) <= 1e-5
         card = (out / 'README.md').read_text()
         assert 'authors_functional' in card and str(path) in card
+
+
+def test_dirac_weights_into_another_architecture_named():
+    """ A config or --model naming another architecture reaches the DiracNet filter with, e.g., a ResNet. """
+    resnet = timm.create_model('resnet18', device='meta')
+    dirac = timm.create_model('diracnet34_1_cifar', layers=(1, 1, 1)).state_dict()
+    with pytest.raises(ValueError, match='cannot be loaded into a ResNet'):
+        checkpoint_filter_fn(dirac, resnet)

@@ -37,8 +37,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         if name in chosen:
             importlib.import_module(module_name).add_arguments(sub)
     args = parser.parse_args(argv)
-    return run_refusing(f'timm-dirac {args.command}', lambda: importlib.import_module(COMMANDS[args.command][0]).run(args),
-                        args.debug)
+    module = COMMANDS[args.command][0]
+    return run_refusing(f'timm-dirac {args.command}', lambda: importlib.import_module(module).run(args), args.debug)
 
 
 if __name__ == '__main__':

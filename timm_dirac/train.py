@@ -2,7 +2,7 @@
 
     python train.py --config train_configs/quick_cifar10.yaml                     # one process
     accelerate launch --multi_gpu --num_processes 8 train.py --config train_configs/diracnet28_10_cifar10.yaml
-    python train.py --config train_configs/quick_cifar10.yaml --resume output/train/<run>/last
+    python train.py --config train_configs/quick_cifar10.yaml --resume output/train/<run>
 
 Flags are named like timm's train.py; `--config FILE.yaml` sets them too (defaults < YAML < command line). The
 engine is `accelerate.Accelerator` (device placement, DDP, bf16/fp16 autocast, gradient accumulation, state
@@ -10,7 +10,9 @@ save/load); the pieces are timm's (create_optimizer_v2, create_scheduler_v2, Mod
 
 A run folder holds `args.yaml`, `summary.csv`, `checkpoint-<epoch>/` folders (the last one and the best
 `--checkpoint-hist`, each written to a temp folder and renamed into place), the links `last` and `best`, and at the
-end the best weights as Hub folders `hub-train/` and `hub-folded/` (reparameterized).
+end the best weights as Hub folders `hub-train/` and `hub-folded/` (reparameterized). The newest complete checkpoint
+is the folder's one source of truth: `--resume` continues from it and repairs the rest from it, so a run killed at any
+moment resumes exactly.
 """
 import argparse
 import ast
