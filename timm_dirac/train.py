@@ -812,6 +812,7 @@ def start_or_resume(setup: Setup, args: argparse.Namespace) -> Tuple[Path, Dict[
                 if state['ema'] is None:
                     raise ConfigError(f'{checkpoint} was trained without --model-ema; resume without it.')
                 setup.ema.module.load_state_dict(state['ema'])
+            accelerator.wait_for_everyone()  # every rank has found and read the checkpoint before rank 0 repairs
             if accelerator.is_main_process:
                 publish(run_dir, state)
             setup.scheduler.step(state['epoch'])
@@ -823,6 +824,7 @@ def start_or_resume(setup: Setup, args: argparse.Namespace) -> Tuple[Path, Dict[
         if run_dir.exists():
             raise ConfigError(f'run folder {run_dir} exists; nothing was overwritten. Pass another --experiment, or '
                               f'--resume {run_dir} to continue it.')
+    accelerator.wait_for_everyone()  # every rank has looked at the folder before rank 0 creates it
     if accelerator.is_main_process and not (run_dir / 'args.yaml').exists():
         try:
             run_dir.mkdir(parents=True, exist_ok=True)
