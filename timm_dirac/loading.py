@@ -13,6 +13,7 @@ import timm
 from timm.data import create_dataset, create_transform, resolve_model_data_config
 from timm.utils import reparameterize_model
 
+from .data import to_rgb
 from .finite import check_weights
 
 __all__ = ['default_data', 'load_model', 'is_folded', 'fold', 'load_images']
@@ -76,10 +77,10 @@ def load_images(data: str, model: nn.Module, num: Optional[int] = 64, split: str
                 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """ The first `num` (all if None) images of a timm dataset (e.g. `hfds/<folder>`) and their labels, the images
     preprocessed by the model's eval transform (its data config: resize, crop, mean/std). """
-    dataset = create_dataset(data, root=None, split=split)
+    dataset = create_dataset(data, root=None, split=split, input_img_mode=None)  # to_rgb scales 16-bit images
     if len(dataset) == 0:
         raise ValueError(f'Dataset {data} (split {split}) is empty.')
     transform = create_transform(**resolve_model_data_config(model), is_training=False)
     count = len(dataset) if num is None else min(num, len(dataset))
     samples = [dataset[i] for i in range(count)]
-    return torch.stack([transform(image) for image, _ in samples]), torch.tensor([int(label) for _, label in samples])
+    return torch.stack([transform(to_rgb(image)) for image, _ in samples]), torch.tensor([int(label) for _, label in samples])

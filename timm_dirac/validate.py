@@ -72,7 +72,12 @@ def create_validation_dataset(dataset: str, split: Optional[str] = 'validation',
     prefix) -> timm's Hugging Face datasets reader; otherwise an image folder (timm ImageDataset, looking for a
     `split` sub-folder first). Without `split`, the first of SPLITS the dataset has. """
     from timm.data import create_dataset
+    from torchvision.transforms import Compose
 
+    from .data import to_rgb
+
+    # timm's reader would convert('RGB') itself, which clips 16-bit images to white: hand over the decoded image
+    transform = Compose([to_rgb, transform]) if transform is not None else to_rgb
     if not dataset.lower().startswith('hfds/') and is_datasets_folder(dataset):
         dataset = f'hfds/{dataset}'
     if not dataset.lower().startswith('hfds/') and not Path(dataset).is_dir():
@@ -81,8 +86,10 @@ def create_validation_dataset(dataset: str, split: Optional[str] = 'validation',
     for candidate in ([split] if split else SPLITS):
         try:
             if dataset.lower().startswith('hfds/'):
-                return create_dataset(dataset, root=None, split=candidate, transform=transform), candidate
-            return create_dataset('', root=dataset, split=candidate, search_split=True, transform=transform), candidate
+                return create_dataset(dataset, root=None, split=candidate, transform=transform,
+                                      input_img_mode=None), candidate
+            return create_dataset('', root=dataset, split=candidate, search_split=True, transform=transform,
+                                  input_img_mode=None), candidate
         except ValueError as e:  # datasets: Unknown split
             if split or 'split' not in str(e).lower():
                 raise
