@@ -83,4 +83,5 @@ def load_images(data: str, model: nn.Module, num: Optional[int] = 64, split: str
     transform = create_transform(**resolve_model_data_config(model), is_training=False)
     count = len(dataset) if num is None else min(num, len(dataset))
     samples = [dataset[i] for i in range(count)]
-    return torch.stack([transform(to_rgb(image)) for image, _ in samples]), torch.tensor([int(label) for _, label in samples])
+    images = torch.stack([transform(to_rgb(image)) for image, _ in samples])
+    return images, torch.tensor([int(label) for _, label in samples])

@@ -47,12 +47,13 @@ from timm.utils import ModelEmaV3, accuracy, distribute_bn
 
 from .data import (
     DataError, eval_loader, eval_transform, fixed_subset, holdout_indices, is_test_split, load_split, train_transform)
-from .errors import run_refusing
+from .errors import first_sentence, run_refusing
 from .finite import check_weights
 from .precision import auto_precision
 from .qat import merge_qat, prepare_qat
 
-__all__ = ['main', 'parse_args', 'train', 'build', 'start_or_resume', 'fit', 'ConfigError', 'CheckpointError', 'TrainingError']
+__all__ = ['main', 'parse_args', 'train', 'build', 'start_or_resume', 'fit', 'ConfigError', 'CheckpointError',
+           'TrainingError']
 
 
 class ConfigError(ValueError):
@@ -521,14 +522,14 @@ def load_checkpoint(accelerator, checkpoint: Path) -> Dict[str, Any]:
     for name, digest in files.items():
         path = checkpoint / name
         if not path.is_file() or _sha256(path) != digest:
-            raise CheckpointError(f'{path} is {"missing" if not path.is_file() else "not the file this checkpoint saved"}'
-                                  f' (changed or corrupt): the checkpoint is damaged; move it out of the run folder '
-                                  f'to resume from the one before.')
+            what = 'missing' if not path.is_file() else 'not the file this checkpoint saved (changed or corrupt)'
+            raise CheckpointError(f'{path} is {what}: the checkpoint is damaged; move it out of the run folder to '
+                                  f'resume from the one before.')
     try:
         accelerator.load_state(str(checkpoint))
     except Exception as e:
-        raise CheckpointError(f'cannot restore {checkpoint}: {type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ""} '
-                              f'(a checkpoint of another model or flags?); resume with the flags of that run.') from e
+        raise CheckpointError(f'cannot restore {checkpoint} ({first_sentence(e)}): a checkpoint of another model or '
+                              f'other flags? Resume with the flags of that run.') from e
     rng_file = checkpoint / f'random_states_{accelerator.process_index}.pkl'
     try:
         restored = torch.equal(accelerate_load(rng_file)['torch_manual_seed'], torch.get_rng_state())
