@@ -141,25 +141,6 @@ def test_eval_loader_keeps_the_partial_last_batch_once():
     assert sorted(seen) == list(range(37))
 
 
-
-
-
-def test_evaluate_counts_every_sample_once():
-    from accelerate import Accelerator
-    from timm_dirac.train import evaluate
-
-    torch.manual_seed(0)
-    x, y = torch.randn(37, 3, 8, 8), torch.randint(0, 10, (37,))
-    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(192, 10))
-    metrics = evaluate(model, eval_loader(TensorDataset(x, y), 8, 0, 0, 1), Accelerator(cpu=True))
-    with torch.no_grad():
-        logits = model(x)
-    assert metrics['count'] == 37
-    assert metrics['top1'] == pytest.approx(100 * (logits.argmax(1) == y).sum().item() / 37)
-    assert metrics['top5'] == pytest.approx(100 * (logits.topk(5).indices == y[:, None]).any(1).sum().item() / 37)
-    assert metrics['loss'] == pytest.approx(torch.nn.functional.cross_entropy(logits, y).item(), rel=1e-5)
-
-
 def test_16_bit_png_keeps_its_grey_levels(tmp_path):
     """ PIL's convert('RGB') clips a 16-bit PNG to white; to_rgb scales it to 8 bits. """
     import numpy as np
