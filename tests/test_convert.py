@@ -105,7 +105,7 @@ def test_wrong_architecture_is_named(tmp_path):
     torch.save(params_stats_layout(small), path)
     out = tmp_path / 'out'
     with pytest.raises(ValueError, match=r"'diracnet34_1_cifar', depth=10, width=1\)"):
-        cli_main(['convert', str(path), '--model', 'diracnet34_1_cifar', '--out', str(out)])
+        cli_main(['--debug', 'convert', str(path), '--model', 'diracnet34_1_cifar', '--out', str(out)])
     assert sorted(p.name for p in tmp_path.iterdir()) == ['small.pth']
 
 
@@ -138,7 +138,7 @@ def test_bad_files_get_clear_errors_and_write_nothing(tmp_path, kind, capsys):
         match = r"Unexpected keys .*features\.extra\.weight"
     before = path.read_bytes()
     with pytest.raises(ValueError, match=match):
-        cli_main(['convert', str(path), '--model', 'diracnet34_1_cifar', '--out', str(tmp_path / 'out')])
+        cli_main(['--debug', 'convert', str(path), '--model', 'diracnet34_1_cifar', '--out', str(tmp_path / 'out')])
     assert 'this must never run' not in capsys.readouterr().out
     assert sorted(p.name for p in tmp_path.iterdir()) == ['bad.pth'] and path.read_bytes() == before
 
@@ -229,7 +229,7 @@ def test_convert_takes_any_cifar_shape_and_cifar100(tmp_path):
     path = tmp_path / 'diracnet10_2_cifar100.pth'
     torch.save(params_epoch_optimizer_layout(params), path)
     with pytest.raises(ValueError, match=r"--model diracnet34_1_cifar --model-kwargs depth=10 width=2"):
-        cli_main(['convert', str(path), '--model', 'diracnet34_1_cifar', '--out', str(tmp_path / 'x')])
+        cli_main(['--debug', 'convert', str(path), '--model', 'diracnet34_1_cifar', '--out', str(tmp_path / 'x')])
     out = tmp_path / 'hub'
     assert cli_main(['convert', str(path), '--model', 'diracnet34_1_cifar', '--model-kwargs', 'depth=10', 'width=2',
                      '--out', str(out)]) == 0

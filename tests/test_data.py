@@ -150,3 +150,18 @@ def test_eval_loader_keeps_the_partial_last_batch_once():
         assert [len(b) for b in batches][-1] < 8  # a partial last batch, not dropped or padded
         seen += torch.cat(batches).tolist()
     assert sorted(seen) == list(range(37))
+
+
+def test_16_bit_png_keeps_its_grey_levels(tmp_path):
+    """ PIL's convert('RGB') clips a 16-bit PNG to white; to_rgb scales it to 8 bits. """
+    import numpy as np
+    from PIL import Image
+    from timm_dirac.data import to_rgb
+    levels = (np.arange(32 * 32).reshape(32, 32) * 64).astype(np.uint16)  # 0 .. 65472
+    Image.fromarray(levels).save(tmp_path / 'deep.png')
+    with Image.open(tmp_path / 'deep.png') as image:
+        rgb = np.asarray(to_rgb(image))
+    assert rgb.shape == (32, 32, 3)
+    np.testing.assert_allclose(rgb[..., 0], levels / 257., atol=0.51)
+    with Image.open(tmp_path / 'deep.png') as image:  # 8-bit images are unchanged
+        assert np.array_equal(np.asarray(to_rgb(image.convert('L'))), np.asarray(image.convert('L').convert('RGB')))

@@ -177,7 +177,7 @@ def test_existing_folder_is_refused_then_replaced_with_overwrite(tmp_path):
         save_hub_folder(other, out)
     assert _snapshot(out) == before
     with pytest.raises(FileExistsError):
-        cli_main(['convert', str(out / 'model.safetensors'), '--model', 'diracnet34_1_cifar', '--out', str(out)])
+        cli_main(['--debug', 'convert', str(out / 'model.safetensors'), '--model', 'diracnet34_1_cifar', '--out', str(out)])
     assert _snapshot(out) == before
     save_hub_folder(other, out, overwrite=True)
     assert _snapshot(out)['model.safetensors'] != before['model.safetensors']
@@ -289,6 +289,6 @@ def test_push_refuses_unknown_licence_unless_told(tmp_path, monkeypatch):
     assert ModelCard.load(out / 'README.md').data.license == 'unknown'
     monkeypatch.setattr(huggingface_hub.HfApi, 'create_repo', lambda *a, **kw: pytest.fail('nothing may be created'))
     with pytest.raises(ValueError, match='licence of these weights as unknown.*--allow-unknown-license'):
-        cli_main(['push', str(out), '--repo-id', f'{NS}/x'])
+        cli_main(['--debug', 'push', str(out), '--repo-id', f'{NS}/x'])
     assert push_hub_folder(out, f'{NS}/x', dry_run=True, allow_unknown_license=True) == [
         'README.md', 'config.json', 'model.safetensors']

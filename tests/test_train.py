@@ -270,7 +270,7 @@ def test_unreadable_image_one_error_line(tmp_path, capsys):
     argv = TINY + ['--dataset', '', '--data-dir', str(tmp_path / 'imgs'), '--holdout', '0', '--val-split', 'val', '-b', '9',
                    '--epochs', '1', '--output', str(tmp_path / 'out'), '--experiment', 'run']
     _fails(capsys, argv, 'broken.png', 'cannot read image')
-    assert not (tmp_path / 'out').exists()
+    assert not (tmp_path / 'out' / 'run').exists()  # a new run that failed before its first checkpoint
 
 
 def test_imagenet_path_mixup_accumulation_ema(tmp_path):
@@ -379,3 +379,196 @@ def test_diracify_bad_input_one_error_line(tmp_path, capsys):
     _fails(capsys, TINY + out + ['--diracify-layers', 'layer1.*'], 'add --diracify')
     _fails(capsys, TINY + out + ['--diracify', '--qat', '--pretrained'], '--qat and --diracify')
     assert not (tmp_path / 'out').exists()
+
+
+# ------------------------------------------------------------------------------------------- kills and resume
+class Killed(BaseException):
+    """ What `kill -9` at that moment would leave: nothing after it runs (no `except Exception` cleanup). """
+
+
+def _kill_at(monkeypatch, point: str, epoch: int):
+    """ Make the checkpoint save of `epoch` die at `point`, one of the steps of `save_checkpoint`: inside
+    accelerate's save_state (model written, optimizer half written), the train_state.pt write, the rename of the
+    temp folder, the moves of `last` and `best`, the pruning of an old checkpoint, the summary.csv write. """
+    import io
+    real_replace, real_save = os.replace, torch.save
+    moves = {'rename': f'checkpoint-{epoch}', 'last': 'last', 'best': 'best', 'summary': 'summary.csv'}
+
+    def replace(src, dst, *args, **kwargs):
+        dst = Path(dst)
+        saving = (dst.parent / f'checkpoint-{epoch}').is_dir()  # the epoch's checkpoint is in place
+        if point == 'rename' and dst.name == moves['rename']:
+            raise Killed
+        if point in ('last', 'best', 'summary') and dst.name == moves[point] and saving:
+            raise Killed
+        if point == 'prune' and dst.name.endswith('.del') and saving:
+            raise Killed
+        return real_replace(src, dst, *args, **kwargs)
+
+    def save(obj, f, *args, **kwargs):
+        name = Path(f).name if isinstance(f, (str, os.PathLike)) else ''
+        if f'.checkpoint-{epoch}.tmp' in str(f) and (point, name) in (('optimizer', 'optimizer.bin'),
+                                                                        ('train_state', 'train_state.pt')):
+            buffer = io.BytesIO()
+            real_save(obj, buffer)
+            Path(f).write_bytes(buffer.getvalue()[:len(buffer.getvalue()) // 2])
+            raise Killed
+        return real_save(obj, f, *args, **kwargs)
+    monkeypatch.setattr(os, 'replace', replace)
+    monkeypatch.setattr(torch, 'save', save)
+
+
+KILL_ARGS = TINY + ['--train-num-samples', '128', '--val-num-samples', '32', '-b', '32', '--epochs', '3',
+                    '--checkpoint-hist', '1', '--eval-metric', 'loss', '--workers', '0']
+KILLS = [('optimizer', 1), ('train_state', 1), ('rename', 1), ('optimizer', 2), ('train_state', 2), ('rename', 2),
+         ('last', 2), ('best', 2), ('prune', 2), ('summary', 2), ('summary', 3), ('last', 3)]
+
+
+@pytest.fixture(scope='module')
+def straight_run(tmp_path_factory):
+    """ The uninterrupted reference run: its weights and summary. """
+    from accelerate.state import AcceleratorState
+    out = tmp_path_factory.mktemp('straight')
+    model = train(parse_args(KILL_ARGS + ['--output', str(out), '--experiment', 'run']))
+    AcceleratorState._reset_state(reset_partial_state=True)
+    return model.state_dict(), _summary(out / 'run')
+
+
+def _assert_consistent(run: Path, epochs: int):
+    """ `last` is the newest checkpoint, `best` the best epoch's, no other checkpoint or temp leftover is there,
+    summary.csv has every epoch. """
+    state = torch.load(run / 'last' / 'train_state.pt', weights_only=True)
+    assert os.readlink(run / 'last') == f'checkpoint-{epochs}' and state['epoch'] == epochs
+    assert os.readlink(run / 'best') == f'checkpoint-{state["best"][0][1]}' and (run / 'best').is_dir()
+    assert {p.name for p in run.glob('checkpoint-*')} == {f'checkpoint-{epochs}'} | {
+        f'checkpoint-{e}' for _, e in state['best']}
+    assert not list(run.glob('.*')), list(run.glob('.*'))
+    assert [r['epoch'] for r in _summary(run)] == list(range(1, epochs + 1))
+
+
+@pytest.mark.parametrize('point,epoch', KILLS, ids=[f'{p}-epoch{e}' for p, e in KILLS])
+def test_kill_at_any_checkpoint_step_resumes_bit_identically(tmp_path, monkeypatch, straight_run, point, epoch):
+    """ A run killed at any step of any checkpoint save, resumed with `--resume <run>/last`, repairs its run
+    folder and ends with the weights and metrics of the uninterrupted run, bit for bit. """
+    from accelerate.state import AcceleratorState
+    args = KILL_ARGS + ['--output', str(tmp_path), '--experiment', 'run']
+    with monkeypatch.context() as patch:
+        _kill_at(patch, point, epoch)
+        with pytest.raises(Killed):
+            train(parse_args(args))
+    AcceleratorState._reset_state(reset_partial_state=True)
+    resumed = train(parse_args(args + ['--resume', str(tmp_path / 'run' / 'last')]))
+
+    weights, rows = straight_run
+    for k, v in resumed.state_dict().items():
+        assert torch.equal(v, weights[k]), k
+    _assert_consistent(tmp_path / 'run', 3)
+    timing = ('epoch_s', 'train_img_s')
+    assert [{k: v for k, v in r.items() if k not in timing} for r in _summary(tmp_path / 'run')] == \
+        [{k: v for k, v in r.items() if k not in timing} for r in rows]
+
+
+@pytest.mark.parametrize('damage', ['garbage', 'foreign', 'garbage_without_manifest'])
+def test_resume_restores_everything_or_says_what_it_could_not(tmp_path, interrupted, damage):
+    """ A corrupt or foreign random_states_0.pkl (accelerate skips an unreadable one silently and the run would
+    drift from the uninterrupted one) is refused by name, from the checkpoint's SHA-256 list or, for a checkpoint
+    without one, by checking the restored RNG state. """
+    args = KILL_ARGS + ['--output', str(tmp_path), '--epochs', '2']
+    for name, seed in (('run', '42'), ('other', '7')):
+        with interrupted():
+            train(parse_args(args + ['--experiment', name, '--seed', seed]))
+    rng = tmp_path / 'run' / 'checkpoint-1' / 'random_states_0.pkl'
+    if damage == 'foreign':  # a valid RNG file, from another run with another seed
+        other = tmp_path / 'other' / 'checkpoint-1' / 'random_states_0.pkl'
+        rng.write_bytes(other.read_bytes())
+    else:
+        rng.write_bytes(b'\x80\x04not a pickle')
+    if damage == 'garbage_without_manifest':  # a checkpoint written before the SHA-256 list existed
+        state_file = tmp_path / 'run' / 'checkpoint-1' / 'train_state.pt'
+        state = torch.load(state_file, weights_only=True)
+        del state['files']
+        torch.save(state, state_file)
+    with pytest.raises(ConfigError, match='random_states_0.pkl'):
+        train(parse_args(args + ['--resume', str(tmp_path / 'run')]))
+
+
+# ------------------------------------------------------------------------------------------- refusals
+def test_config_file_mistakes_one_error_line(tmp_path, capsys):
+    """ YAML that is broken, carries a python tag, or gives 2.7 epochs is refused like the command line would. """
+    out = ['--output', str(tmp_path / 'out'), '--experiment', 'run']
+    cases = {'broken': ('model: [diracnet18\n', 'not plain YAML'),
+             'tag': ('model: !!python/object/apply:os.system ["echo owned"]\n', 'not plain YAML'),
+             'float_epochs': ('model: diracnet18\nepochs: 2.7\n', "'epochs'")}
+    for name, (text, words) in cases.items():
+        cfg = tmp_path / f'{name}.yaml'
+        cfg.write_text(text)
+        _fails(capsys, ['--config', str(cfg)] + out, words)
+    assert 'owned' not in capsys.readouterr().out
+    assert not (tmp_path / 'out').exists()
+
+
+@pytest.mark.parametrize('flag,value', [('--lr', 'nan'), ('--lr', '-0.1'), ('--weight-decay', 'inf'),
+                                        ('--smoothing', '1.5')])
+def test_bad_numbers_refused_before_training(tmp_path, capsys, flag, value):
+    _fails(capsys, TINY + ['--output', str(tmp_path / 'out'), flag, value], flag)
+    assert not (tmp_path / 'out').exists()
+
+
+def test_unwritable_output_refused_before_training(tmp_path, capsys):
+    """ An --output that cannot hold a run folder (here: below a file, which no user can write into) is refused
+    before the first epoch, not after it. """
+    (tmp_path / 'file').write_text('')
+    started = []
+    original = train_module.train_one_epoch
+    train_module.train_one_epoch = lambda *a, **k: started.append(1) or original(*a, **k)
+    try:
+        _fails(capsys, TINY + ['--train-num-samples', '64', '--val-num-samples', '8', '-b', '32', '--output',
+                               str(tmp_path / 'file' / 'out')], 'cannot write the run folder', '--output')
+    finally:
+        train_module.train_one_epoch = original
+    assert not started
+
+
+def test_one_class_dataset_refused(tmp_path, capsys):
+    for split in ('train', 'val'):
+        (tmp_path / 'imgs' / split / 'cat').mkdir(parents=True)
+        for i in range(4):
+            Image.new('RGB', (32, 32), (60 * i, 0, 0)).save(tmp_path / 'imgs' / split / 'cat' / f'{i}.png')
+    argv = TINY + ['--dataset', '', '--data-dir', str(tmp_path / 'imgs'), '--holdout', '0', '--val-split', 'val',
+                   '-b', '2', '--output', str(tmp_path / 'out')]
+    _fails(capsys, argv, '1 class', 'at least 2')
+
+
+def test_disk_full_during_a_checkpoint_says_so(tmp_path, monkeypatch, capsys):
+    """ torch.save reports a full disk as 'unexpected pos'; the refusal says 'no space left' and what is kept. """
+    import shutil
+    real_save = torch.save
+
+    def full(obj, f, *args, **kwargs):
+        if str(f).endswith('optimizer.bin'):
+            raise RuntimeError('[enforce fail at inline_container.cc:664] . unexpected pos 568320 vs 568208')
+        return real_save(obj, f, *args, **kwargs)
+    monkeypatch.setattr(torch, 'save', full)
+    monkeypatch.setattr(shutil, 'disk_usage', lambda path: shutil._ntuple_diskusage(10 << 20, 10 << 20, 1000))
+    line = _fails(capsys, KILL_ARGS + ['--output', str(tmp_path), '--experiment', 'run', '--epochs', '1'],
+                  'no space left', 'checkpoint-1', 'run the command again')
+    assert 'unexpected pos' not in line
+
+
+def test_diverging_training_stops_with_the_last_good_checkpoint(tmp_path, interrupted, capsys):
+    """ A non-finite loss stops the run before its checkpoint: `last` stays at the good epoch, no NaN row in
+    summary.csv, no Hub folder. """
+    args = KILL_ARGS + ['--output', str(tmp_path), '--experiment', 'run', '--epochs', '2']
+    with interrupted():
+        train(parse_args(args))
+    line = _fails(capsys, args + ['--resume', str(tmp_path / 'run'), '--lr', '1e30'], 'epoch 2', 'diverged',
+                  '--lr', 'checkpoint')
+    assert 'epoch 1' in line
+    run = tmp_path / 'run'
+    assert os.readlink(run / 'last') == 'checkpoint-1' and [r['epoch'] for r in _summary(run)] == [1]
+    assert not list(run.glob('checkpoint-2')) and not list(run.glob('hub-*'))
+
+
+def test_debug_shows_the_traceback(tmp_path, capsys):
+    with pytest.raises(ConfigError, match='--batch-size'):
+        main(TINY + ['--output', str(tmp_path), '-b', '0', '--debug'])

@@ -28,7 +28,7 @@ def hub_folder(tmp_path_factory):
 
 def _run(tmp_path, *args):
     out = tmp_path / f'result{len(list(tmp_path.glob("result*")))}.json'
-    assert cli_main(['validate', *args, '--json', str(out), '--no-progress', '--workers', '0']) == 0
+    assert cli_main(['--debug', 'validate', *args, '--json', str(out), '--no-progress', '--workers', '0']) == 0
     return json.loads(out.read_text())
 
 
@@ -105,3 +105,16 @@ def test_published_weights_on_the_sample_without_split_or_prefix(tmp_path, capsy
     assert by_name['weights'] == f'local-dir:{WEIGHTS}' and by_name['samples'] == 50
     tag = _run(tmp_path, '--model', 'diracnet16_4_cifar', '--pretrained', '--dataset', str(SAMPLE), '--split', 'test[:50]')
     assert tag['weights'] == f'pretrained ({WEIGHTS / "model.safetensors"})' and tag['top1'] == by_name['top1']
+
+
+def test_16_bit_png_folder_is_not_washed_out(tmp_path):
+    """ timm's reader would convert('RGB') a 16-bit PNG into near-white; validate scales it to 8 bits first. """
+    import numpy as np
+    from PIL import Image
+    from timm_dirac.validate import create_validation_dataset
+    for cls in ('a', 'b'):
+        (tmp_path / 'validation' / cls).mkdir(parents=True)
+        Image.fromarray(np.full((32, 32), 32768, np.uint16)).save(tmp_path / 'validation' / cls / 'x.png')
+    dataset, _ = create_validation_dataset(str(tmp_path), 'validation', transform=None)
+    image, _ = dataset[0]
+    assert np.asarray(image).mean() == pytest.approx(128, abs=1)

@@ -8,6 +8,8 @@ import importlib
 import sys
 from typing import List, Optional
 
+from .errors import run_refusing
+
 # subcommand -> (module, one-line help)
 COMMANDS = {
     'demo': ('timm_dirac.demo', 'build a DiracNet, fold it, check the outputs match and time both forms'),
@@ -24,14 +26,19 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(
         prog='timm-dirac', description='DiracNets for timm: fold, benchmark, export to ONNX, quantize to int8, convert '
                                        'checkpoints, publish to the Hub and validate.')
+    parser.add_argument('--debug', action='store_true', help='show the Python traceback of an error (default: one '
+                        'line naming the problem, exit code 2)')
     subparsers = parser.add_subparsers(dest='command', required=True, metavar='COMMAND')
-    chosen = (argv if argv is not None else sys.argv[1:])[:1]
+    chosen = [a for a in (argv if argv is not None else sys.argv[1:]) if a != '--debug'][:1]
     for name, (module_name, help_text) in COMMANDS.items():
         sub = subparsers.add_parser(name, help=help_text, description=help_text)
+        sub.add_argument('--debug', action='store_true', default=argparse.SUPPRESS,
+                         help='show the Python traceback of an error')
         if name in chosen:
             importlib.import_module(module_name).add_arguments(sub)
     args = parser.parse_args(argv)
-    return importlib.import_module(COMMANDS[args.command][0]).run(args) or 0
+    module = COMMANDS[args.command][0]
+    return run_refusing(f'timm-dirac {args.command}', lambda: importlib.import_module(module).run(args), args.debug)
 
 
 if __name__ == '__main__':

@@ -21,6 +21,8 @@ from typing import Any, Dict, Mapping, Optional, Tuple
 import torch
 import torch.nn as nn
 
+from .errors import first_sentence
+from .finite import check_weights
 from .layers import dirac_kernel, fold_bn_stats, is_folded
 
 __all__ = [
@@ -263,6 +265,16 @@ def check_structure(state_dict: Mapping[str, torch.Tensor], model: nn.Module):
             f'{_describe(*got, name)}.')
 
 
+def check_dirac_pairs(state_dict: Mapping[str, torch.Tensor]) -> None:
+    """ Raise if a train-form Dirac layer has one of alpha and beta without the other (a damaged or hand-edited
+    checkpoint), naming the missing key. """
+    for key in state_dict:
+        for have, want in (('conv.alpha', 'conv.beta'), ('conv.beta', 'conv.alpha')):
+            if key.endswith(have) and key[:-len(have)] + want not in state_dict:
+                raise ValueError(f'The checkpoint has {key} but no {key[:-len(have)] + want}: every Dirac layer of '
+                                 f'the train form needs both alpha and beta; the file is damaged or incomplete.')
+
+
 def check_classifier(state_dict: Mapping[str, torch.Tensor], model: nn.Module, features_only: bool = False):
     """ Make timm load a classifier in the checkpoint that fits `model`, and refuse one that cannot load.
 
@@ -289,8 +301,14 @@ def checkpoint_filter_fn(state_dict: Dict[str, Any], model: nn.Module, features_
     """ timm `pretrained_filter_fn`: bring any supported DiracNet checkpoint (ours in either form, the authors'
     folded or functional ones) into the form (train or folded) and keys of `model`; a classifier that fits the
     model loads (see `check_classifier`; `features_only`: the classifier is not wanted). """
+    from .diracnet import DiracNet
+    if not isinstance(model, DiracNet):  # e.g. a config.json or --model naming another architecture
+        raise ValueError(f'DiracNet weights cannot be loaded into a {type(model).__name__}: the model name or the '
+                         f'config.json architecture must be a DiracNet (diracnet*).')
     state_dict = to_timm_state_dict(state_dict)
     check_structure(state_dict, model)
+    check_dirac_pairs(state_dict)
+    check_weights(state_dict, 'the checkpoint')
     check_classifier(state_dict, model, features_only)
     model_folded = is_folded(model)
     if model_folded and not is_folded_state_dict(state_dict):
@@ -314,13 +332,15 @@ def load_checkpoint_file(path: os.PathLike) -> Any:
         except Exception as e:
             raise ValueError(f'{path} is not a readable safetensors file ({e}); it may be truncated or corrupt: '
                              f'download or write it again.') from e
+    if path.stat().st_size == 0:
+        raise ValueError(f'{path} is empty (0 bytes): write or download the checkpoint again.')
     try:
         return torch.load(path, map_location='cpu', weights_only=True)
     except Exception as e:
         raise ValueError(
-            f'{path} could not be read as a checkpoint with torch.load(weights_only=True): {type(e).__name__}: '
-            f'{str(e).splitlines()[0] if str(e) else ""}. It may be truncated, corrupt, or a pickle that is not a '
-            f'tensor checkpoint (arbitrary pickles are never unpickled).') from e
+            f'{path} could not be read as a checkpoint with torch.load(weights_only=True): {first_sentence(e)}. It '
+            f'may be truncated, corrupt, or a pickle that is not a tensor checkpoint (arbitrary pickles are never '
+            f'unpickled).') from e
 
 
 def hub_unreachable(variant: str, pretrained_cfg: Optional[Any] = None,

@@ -25,8 +25,8 @@ from timm.data import create_transform
 from timm.data.random_erasing import RandomErasing
 
 __all__ = [
-    'DataError', 'load_split', 'fixed_subset', 'holdout_indices', 'is_test_split', 'train_transform', 'eval_transform',
-    'eval_loader', 'eval_indices']
+    'DataError', 'to_rgb', 'load_split', 'fixed_subset', 'holdout_indices', 'is_test_split', 'train_transform',
+    'eval_transform', 'eval_loader', 'eval_indices']
 
 SPLIT_ALIASES = {
     'train': ('train', 'training'),
@@ -37,6 +37,17 @@ SPLIT_ALIASES = {
 
 class DataError(ValueError):
     """ Bad data input (missing path, unknown split, unreadable image, ...); the message names the fix. """
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """ `image` as 8-bit RGB. 16-bit and 32-bit integer images (16-bit PNGs open as mode I;16 or I) are scaled to
+    8 bits: PIL's own convert('RGB') clips them, which turns most of a 16-bit image white. """
+    if image.mode.startswith('I'):
+        import numpy as np
+        pixels = np.asarray(image).astype(np.float64)
+        top = 65535. if image.mode.startswith('I;16') or pixels.max() > 255 else 255.
+        image = Image.fromarray(np.clip(np.rint(pixels * (255. / top)), 0, 255).astype(np.uint8), mode='L')
+    return image.convert('RGB')
 
 
 class HFImageDataset(Dataset):
@@ -65,7 +76,7 @@ class HFImageDataset(Dataset):
     def __getitem__(self, index: int) -> Tuple[Any, int]:
         try:
             row = self.data[index]
-            image = row[self.image_key].convert('RGB')
+            image = to_rgb(row[self.image_key])
         except Exception as e:  # PIL and datasets raise many types for a bad image
             raise DataError(f'cannot read image {index} of dataset {self.name!r} ({e}); fix or drop that row.') from e
         return (self.transform(image) if self.transform else image), row[self.label_key]
@@ -89,7 +100,7 @@ class FolderDataset(Dataset):
         path, label = self.samples[index]
         try:
             with open(path, 'rb') as f:
-                image = Image.open(f).convert('RGB')
+                image = to_rgb(Image.open(f))
         except Exception as e:
             raise DataError(f'cannot read image file {path} ({e}); replace or delete it.') from e
         return (self.transform(image) if self.transform else image), label

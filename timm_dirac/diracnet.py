@@ -25,6 +25,7 @@ from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_c
 
 from ._timm_compat import feature_take_indices, update_model_args
 from .convert import CIFAR10_LABELS, checkpoint_filter_fn, hub_unreachable, pretrained_source_error
+from .errors import first_sentence
 from .layers import DiracConv2d, fold_bn, is_folded
 
 __all__ = ['DiracNet', 'DiracBlock', 'DiracStage', 'DiracStem', 'DiracStyle', 'STYLES', 'dirac_layers']
@@ -444,6 +445,16 @@ def _create_diracnet(variant: str, pretrained: bool = False, **kwargs) -> DiracN
         if not pretrained:
             raise
         raise pretrained_source_error(variant, e, *overlays) from e
+    except ValueError:  # the checkpoint filter's own messages
+        raise
+    except Exception as e:  # torch.load / safetensors / load_state_dict on a damaged or foreign file
+        if not pretrained:
+            raise
+        overlay = kwargs.get('pretrained_cfg_overlay') or {}
+        source = overlay.get('file') or 'the pretrained weights'
+        raise ValueError(f'cannot load {source} into {variant} ({first_sentence(e)}): the file is truncated, corrupt '
+                         f'or empty, or holds another model\'s weights; write or download it again, or pass the '
+                         f'--model it was trained as.') from e
 
 
 def _cfg(url: str = '', **kwargs) -> Dict[str, Any]:

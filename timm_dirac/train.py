@@ -2,7 +2,7 @@
 
     python train.py --config train_configs/quick_cifar10.yaml                     # one process
     accelerate launch --multi_gpu --num_processes 8 train.py --config train_configs/diracnet28_10_cifar10.yaml
-    python train.py --config train_configs/quick_cifar10.yaml --resume output/train/<run>/last
+    python train.py --config train_configs/quick_cifar10.yaml --resume output/train/<run>
 
 Flags are named like timm's train.py; `--config FILE.yaml` sets them too (defaults < YAML < command line). The
 engine is `accelerate.Accelerator` (device placement, DDP, bf16/fp16 autocast, gradient accumulation, state
@@ -10,18 +10,23 @@ save/load); the pieces are timm's (create_optimizer_v2, create_scheduler_v2, Mod
 
 A run folder holds `args.yaml`, `summary.csv`, `checkpoint-<epoch>/` folders (the last one and the best
 `--checkpoint-hist`, each written to a temp folder and renamed into place), the links `last` and `best`, and at the
-end the best weights as Hub folders `hub-train/` and `hub-folded/` (reparameterized).
+end the best weights as Hub folders `hub-train/` and `hub-folded/` (reparameterized). The newest complete checkpoint
+is the folder's one source of truth: `--resume` continues from it and repairs the rest from it, so a run killed at any
+moment resumes exactly.
 """
 import argparse
 import ast
 import copy
 import csv
+import errno
+import hashlib
 import io
 import math
 import os
 import shutil
 import sys
 import time
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -42,10 +47,13 @@ from timm.utils import ModelEmaV3, accuracy, distribute_bn
 
 from .data import (
     DataError, eval_loader, eval_transform, fixed_subset, holdout_indices, is_test_split, load_split, train_transform)
+from .errors import first_sentence, run_refusing
+from .finite import check_weights
 from .precision import auto_precision
 from .qat import merge_qat, prepare_qat
 
-__all__ = ['main', 'parse_args', 'train', 'ConfigError']
+__all__ = ['main', 'parse_args', 'train', 'build', 'start_or_resume', 'fit', 'ConfigError', 'CheckpointError',
+           'TrainingError']
 
 
 class ConfigError(ValueError):
@@ -163,6 +171,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument('--resume', default='', metavar='DIR', help='checkpoint folder to continue, e.g. <run>/last')
     g.add_argument('--checkpoint-hist', type=int, default=3, metavar='N', help='best checkpoints to keep')
     g.add_argument('--eval-metric', default='top1', choices=['top1', 'top5', 'loss'])
+    g.add_argument('--debug', action='store_true', help='show the Python traceback of an error (default: one line '
+                   'naming the problem, exit code 2)')
     return p
 
 
@@ -170,10 +180,14 @@ def _typed(action: argparse.Action, key: str, value: Any, path: str) -> Any:
     """ Convert a YAML value as the command line would (YAML reads `1e-4` as a string, for one). """
     if value is None or action.type is None or isinstance(value, bool):
         return value
+    def convert(v: Any) -> Any:
+        if action.type is int and isinstance(v, float):  # the command line refuses `--epochs 2.7`; so does YAML
+            raise ValueError(f'{v!r} is not a whole number')
+        return action.type(v)
     try:
         if isinstance(value, (list, tuple)):
-            return [action.type(v) for v in value]
-        return action.type(value)
+            return [convert(v) for v in value]
+        return convert(value)
     except (TypeError, ValueError, argparse.ArgumentTypeError) as e:
         raise ConfigError(f'{path}: key {key!r} has a bad value {value!r} ({e}).') from e
 
@@ -209,6 +223,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                 cfg = yaml.safe_load(f) or {}
         except OSError as e:
             raise ConfigError(f'cannot read config file {path}: {e.strerror}.') from e
+        except yaml.YAMLError as e:  # also python/object tags, which safe_load never constructs
+            where = getattr(e, 'problem_mark', None)
+            line = f' line {where.line + 1}' if where else ''
+            problem = getattr(e, 'problem', None) or str(e).splitlines()[0]
+            raise ConfigError(f'{path}{line} is not plain YAML ({problem}); write flag: value lines only.') from e
         if not isinstance(cfg, dict):
             raise ConfigError(f'{path} must be a YAML mapping of flag names to values.')
         actions = {a.dest: a for a in parser._actions if a.dest != 'help'}
@@ -240,6 +259,15 @@ def check_args(args: argparse.Namespace) -> None:
             raise ConfigError(f'--{name.replace("_", "-")} must be at least 1, got {getattr(args, name)}.')
     if args.validation_batch_size is not None and args.validation_batch_size < 1:
         raise ConfigError(f'--validation-batch-size must be at least 1, got {args.validation_batch_size}.')
+    for name in ('lr', 'lr_base', 'momentum', 'weight_decay', 'warmup_lr', 'min_lr', 'decay_rate', 'decay_epochs',
+                 'clip_grad', 'drop', 'smoothing', 'mixup', 'cutmix', 'mixup_prob', 'model_ema_decay', 'reprob',
+                 'color_jitter', 'hflip'):
+        value = getattr(args, name)
+        if value is not None and not (math.isfinite(value) and value >= 0):
+            raise ConfigError(f'--{name.replace("_", "-")} must be a finite number >= 0, got {value}.')
+    for name in ('drop', 'smoothing', 'mixup_prob', 'model_ema_decay', 'reprob', 'hflip'):
+        if getattr(args, name) > 1:
+            raise ConfigError(f'--{name.replace("_", "-")} is a fraction between 0 and 1, got {getattr(args, name)}.')
     if args.workers < 0:
         raise ConfigError(f'--workers must be 0 or more, got {args.workers}.')
     if (args.mixup or args.cutmix) and args.batch_size % 2:
@@ -261,9 +289,8 @@ def check_args(args: argparse.Namespace) -> None:
         raise ConfigError('--qat does not keep an EMA (its fake-quantized weights cannot be copied): drop --model-ema.')
     if args.holdout < 0:
         raise ConfigError(f'--holdout must be 0 (validate on --val-split) or more, got {args.holdout}.')
-    if args.resume and not (Path(args.resume) / 'train_state.pt').is_file():
-        raise ConfigError(f'--resume {args.resume} is not a checkpoint folder of this script (no train_state.pt); '
-                          f'pass <run folder>/last.')
+    if args.resume:
+        find_resume_checkpoint(args.resume)  # refuses a folder that is no run or checkpoint now, not later
 
 
 # ------------------------------------------------------------------------------------------------ accelerator
@@ -367,6 +394,14 @@ def evaluate(model: nn.Module, loader, accelerator, channels_last: bool = False,
 
 
 # ------------------------------------------------------------------------------------------------ checkpoints
+# A run folder's one source of truth is its newest complete checkpoint: `checkpoint-<epoch>` appears only by the
+# rename of a fully written temp folder, and `last`, `best`, the pruning and summary.csv all follow from its
+# train_state.pt. `publish` derives them (after each save, and again on resume, which repairs a run killed
+# between any two steps of a save).
+class CheckpointError(ConfigError):
+    """ A checkpoint or run folder that cannot be written or resumed; the message names the fix. """
+
+
 def _write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(f'.{path.name}.tmp')
     tmp.write_text(text, encoding='utf-8')
@@ -381,33 +416,141 @@ def _link_atomic(run_dir: Path, name: str, target: str) -> None:
     os.replace(tmp, run_dir / name)
 
 
-def save_checkpoint(accelerator, run_dir: Path, state: Dict[str, Any], args: argparse.Namespace) -> None:
+def checkpoint_epoch(path: Path) -> Optional[int]:
+    """ N for a folder named `checkpoint-N`, else None. """
+    number = path.name[len('checkpoint-'):]
+    return int(number) if path.name.startswith('checkpoint-') and number.isdigit() else None
+
+
+def complete_checkpoints(run_dir: Path) -> List[Path]:
+    """ The run's complete checkpoint folders, oldest first. """
+    found = [p for p in run_dir.glob('checkpoint-*') if checkpoint_epoch(p) is not None and not p.is_symlink()
+             and (p / 'train_state.pt').is_file()]
+    return sorted(found, key=checkpoint_epoch)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, 'rb') as f:
+        for block in iter(lambda: f.read(1 << 20), b''):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def save_checkpoint(accelerator, run_dir: Path, state: Dict[str, Any]) -> None:
     """ Write `checkpoint-<epoch>` (accelerate state: model, optimizer, scaler, RNG per rank; plus train_state.pt:
-    epoch, scheduler, EMA, best list, summary) via a temp folder renamed into place, repoint `last`/`best`,
-    drop checkpoints that are neither last nor among the best `--checkpoint-hist`, rewrite summary.csv. """
+    epoch, scheduler, EMA, best list, summary and the SHA-256 of every other file) into a temp folder, rename it
+    into place, then `publish` the run folder from it. A failed write names the cause and leaves the last
+    checkpoint as it was. """
     name = f'checkpoint-{state["epoch"]}'
     tmp = run_dir / f'.{name}.tmp'
+    try:
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)  # a leftover of a crash during an earlier save
+        accelerator.wait_for_everyone()
+        accelerator.save_state(str(tmp), safe_serialization=True)
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            files = {p.name: _sha256(p) for p in sorted(tmp.iterdir()) if p.is_file()}
+            torch.save(dict(state, files=files), tmp / 'train_state.pt')
+            os.replace(tmp, run_dir / name)
+    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as "unexpected pos ..."
+        raise _write_error(run_dir, name, e) from e
     if accelerator.is_main_process:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        if not (run_dir / 'args.yaml').exists():
-            _write_atomic(run_dir / 'args.yaml', yaml.safe_dump(vars(args), sort_keys=False))
-        shutil.rmtree(tmp, ignore_errors=True)  # a leftover of a crash during an earlier save
+        publish(run_dir, state)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp), safe_serialization=True)
-    accelerator.wait_for_everyone()  # every rank has written its RNG state before the folder is renamed
-    if accelerator.is_main_process:
-        torch.save(state, tmp / 'train_state.pt')
-        os.replace(tmp, run_dir / name)
-        _link_atomic(run_dir, 'last', name)
-        best = state['best']
-        if best and best[0][1] == state['epoch']:
-            _link_atomic(run_dir, 'best', name)
-        keep = {name} | {f'checkpoint-{epoch}' for _, epoch in best}
-        for old in run_dir.glob('checkpoint-*'):
-            if old.name not in keep and old.name.split('-')[-1].isdigit():
-                shutil.rmtree(old)
-        _write_atomic(run_dir / 'summary.csv', _csv(state['summary']))
-    accelerator.wait_for_everyone()
+
+
+def _write_error(run_dir: Path, name: str, error: Exception) -> CheckpointError:
+    free = shutil.disk_usage(run_dir).free
+    last = complete_checkpoints(run_dir)
+    needed = sum(f.stat().st_size for f in last[-1].iterdir()) if last else 0
+    full = getattr(error, 'errno', None) == errno.ENOSPC or free < max(needed, 1 << 20)
+    cause = 'no space left on the device' if full else f'{type(error).__name__}: {str(error).strip().splitlines()[-1]}'
+    then = f'the run is intact up to {last[-1].name}: free space, then --resume {run_dir}' if last else \
+        'free space, then run the command again'
+    return CheckpointError(f'cannot write {name} in {run_dir} ({cause}; {free / 2**20:.0f} MiB free, a checkpoint '
+                           f'takes about {needed / 2**20:.0f} MiB); {then}.')
+
+
+def publish(run_dir: Path, state: Dict[str, Any]) -> None:
+    """ Point `last` at the checkpoint of `state` and `best` at its best epoch, remove checkpoints that are neither
+    (and temp leftovers of a killed save), write summary.csv. Idempotent: every step can be redone after a kill. """
+    name = f'checkpoint-{state["epoch"]}'
+    _link_atomic(run_dir, 'last', name)
+    best = state['best']
+    if best:
+        _link_atomic(run_dir, 'best', f'checkpoint-{best[0][1]}')
+    keep = {name} | {f'checkpoint-{epoch}' for _, epoch in best}
+    for old in run_dir.glob('checkpoint-*'):
+        if old.name not in keep and checkpoint_epoch(old) is not None and not old.is_symlink():
+            doomed = run_dir / f'.{old.name}.del'  # renamed first, so a half-deleted folder is never a checkpoint
+            os.replace(old, doomed)
+            shutil.rmtree(doomed)
+    for leftover in run_dir.glob('.checkpoint-*'):
+        shutil.rmtree(leftover, ignore_errors=True)
+    _write_atomic(run_dir / 'summary.csv', _csv(state['summary']))
+
+
+def find_resume_checkpoint(resume: str) -> Tuple[Path, Optional[Path]]:
+    """ (run folder, checkpoint to continue from) for `--resume`: a run folder or its `last` link means its newest
+    complete checkpoint (None if it has none yet: the run restarts from epoch 1); `best` or `checkpoint-N` means
+    that one, which must be the newest (continuing an older one would overwrite the later ones). """
+    path = Path(resume)
+    run_dir = path if path.is_dir() and not path.is_symlink() and checkpoint_epoch(path) is None else path.parent
+    if not run_dir.is_dir():
+        raise CheckpointError(f'--resume {resume}: {run_dir} does not exist; pass a run folder or one of its '
+                              f'checkpoint folders.')
+    done = complete_checkpoints(run_dir)
+    if run_dir == path or path.name == 'last':
+        if not done and not (run_dir / 'args.yaml').is_file():
+            raise CheckpointError(f'--resume {resume}: {run_dir} is not a run folder (no args.yaml, no '
+                                  f'checkpoint-N folder with train_state.pt); pass <output>/<run> or <run>/last.')
+        return run_dir, (done[-1] if done else None)
+    chosen = path.resolve()
+    if checkpoint_epoch(chosen) is None or not (chosen / 'train_state.pt').is_file():
+        raise CheckpointError(f'--resume {resume} is not a complete checkpoint folder (checkpoint-N with '
+                              f'train_state.pt); pass its run folder to continue from the newest checkpoint.')
+    if done and checkpoint_epoch(chosen) < checkpoint_epoch(done[-1]):
+        raise CheckpointError(f'{run_dir} has checkpoints after {chosen.name} (up to {done[-1].name}), which '
+                              f'continuing it would overwrite: --resume {run_dir} continues from {done[-1].name}; '
+                              f'to branch off {chosen.name}, copy it into a new folder and resume that copy.')
+    return run_dir, chosen
+
+
+def load_checkpoint(accelerator, checkpoint: Path) -> Dict[str, Any]:
+    """ Restore model, optimizer, scaler and RNG states from `checkpoint`; returns its train_state. Every file is
+    checked against the SHA-256 the save recorded, and the RNG state against the one restored, so a resume either
+    restores everything or says what it could not (accelerate skips unreadable RNG states silently). """
+    from accelerate.utils import load as accelerate_load
+
+    try:
+        state = torch.load(checkpoint / 'train_state.pt', map_location='cpu', weights_only=True)
+    except Exception as e:
+        raise CheckpointError(f'cannot read {checkpoint / "train_state.pt"} ({type(e).__name__}); the checkpoint '
+                              f'is damaged: move it out of the run folder to resume from the one before.') from e
+    files = state.pop('files', {})
+    for name, digest in files.items():
+        path = checkpoint / name
+        if not path.is_file() or _sha256(path) != digest:
+            what = 'missing' if not path.is_file() else 'not the file this checkpoint saved (changed or corrupt)'
+            raise CheckpointError(f'{path} is {what}: the checkpoint is damaged; move it out of the run folder to '
+                                  f'resume from the one before.')
+    try:
+        accelerator.load_state(str(checkpoint))
+    except Exception as e:
+        raise CheckpointError(f'cannot restore {checkpoint} ({first_sentence(e)}): a checkpoint of another model or '
+                              f'other flags? Resume with the flags of that run.') from e
+    rng_file = checkpoint / f'random_states_{accelerator.process_index}.pkl'
+    try:
+        restored = torch.equal(accelerate_load(rng_file)['torch_manual_seed'], torch.get_rng_state())
+    except Exception:
+        restored = False
+    if not restored:
+        raise CheckpointError(f'cannot restore the random number state from {rng_file}: the resumed run would not '
+                              f'continue the interrupted one exactly; move the checkpoint out of the run folder to '
+                              f'resume from the one before.')
+    return state
 
 
 def _csv(rows: List[Dict[str, Any]]) -> str:
@@ -564,9 +707,34 @@ def _diracify(model: nn.Module, args: argparse.Namespace, verbose: bool) -> nn.M
 
 
 # ------------------------------------------------------------------------------------------------------ main
-def train(args: argparse.Namespace) -> nn.Module:
-    """ Run training as `args` say; returns the trained model (unwrapped; identical on every rank). """
-    from accelerate.utils import broadcast_object_list, set_seed
+class TrainingError(RuntimeError):
+    """ Training cannot go on (e.g. the loss became NaN); the run folder keeps its last good checkpoint. """
+
+
+@dataclass
+class Setup:
+    """ Everything `train` builds before the first epoch. """
+    accelerator: Any
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    num_epochs: int
+    train_loader: Any
+    val_loader: Any
+    test_loader: Any
+    loss_fn: nn.Module
+    mixup: Optional[Mixup]
+    ema: Optional[ModelEmaV3]
+    data_config: Dict[str, Any]
+    num_classes: int
+    lr: float
+    updates_per_epoch: int
+    description: str
+
+
+def build(args: argparse.Namespace) -> Setup:
+    """ Accelerator, model, data, optimizer, schedule, loss and EMA, seeded as a run (and its resume) needs them. """
+    from accelerate.utils import set_seed
 
     check_args(args)
     accelerator = make_accelerator(args)
@@ -589,6 +757,9 @@ def train(args: argparse.Namespace) -> nn.Module:
         train_set, val_set, num_classes = load_train_val(args, data_config)
         test_set = load_split(args.dataset, args.data_dir, args.test_split, None, eval_transform(data_config))[0] \
             if args.test_split else None
+    if num_classes < 2:
+        raise DataError(f'split {args.train_split!r} has {num_classes} class: a classifier needs at least 2 (every '
+                        f'prediction would be right); check the dataset\'s label column or class folders.')
     if args.num_classes is not None and args.num_classes != num_classes:
         raise DataError(f'--num-classes {args.num_classes} disagrees with the dataset, which has {num_classes} '
                         f'classes; drop --num-classes or fix it.')
@@ -632,124 +803,178 @@ def train(args: argparse.Namespace) -> nn.Module:
         warmup_lr=args.warmup_lr, warmup_epochs=args.warmup_epochs, cooldown_epochs=0,
         updates_per_epoch=updates_per_epoch)
     set_seed(args.seed, device_specific=True)  # different augmentation per rank
-
-    # run folder and resume
-    state: Dict[str, Any] = dict(epoch=0, num_updates=0, best=[], summary=[])
-    if args.resume:
-        run_dir = Path(args.resume).parent
-        accelerator.load_state(args.resume)
-        state = torch.load(Path(args.resume) / 'train_state.pt', map_location='cpu', weights_only=True)
-        schedule = _schedule_flags(args, lr, updates_per_epoch)
-        if state['schedule'] == schedule:
-            scheduler.load_state_dict(state['scheduler'])
-        else:  # e.g. more --epochs: the new flags define the schedule from here on
-            changed = ', '.join(k for k in schedule if schedule[k] != state['schedule'].get(k))
-            accelerator.print(f'resume: schedule flags changed ({changed}); the lr follows the new schedule.')
-        if ema is not None:
-            if state['ema'] is None:
-                raise ConfigError(f'{args.resume} was trained without --model-ema; resume without it.')
-            ema.module.load_state_dict(state['ema'])
-        later = [p.name for p in run_dir.glob('checkpoint-*') if p.name.split('-')[-1].isdigit()
-                 and int(p.name.split('-')[-1]) > state['epoch']]
-        if later:
-            raise ConfigError(f'{run_dir} has checkpoints after epoch {state["epoch"]} ({", ".join(sorted(later))}); '
-                              f'resume from {run_dir / "last"}, or copy this checkpoint into a new folder first.')
-    else:
-        name = [args.experiment or f'{datetime.now():%Y%m%d-%H%M%S}-{args.model.replace("/", "_")}-'
-                f'{data_config["input_size"][-1]}']
-        broadcast_object_list(name)  # every rank writes its RNG state into the same folder
-        run_dir = Path(args.output) / name[0]
-        if run_dir.exists():
-            raise ConfigError(f'run folder {run_dir} exists; nothing was overwritten. Pass another --experiment, or '
-                              f'--resume {run_dir / "last"} to continue it.')
-    if state['epoch']:
-        scheduler.step(state['epoch'])
-
-    accelerator.print(
+    description = (
         f'{args.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, {num_classes} classes, '
         f'input {tuple(data_config["input_size"])} | {len(train_set)} train images, validation on '
         f'{_val_name(args) if args.holdout else f"{len(val_set)} images of {args.val_split}"}'
         f'{"" if _selects(args) else " (shown only: best = the last epoch; choose on held-out images with --holdout)"}'
         f'{f", {args.test_split} scored at the end" if test_set is not None else ""} | '
         f'{world} process(es) on {accelerator.device}, precision {accelerator.mixed_precision} | global batch '
-        f'{args.batch_size} x {world} x {args.grad_accum_steps} = {global_batch}, lr {lr:g} | run folder {run_dir}')
+        f'{args.batch_size} x {world} x {args.grad_accum_steps} = {global_batch}, lr {lr:g}')
+    test_loader = None if test_set is None else eval_loader(
+        test_set, args.validation_batch_size or args.batch_size, args.workers, rank, world)
+    return Setup(accelerator, model, optimizer, scheduler, num_epochs, train_loader, val_loader, test_loader, loss_fn,
+                 mixup, ema, data_config, num_classes, lr, updates_per_epoch, description)
+
+
+def start_or_resume(setup: Setup, args: argparse.Namespace) -> Tuple[Path, Dict[str, Any]]:
+    """ The run folder and the training state to go on from: a new folder (created now, with args.yaml, so an
+    unwritable --output fails before any training), or `--resume`'s run restored from its newest complete
+    checkpoint, its `last`, `best` and summary.csv repaired from that checkpoint. """
+    from accelerate.utils import broadcast_object_list
+
+    accelerator = setup.accelerator
+    state: Dict[str, Any] = dict(epoch=0, num_updates=0, best=[], summary=[])
+    if args.resume:
+        run_dir, checkpoint = find_resume_checkpoint(args.resume)
+        if checkpoint is None:
+            accelerator.print(f'resume: {run_dir} has no complete checkpoint yet; the run starts from epoch 1.')
+        else:
+            state = load_checkpoint(accelerator, checkpoint)
+            schedule = _schedule_flags(args, setup.lr, setup.updates_per_epoch)
+            if state['schedule'] == schedule:
+                setup.scheduler.load_state_dict(state['scheduler'])
+            else:  # e.g. more --epochs: the new flags define the schedule from here on
+                changed = ', '.join(k for k in schedule if schedule[k] != state['schedule'].get(k))
+                accelerator.print(f'resume: schedule flags changed ({changed}); the lr follows the new schedule.')
+            if setup.ema is not None:
+                if state['ema'] is None:
+                    raise ConfigError(f'{checkpoint} was trained without --model-ema; resume without it.')
+                setup.ema.module.load_state_dict(state['ema'])
+            accelerator.wait_for_everyone()  # every rank has found and read the checkpoint before rank 0 repairs
+            if accelerator.is_main_process:
+                publish(run_dir, state)
+            setup.scheduler.step(state['epoch'])
+    else:
+        name = [args.experiment or f'{datetime.now():%Y%m%d-%H%M%S}-{args.model.replace("/", "_")}-'
+                f'{setup.data_config["input_size"][-1]}']
+        broadcast_object_list(name)  # every rank writes its RNG state into the same folder
+        run_dir = Path(args.output) / name[0]
+        if run_dir.exists():
+            raise ConfigError(f'run folder {run_dir} exists; nothing was overwritten. Pass another --experiment, or '
+                              f'--resume {run_dir} to continue it.')
+    accelerator.wait_for_everyone()  # every rank has looked at the folder before rank 0 creates it
+    if accelerator.is_main_process and not (run_dir / 'args.yaml').exists():
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            _write_atomic(run_dir / 'args.yaml', yaml.safe_dump(vars(args), sort_keys=False))
+        except OSError as e:
+            raise ConfigError(f'cannot write the run folder {run_dir} ({e.strerror}); pass an --output folder you '
+                              f'can write to.') from e
+    accelerator.wait_for_everyone()
+    return run_dir, state
+
+
+def fit(setup: Setup, args: argparse.Namespace, run_dir: Path, state: Dict[str, Any]) -> None:
+    """ Train from `state['epoch']` to the last epoch: train, evaluate, checkpoint each epoch. A non-finite loss
+    or weight stops the run before its checkpoint, so the last one stays good. """
+    accelerator, ema = setup.accelerator, setup.ema
+    world = accelerator.num_processes
     lower_is_better = args.eval_metric == 'loss'
-    for epoch in range(state['epoch'], num_epochs):
-        train_loader.set_epoch(epoch)
+    for epoch in range(state['epoch'], setup.num_epochs):
+        setup.train_loader.set_epoch(epoch)
         start = time.perf_counter()
         train_metrics, state['num_updates'] = train_one_epoch(
-            model, train_loader, optimizer, scheduler, loss_fn, accelerator, args, epoch, state['num_updates'],
-            mixup, ema)
+            setup.model, setup.train_loader, setup.optimizer, setup.scheduler, setup.loss_fn, accelerator, args,
+            epoch, state['num_updates'], setup.mixup, ema)
         if world > 1:  # each rank's BatchNorm saw other batches: average the running stats (timm's --dist-bn reduce)
-            distribute_bn(accelerator.unwrap_model(model), world, reduce=True)
+            distribute_bn(accelerator.unwrap_model(setup.model), world, reduce=True)
             if ema is not None:
                 distribute_bn(ema.module, world, reduce=True)
-        val_metrics = evaluate(accelerator.unwrap_model(model), val_loader, accelerator, args.channels_last)
-        row = dict(epoch=epoch + 1, lr=optimizer.param_groups[0]['lr'],
+        val_metrics = evaluate(accelerator.unwrap_model(setup.model), setup.val_loader, accelerator,
+                               args.channels_last)
+        row = dict(epoch=epoch + 1, lr=setup.optimizer.param_groups[0]['lr'],
                    **{f'train_{k}': v for k, v in train_metrics.items()},
                    **{f'val_{k}': v for k, v in val_metrics.items() if k != 'count'})
-        line = (f'epoch {epoch + 1}/{num_epochs} lr {row["lr"]:.4g} | train loss {train_metrics["loss"]:.4f} top1 '
-                f'{train_metrics["top1"]:.2f} {train_metrics["img_s"]:.0f} img/s | val ({val_metrics["count"]} '
+        line = (f'epoch {epoch + 1}/{setup.num_epochs} lr {row["lr"]:.4g} | train loss {train_metrics["loss"]:.4f} '
+                f'top1 {train_metrics["top1"]:.2f} {train_metrics["img_s"]:.0f} img/s | val ({val_metrics["count"]} '
                 f'images) loss {val_metrics["loss"]:.4f} top1 {val_metrics["top1"]:.2f} top5 {val_metrics["top5"]:.2f}')
         ranked = val_metrics
         if ema is not None:
-            ema_metrics = evaluate(ema.module, val_loader, accelerator, args.channels_last, desc='eval ema')
+            ema_metrics = evaluate(ema.module, setup.val_loader, accelerator, args.channels_last, desc='eval ema')
             row.update({f'ema_val_{k}': v for k, v in ema_metrics.items() if k != 'count'})
             line += (f' | ema loss {ema_metrics["loss"]:.4f} top1 {ema_metrics["top1"]:.2f} '
                      f'top5 {ema_metrics["top5"]:.2f}')
             ranked = ema_metrics
-        scheduler.step(epoch + 1, ranked[args.eval_metric])
+        _check_finite_epoch(setup, row, epoch + 1, run_dir)
+        setup.scheduler.step(epoch + 1, ranked[args.eval_metric])
         row['epoch_s'] = time.perf_counter() - start
         accelerator.print(f'{line} | {row["epoch_s"]:.1f} s', flush=True)
-        young = young_batchnorm(accelerator.unwrap_model(model), (epoch + 1) * len(train_loader))
+        young = young_batchnorm(accelerator.unwrap_model(setup.model), (epoch + 1) * len(setup.train_loader))
         if young:
             accelerator.print(young)
 
         state.update(
-            epoch=epoch + 1, scheduler=scheduler.state_dict(), ema=ema.module.state_dict() if ema else None,
-            schedule=_schedule_flags(args, lr, updates_per_epoch),
+            epoch=epoch + 1, scheduler=setup.scheduler.state_dict(), ema=ema.module.state_dict() if ema else None,
+            schedule=_schedule_flags(args, setup.lr, setup.updates_per_epoch),
             best=_rank_best(state['best'] if _selects(args) else [], ranked[args.eval_metric], epoch + 1,
                             args.checkpoint_hist, lower_is_better),
             summary=state['summary'] + [row])
-        save_checkpoint(accelerator, run_dir, state, args)
+        save_checkpoint(accelerator, run_dir, state)
 
+
+def _check_finite_epoch(setup: Setup, row: Dict[str, Any], epoch: int, run_dir: Path) -> None:
+    """ Stop before a diverged epoch is checkpointed: its losses and every weight (and EMA weight) must be finite. """
+    last = complete_checkpoints(run_dir)
+    kept = f'{run_dir / "last"} (epoch {checkpoint_epoch(last[-1])}) is the last good checkpoint' if last else \
+        'no checkpoint was written'
+    fix = 'lower --lr, or set --clip-grad'
+    losses = [k for k, v in row.items() if k.endswith('loss') and not math.isfinite(v)]
+    if losses:
+        raise TrainingError(f'epoch {epoch}: {losses[0]} is {row[losses[0]]} (training diverged): {fix}; {kept}.')
+    try:
+        check_weights(setup.accelerator.unwrap_model(setup.model).state_dict(), f'epoch {epoch}', floating=False)
+        if setup.ema is not None:
+            check_weights(setup.ema.module.state_dict(), f'epoch {epoch} (EMA)', floating=False)
+    except ValueError as e:
+        raise TrainingError(f'{e} Training diverged: {fix}; {kept}.') from e
+
+
+def train(args: argparse.Namespace) -> nn.Module:
+    """ Run training as `args` say; returns the trained model (unwrapped; identical on every rank). """
+    setup = build(args)
+    run_dir, state = start_or_resume(setup, args)
+    accelerator = setup.accelerator
+    accelerator.print(f'{setup.description} | run folder {run_dir}')
+    try:
+        fit(setup, args, run_dir, state)
+    except Exception:
+        if not args.resume and accelerator.is_main_process and not complete_checkpoints(run_dir):
+            shutil.rmtree(run_dir, ignore_errors=True)  # a new run that failed before its first checkpoint: no trace
+        raise
     metric, best_epoch = state['best'][0]
     accelerator.print(f'best {args.eval_metric} {metric:.4f} at epoch {best_epoch}: {run_dir / "best"}' if _selects(args)
                       else f'best = the last epoch (not chosen on {args.val_split}): {run_dir / "best"}')
     test_metrics = None
-    if test_set is not None:  # once, with the weights that are exported
-        best_model = copy.deepcopy(accelerator.unwrap_model(model))
+    if setup.test_loader is not None:  # once, with the weights that are exported
+        best_model = copy.deepcopy(accelerator.unwrap_model(setup.model))
         best_model.load_state_dict(_best_weights(run_dir, args, state))
-        test_loader = eval_loader(test_set, args.validation_batch_size or args.batch_size, args.workers, rank, world)
-        test_metrics = evaluate(best_model, test_loader, accelerator, args.channels_last, desc='test')
+        test_metrics = evaluate(best_model, setup.test_loader, accelerator, args.channels_last, desc='test')
         accelerator.print(
-            f'test ({args.test_split}, {test_metrics["count"]} images, best checkpoint{" EMA" if ema else ""}): loss '
-            f'{test_metrics["loss"]:.4f} top1 {test_metrics["top1"]:.2f} top5 {test_metrics["top5"]:.2f}')
+            f'test ({args.test_split}, {test_metrics["count"]} images, best checkpoint{" EMA" if setup.ema else ""}): '
+            f'loss {test_metrics["loss"]:.4f} top1 {test_metrics["top1"]:.2f} top5 {test_metrics["top5"]:.2f}')
         if accelerator.is_main_process:
             _write_atomic(run_dir / 'test.csv', _csv([dict(split=args.test_split, epoch=best_epoch, **test_metrics)]))
     if accelerator.is_main_process:
-        for folder in export_hub_folders(run_dir, args, num_classes, state, test_metrics):
+        for folder in export_hub_folders(run_dir, args, setup.num_classes, state, test_metrics):
             accelerator.print(f'Hub folder: {folder}')
     accelerator.wait_for_everyone()
-    return accelerator.unwrap_model(model)
-
-
-def _one_line(error: Exception) -> str:
-    """ The message of `error`; a DataLoader worker wraps it in a traceback whose last line holds it. """
-    last = str(error).strip().splitlines()[-1]
-    prefix = f'{type(error).__module__}.{type(error).__qualname__}: '
-    return last[len(prefix):] if last.startswith(prefix) else last
+    return accelerator.unwrap_model(setup.model)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
-    """ Console entry point (`timm-dirac-train`, `train.py`): bad input gives one error line and exit code 2. """
+    """ Console entry point (`timm-dirac-train`, `train.py`): an error gives one line and exit code 2 (`--debug`:
+    the traceback). """
     import timm_dirac  # noqa: F401  registers the DiracNets with timm
 
-    try:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = '--debug' in argv
+    def run() -> int:
         train(parse_args(argv))
-    except (ConfigError, DataError) as e:
-        print(f'timm-dirac-train: error: {_one_line(e)}', file=sys.stderr)
-        sys.exit(2)
+        return 0
+    code = run_refusing('timm-dirac-train', run, debug)
+    if code:
+        sys.exit(code)
 
 
 if __name__ == '__main__':

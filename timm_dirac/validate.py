@@ -9,6 +9,7 @@ Weights: `--pretrained` (the model's tag), `--checkpoint` (a Hub folder or a che
 """
 import argparse
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -32,6 +33,7 @@ def create_validation_model(
     A Hub folder's config.json must name `model_name`'s architecture (when a registry name is given).
     """
     import timm
+    from .finite import check_weights
     from .hub import check_hub_folder
 
     if checkpoint is None:
@@ -44,10 +46,14 @@ def create_validation_model(
         if arch and not arch.startswith(('local-dir:', 'hf-hub:')) and config['architecture'] != arch:
             raise ValueError(f'{path / "config.json"} names architecture {config["architecture"]!r}, not {arch!r}: '
                              f'the folder holds another model. Pass --model {config["architecture"]} or omit --model.')
-        return timm.create_model(f'local-dir:{path}', pretrained=True, **kwargs)
+        model = timm.create_model(f'local-dir:{path}', pretrained=True, **kwargs)
+        check_weights(model.state_dict(), str(path), floating=False)
+        return model
     if not model_name:
         raise ValueError(f'--checkpoint {checkpoint} is a file: name its architecture with --model.')
-    return timm.create_model(model_name, pretrained=True, pretrained_cfg_overlay=dict(file=str(path)), **kwargs)
+    model = timm.create_model(model_name, pretrained=True, pretrained_cfg_overlay=dict(file=str(path)), **kwargs)
+    check_weights(model.state_dict(), str(path), floating=False)
+    return model
 
 
 SPLITS = ('validation', 'test')  # tried in this order when no --split is given
@@ -66,7 +72,12 @@ def create_validation_dataset(dataset: str, split: Optional[str] = 'validation',
     prefix) -> timm's Hugging Face datasets reader; otherwise an image folder (timm ImageDataset, looking for a
     `split` sub-folder first). Without `split`, the first of SPLITS the dataset has. """
     from timm.data import create_dataset
+    from torchvision.transforms import Compose
 
+    from .data import to_rgb
+
+    # timm's reader would convert('RGB') itself, which clips 16-bit images to white: hand over the decoded image
+    transform = Compose([to_rgb, transform]) if transform is not None else to_rgb
     if not dataset.lower().startswith('hfds/') and is_datasets_folder(dataset):
         dataset = f'hfds/{dataset}'
     if not dataset.lower().startswith('hfds/') and not Path(dataset).is_dir():
@@ -75,8 +86,10 @@ def create_validation_dataset(dataset: str, split: Optional[str] = 'validation',
     for candidate in ([split] if split else SPLITS):
         try:
             if dataset.lower().startswith('hfds/'):
-                return create_dataset(dataset, root=None, split=candidate, transform=transform), candidate
-            return create_dataset('', root=dataset, split=candidate, search_split=True, transform=transform), candidate
+                return create_dataset(dataset, root=None, split=candidate, transform=transform,
+                                      input_img_mode=None), candidate
+            return create_dataset('', root=dataset, split=candidate, search_split=True, transform=transform,
+                                  input_img_mode=None), candidate
         except ValueError as e:  # datasets: Unknown split
             if split or 'split' not in str(e).lower():
                 raise
@@ -114,6 +127,9 @@ def validate(
         count += n
     if count == 0:
         raise ValueError('The dataset is empty: check the path and --split.')
+    if not math.isfinite(loss_sum):
+        raise ValueError(f'The model gave non-finite logits (loss {loss_sum}): its weights or inputs are broken; '
+                         f'no result is reported. Check the checkpoint (or use an earlier one).')
     return dict(
         samples=count,
         top1=round(100. * correct1 / count, 3),

@@ -148,7 +148,7 @@ def verify_onnx(path: str, model: nn.Module, images: torch.Tensor, tolerance: fl
     worst = max((got - reference[:got.shape[0]]).abs().max().item() for got in outputs)
     scale = reference.abs().max().item()
     relative = worst / max(scale, 1e-12)
-    if relative > tolerance:
+    if not relative <= tolerance:  # NaN fails too
         raise RuntimeError(f'ONNX Runtime differs from PyTorch by {worst:.3g} (= {relative:.3g} of the logit scale '
                            f'{scale:.3g}; tolerance {tolerance:g}) in {path}: the export is not faithful.')
     return dict(max_abs_diff=worst, logit_scale=scale, relative_diff=relative, images=images.shape[0],
