@@ -343,6 +343,19 @@ def load_checkpoint_file(path: os.PathLike) -> Any:
             f'unpickled).') from e
 
 
+def _pretrained_source(variant: str, pretrained_cfg: Optional[Any] = None,
+                       pretrained_cfg_overlay: Optional[Dict[str, Any]] = None) -> Tuple[Dict[str, Any], str, str]:
+    """ (pretrained cfg as a dict, where timm loads it from: 'file' / 'url' / 'hf-hub' / '', and the location: the
+    file, the address or the Hub repo id). """
+    from timm.models import resolve_pretrained_cfg
+    from ._timm_compat import resolve_pretrained_source
+
+    cfg = resolve_pretrained_cfg(variant, pretrained_cfg=pretrained_cfg, pretrained_cfg_overlay=pretrained_cfg_overlay)
+    cfg = cfg.to_dict() if hasattr(cfg, 'to_dict') else dict(cfg or {})
+    load_from, location = resolve_pretrained_source(cfg)
+    return cfg, load_from, location[0] if isinstance(location, (tuple, list)) else location
+
+
 def hub_unreachable(variant: str, pretrained_cfg: Optional[Any] = None,
                     pretrained_cfg_overlay: Optional[Dict[str, Any]] = None) -> Optional[OSError]:
     """ Why Hub weights cannot load, found in a second: their source is a Hub repo that is not in the local cache
@@ -351,14 +364,10 @@ def hub_unreachable(variant: str, pretrained_cfg: Optional[Any] = None,
     from urllib.parse import urlparse
 
     from huggingface_hub import constants, try_to_load_from_cache
-    from timm.models import resolve_pretrained_cfg
-    from ._timm_compat import resolve_pretrained_source
 
-    cfg = resolve_pretrained_cfg(variant, pretrained_cfg=pretrained_cfg, pretrained_cfg_overlay=pretrained_cfg_overlay)
-    load_from, location = resolve_pretrained_source(cfg.to_dict() if hasattr(cfg, 'to_dict') else dict(cfg or {}))
+    _, load_from, repo = _pretrained_source(variant, pretrained_cfg, pretrained_cfg_overlay)
     if load_from != 'hf-hub' or constants.HF_HUB_OFFLINE:
         return None
-    repo = location if isinstance(location, str) else location[0]
     if any(isinstance(try_to_load_from_cache(repo, f), str) for f in ('model.safetensors', 'pytorch_model.bin')):
         return None
     host = urlparse(constants.ENDPOINT).hostname
@@ -379,12 +388,7 @@ def pretrained_source_error(
 
     For `_create_diracnet`: `except OSError as e: raise pretrained_source_error(variant, e, ...) from e`.
     """
-    from timm.models import resolve_pretrained_cfg
-    from ._timm_compat import resolve_pretrained_source
-
-    cfg = resolve_pretrained_cfg(variant, pretrained_cfg=pretrained_cfg, pretrained_cfg_overlay=pretrained_cfg_overlay)
-    cfg = cfg.to_dict() if hasattr(cfg, 'to_dict') else dict(cfg or {})
-    load_from, location = resolve_pretrained_source(cfg)
+    cfg, load_from, location = _pretrained_source(variant, pretrained_cfg, pretrained_cfg_overlay)
     name = f"{cfg.get('architecture', variant)}{'.' + cfg['tag'] if cfg.get('tag') else ''}"
     where = {'hf-hub': 'the Hugging Face Hub repository', 'url': 'the address', 'file': 'the file'}.get(load_from, '')
     filename = os.path.basename(str(cfg.get('url') or 'model.safetensors'))
@@ -395,7 +399,7 @@ def pretrained_source_error(
         fix += f' Or copy it to {os.path.join(torch.hub.get_dir(), "checkpoints", filename)}, where timm looks first.'
     if load_from == 'hf-hub':
         fix += (' Hub weights are also read from the local Hugging Face cache (HF_HUB_CACHE, HF_HUB_OFFLINE=1) once '
-                f'downloaded, e.g. with `hf download {location if isinstance(location, str) else location[0]}`.')
+                f'downloaded, e.g. with `hf download {location}`.')
     return RuntimeError(f'Could not load the pretrained weights of {name} from {where} {location}: '
                         f'{type(error).__name__}: {error}. {fix}')
 
@@ -431,15 +435,19 @@ def authors_dataset(model: nn.Module) -> Optional[Tuple[str, Tuple[str, ...]]]:
 def is_release(path: os.PathLike, url: Optional[str]) -> bool:
     """ Whether the file at `path` is the one published at `url`: release file names carry a prefix of the file's
     sha256 (`<name>-<hash prefix>.<ext>`, torch.hub's convention), checked here on the bytes. """
-    import hashlib
     match = torch.hub.HASH_REGEX.search(os.path.basename(url or ''))
-    if not match:
-        return False
+    return bool(match) and file_sha256(path).startswith(match.group(1))
+
+
+def file_sha256(path: os.PathLike) -> str:
+    """ The SHA-256 of a file's bytes (hex), read in blocks: release files and checkpoint files are both checked
+    by it. """
+    import hashlib
     digest = hashlib.sha256()
     with open(path, 'rb') as f:
         for block in iter(lambda: f.read(1 << 20), b''):
             digest.update(block)
-    return digest.hexdigest().startswith(match.group(1))
+    return digest.hexdigest()
 
 
 def _source_file(source: str) -> Path:

@@ -19,7 +19,6 @@ import ast
 import copy
 import csv
 import errno
-import hashlib
 import io
 import math
 import os
@@ -45,6 +44,7 @@ from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
 from timm.utils import ModelEmaV3, accuracy, distribute_bn
 
+from .convert import file_sha256
 from .data import (
     DataError, eval_loader, eval_transform, fixed_subset, holdout_indices, is_test_split, load_split, train_transform)
 from .errors import first_sentence, run_refusing
@@ -429,14 +429,6 @@ def complete_checkpoints(run_dir: Path) -> List[Path]:
     return sorted(found, key=checkpoint_epoch)
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, 'rb') as f:
-        for block in iter(lambda: f.read(1 << 20), b''):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def save_checkpoint(accelerator, run_dir: Path, state: Dict[str, Any]) -> None:
     """ Write `checkpoint-<epoch>` (accelerate state: model, optimizer, scaler, RNG per rank; plus train_state.pt:
     epoch, scheduler, EMA, best list, summary and the SHA-256 of every other file) into a temp folder, rename it
@@ -451,7 +443,7 @@ def save_checkpoint(accelerator, run_dir: Path, state: Dict[str, Any]) -> None:
         accelerator.save_state(str(tmp), safe_serialization=True)
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
-            files = {p.name: _sha256(p) for p in sorted(tmp.iterdir()) if p.is_file()}
+            files = {p.name: file_sha256(p) for p in sorted(tmp.iterdir()) if p.is_file()}
             torch.save(dict(state, files=files), tmp / 'train_state.pt')
             os.replace(tmp, run_dir / name)
     except (OSError, RuntimeError) as e:  # torch.save reports a full disk as "unexpected pos ..."
@@ -532,7 +524,7 @@ def load_checkpoint(accelerator, checkpoint: Path) -> Dict[str, Any]:
     files = state.pop('files', {})
     for name, digest in files.items():
         path = checkpoint / name
-        if not path.is_file() or _sha256(path) != digest:
+        if not path.is_file() or file_sha256(path) != digest:
             what = 'missing' if not path.is_file() else 'not the file this checkpoint saved (changed or corrupt)'
             raise CheckpointError(f'{path} is {what}: the checkpoint is damaged; move it out of the run folder to '
                                   f'resume from the one before.')
@@ -915,19 +907,21 @@ def fit(setup: Setup, args: argparse.Namespace, run_dir: Path, state: Dict[str, 
 
 def _check_finite_epoch(setup: Setup, row: Dict[str, Any], epoch: int, run_dir: Path) -> None:
     """ Stop before a diverged epoch is checkpointed: its losses and every weight (and EMA weight) must be finite. """
-    last = complete_checkpoints(run_dir)
-    kept = f'{run_dir / "last"} (epoch {checkpoint_epoch(last[-1])}) is the last good checkpoint' if last else \
-        'no checkpoint was written'
+    def kept() -> str:  # looked up only when the run stops
+        last = complete_checkpoints(run_dir)
+        return f'{run_dir / "last"} (epoch {checkpoint_epoch(last[-1])}) is the last good checkpoint' if last else \
+            'no checkpoint was written'
+
     fix = 'lower --lr, or set --clip-grad'
     losses = [k for k, v in row.items() if k.endswith('loss') and not math.isfinite(v)]
     if losses:
-        raise TrainingError(f'epoch {epoch}: {losses[0]} is {row[losses[0]]} (training diverged): {fix}; {kept}.')
+        raise TrainingError(f'epoch {epoch}: {losses[0]} is {row[losses[0]]} (training diverged): {fix}; {kept()}.')
     try:
         check_weights(setup.accelerator.unwrap_model(setup.model).state_dict(), f'epoch {epoch}', floating=False)
         if setup.ema is not None:
             check_weights(setup.ema.module.state_dict(), f'epoch {epoch} (EMA)', floating=False)
     except ValueError as e:
-        raise TrainingError(f'{e} Training diverged: {fix}; {kept}.') from e
+        raise TrainingError(f'{e} Training diverged: {fix}; {kept()}.') from e
 
 
 def train(args: argparse.Namespace) -> nn.Module:
