@@ -25,7 +25,7 @@ from typing import Dict, List, Optional, Sequence, Type, Union
 import torch
 import torch.nn as nn
 
-from .layers import DiracConv1d, DiracConv2d, DiracConv3d, _DiracConvNd, dirac_kernel
+from .layers import DiracConv1d, DiracConv2d, DiracConv3d, _DiracConvNd
 
 __all__ = ['diracify', 'plan_diracify', 'DiracifyPlan', 'DiracifiedConv1d', 'DiracifiedConv2d', 'DiracifiedConv3d']
 
@@ -71,7 +71,7 @@ class _Diracified:
         conv = self.plain_type(
             self.in_channels, self.out_channels, self.kernel_size, padding=self.plain_padding,
             dilation=self.dilation, bias=self.bias is not None, device=weight.device, dtype=weight.dtype)
-        conv.weight.copy_(dirac_kernel(weight.double(), self.alpha.double(), self.beta.double()))
+        conv.weight.copy_(self.folded_weight())
         if self.bias is not None:
             conv.bias.copy_(self.bias)
         return conv.train(self.training)

@@ -117,12 +117,16 @@ class _DiracConvNd(nn.Module):
         nn.init.kaiming_normal_(self.weight)
 
     @torch.no_grad()
+    def folded_weight(self) -> torch.Tensor:
+        """ The plain conv kernel this layer computes, in float64 (the precision every fold uses). """
+        return dirac_kernel(self.weight.double(), self.alpha.double(), self.beta.double())
+
+    @torch.no_grad()
     def reparameterize(self):
         """ Bake the Dirac parameterization into `weight` (float64 math); the layer becomes a plain conv. """
         if self.alpha is None or self.beta is None:
             return
-        kernel = dirac_kernel(self.weight.double(), self.alpha.double(), self.beta.double())
-        self.weight.copy_(kernel)
+        self.weight.copy_(self.folded_weight())
         self.alpha = None
         self.beta = None
 
