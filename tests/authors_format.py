@@ -170,3 +170,26 @@ def add_to_hf_cache(folder, repo_id: str, cache_dir, commit: str = 'a' * 40):
     for f in Path(folder).iterdir():
         shutil.copy2(f, snapshot / f.name)
     return snapshot
+
+
+# (model name, model kwargs, style, authors' layers, widths, classes, input size)
+NETS = {
+    'imagenet': ('diracnet18', dict(layers=(1, 2, 1, 1)), 'imagenet', (1, 2, 1, 1), (64, 128, 256, 512), 1000, 64),
+    'cifar': ('diracnet34_1_cifar', {}, 'cifar', (10, 10, 10), (16, 32, 64), 10, 32),
+}
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """ Largest error relative to the reference's largest magnitude. """
+    return ((out - ref).abs().max() / ref.abs().max()).item()
+
+
+def authors_checkpoint(net: str, layout: str, seed: int = 0):
+    """ (checkpoint object, reference output fn) for one of the authors' formats. """
+    _, _, style, layers, widths, classes, _ = NETS[net]
+    params = make_functional_params(layers, widths, style, classes, per_channel=layout != 'params_stats', seed=seed)
+    if layout == 'folded':
+        folded = fold_functional(params)
+        return folded, lambda x: folded_forward(folded, x, style)
+    ckpt = params_stats_layout(params) if layout == 'params_stats' else params_epoch_optimizer_layout(params)
+    return ckpt, lambda x: functional_forward(params, x, style)

@@ -8,10 +8,15 @@ import torch
 import torch.nn as nn
 
 import timm_dirac
-from timm_dirac import DiracNet, fold_state_dict, unfold_state_dict
+from timm_dirac import DiracNet, checkpoint_filter_fn, fold_state_dict, unfold_state_dict
 from timm_dirac.diracnet import STYLES, dirac_layers
 
-from authors_format import functional_forward
+from timm_dirac.checkpoint_io import load_checkpoint_file
+from timm_dirac.state_dict import detect_format
+
+from authors_format import (
+    NETS, authors_checkpoint, functional_forward, make_functional_params, params_epoch_optimizer_layout,
+    params_stats_layout)
 
 SMALL_INPUT = {'imagenet': (3, 64, 64), 'cifar': (3, 32, 32)}
 
@@ -279,3 +284,69 @@ def test_a_style_is_data_read_by_the_model(style):
     assert model.feature_info[0]['reduction'] == (2 if cfg.stem_downsample else 1)
     with pytest.raises(ValueError, match=f'{style} style'):
         dirac_layers(depth + 1, style)
+
+
+# Loading: `checkpoint_filter_fn` brings the authors' formats and ours into the model's form
+
+@pytest.mark.parametrize('net', list(NETS))
+@pytest.mark.parametrize('layout', ['folded', 'params_stats', 'params_epoch_optimizer'])
+@pytest.mark.parametrize('legacy_zip', [False, True], ids=['zip', 'legacy'])
+def test_authors_checkpoint_loads_through_timm(tmp_path, net, layout, legacy_zip):
+    name, kwargs, style, _, _, _, size = NETS[net]
+    ckpt, reference = authors_checkpoint(net, layout)
+    path = tmp_path / 'authors.pth'
+    torch.save(ckpt, path, _use_new_zipfile_serialization=not legacy_zip)
+    expected_fmt = 'authors_folded' if layout == 'folded' else 'authors_functional'
+    assert detect_format(load_checkpoint_file(path)) == expected_fmt
+
+    x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = reference(x)
+        for inference_mode in (False, True):
+            model = timm.create_model(
+                name, pretrained=True, inference_mode=inference_mode,
+                pretrained_cfg_overlay=dict(file=str(path)), **kwargs).eval()
+            assert rel_err(model(x), ref) <= 1e-5, (inference_mode, rel_err(model(x), ref))
+
+
+def test_folded_checkpoint_unfolds_exactly_and_fine_tunes():
+    """ The authors' folded weights in the train form: same function, trainable Dirac parameters. """
+    ckpt, reference = authors_checkpoint('cifar', 'folded')
+    model = timm.create_model('diracnet34_1_cifar', pretrained=True, pretrained_cfg_overlay=dict(state_dict=ckpt))
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert rel_err(model.eval()(x), reference(x)) <= 1e-5
+    assert model.stages[0].blocks[0].conv.alpha.abs().max() == 0  # unfolded as alpha = 0, beta = ||W||
+    model.train()
+    model(x).sum().backward()
+    assert model.stages[1].blocks[3].conv.beta.grad.abs().sum() > 0
+
+
+def test_a_checkpoint_of_another_shape_names_the_model_that_fits():
+    """ A diracnet34 checkpoint given for diracnet18: the error names diracnet34 and both shapes. """
+    params = make_functional_params((6, 8, 12, 6), (64, 128, 256, 512), empty=True)
+    model = timm.create_model('diracnet18', device='meta')
+    with pytest.raises(ValueError, match=r"diracnet34.*") as info:
+        checkpoint_filter_fn(params_epoch_optimizer_layout(params), model)
+    assert '(6, 8, 12, 6)' in str(info.value) and '(4, 4, 4, 4)' in str(info.value)
+
+
+def test_classifier_in_the_file_loads_or_is_refused(tmp_path):
+    """ create_model(num_classes=100) with a 100-class file under a 10-class name loads the file's classifier;
+    without num_classes the mismatch is an error that names the fix; another num_classes gets a new classifier. """
+    params = make_functional_params((10, 10, 10), (16, 32, 64), 'cifar', 100, seed=5)
+    path = tmp_path / 'diracnet34-1_cifar100.pth'
+    torch.save(params_stats_layout(params), path)
+    x = torch.randn(2, 3, 32, 32)
+    model = timm.create_model('diracnet34_1_cifar', num_classes=100, pretrained=True,
+                              pretrained_cfg_overlay=dict(file=str(path))).eval()
+    with torch.no_grad():
+        assert rel_err(model(x), functional_forward(params, x, 'cifar')) <= 1e-5
+    with pytest.raises(ValueError, match='100-class classifier but the model has 10 classes.*num_classes=100'):
+        timm.create_model('diracnet34_1_cifar', pretrained=True, pretrained_cfg_overlay=dict(file=str(path)))
+    head5 = timm.create_model('diracnet34_1_cifar', num_classes=5, pretrained=True,
+                              pretrained_cfg_overlay=dict(file=str(path)))
+    assert head5.head.fc.weight.shape == (5, 64)
+    feats = timm.create_model('diracnet34_1_cifar', features_only=True, pretrained=True,
+                              pretrained_cfg_overlay=dict(file=str(path)))
+    assert len(feats(x)) == 4

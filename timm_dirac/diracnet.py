@@ -14,19 +14,23 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import ClassifierHead, get_device_dtype
-from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
+from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, list_models, register_model
 
 from ._timm_compat import feature_take_indices, update_model_args
-from .convert import CIFAR10_LABELS, checkpoint_filter_fn, hub_unreachable, pretrained_source_error
 from .errors import first_sentence
+from .finite import check_weights
+from .labels import CIFAR10_LABELS
 from .layers import DiracConv2d, fold_bn, is_folded
+from .pretrained import hub_unreachable, pretrained_source_error
+from .state_dict import (
+    check_dirac_pairs, fold_state_dict, is_folded_state_dict, stage_structure, to_timm_state_dict, unfold_state_dict)
 
 __all__ = ['DiracNet', 'DiracBlock', 'DiracStage', 'DiracStem', 'DiracStyle', 'STYLES', 'dirac_layers']
 
@@ -427,6 +431,86 @@ def _init_bn(bn: nn.BatchNorm2d) -> nn.BatchNorm2d:
     return bn
 
 
+def _describe(layers: Tuple[int, ...], widths: Tuple[int, ...], arch: str = '') -> str:
+    """ How to build the model of a structure: a registered name, or a registered name of its style (`arch` if it is
+    one) with the keyword arguments that shape it (for `timm.create_model` and `timm-dirac convert --model-kwargs`). """
+    found = [(name, style) for name, style in STYLES.items() if len(style.widths) == len(layers)]
+    if not found:
+        return f'a DiracNet with layers={layers} and stage widths {widths}'
+    style_name, style = found[0]
+    depth, width = style.depth(layers), widths[0] / style.widths[0]
+    try:
+        by_depth = style.layers(depth, style_name) == layers
+    except ValueError:
+        by_depth = False
+    suffix = '' if style_name == 'imagenet' else f'_{style_name}'
+    names = [n for n in list_models('diracnet*') if (n.endswith(suffix) if suffix else n.count('_') == 0)]
+    exact = f'diracnet{depth}' + (f'_{width:g}{suffix}' if suffix else '')
+    if by_depth and exact in names and (suffix or width == 1):
+        return f"timm.create_model('{exact}') (timm-dirac convert --model {exact})"
+    name = arch if arch in names else next((n for n in names if n.startswith(f'diracnet{depth}')), names[0])
+    kwargs = dict(depth=depth) if by_depth else dict(layers=layers)
+    kwargs['width'] = int(width) if width.is_integer() else width
+    py = ', '.join(f'{k}={v!r}' for k, v in kwargs.items())
+    cli = ' '.join(f'{k}={v!r}'.replace(' ', '') for k, v in kwargs.items())
+    return f"timm.create_model('{name}', {py}) (timm-dirac convert --model {name} --model-kwargs {cli})"
+
+
+def _check_structure(state_dict: Mapping[str, torch.Tensor], model: nn.Module):
+    """ Raise a clear error when a state dict (our keys) is for another DiracNet shape than `model`. """
+    want = stage_structure(model.state_dict())
+    got = stage_structure(state_dict)
+    if got != want:
+        name = getattr(model, 'pretrained_cfg', {}).get('architecture', type(model).__name__)
+        raise ValueError(
+            f'This checkpoint has Dirac layers per stage {got[0]} and widths {got[1]}, but the model {name} has '
+            f'{want[0]} and {want[1]}: the checkpoint is for another DiracNet. Create the model that matches it: '
+            f'{_describe(*got, name)}.')
+
+
+def _check_classifier(state_dict: Mapping[str, torch.Tensor], model: nn.Module, features_only: bool = False):
+    """ Make timm load a classifier in the checkpoint that fits `model`, and refuse one that cannot load.
+
+    timm keeps the checkpoint's classifier only when the model's class count is the pretrained cfg's, so a file
+    loaded with another `num_classes` than its cfg says (the authors' CIFAR-100 file under a CIFAR-10 name) would
+    lose its classifier silently. Here the cfg is made to say what the file holds: a classifier that fits the model
+    loads; with another `num_classes` asked for, timm starts a new classifier as for any pretrained weights; with
+    the cfg's `num_classes` kept, the mismatch is an error that names the fix. """
+    weight = state_dict.get('head.fc.weight')
+    cfg = model.pretrained_cfg
+    if weight is None or features_only or weight.shape[0] == cfg.get('num_classes'):
+        return
+    classes = weight.shape[0]
+    if model.num_classes == cfg.get('num_classes'):
+        raise ValueError(
+            f'This checkpoint has a {classes}-class classifier but the model has {model.num_classes} classes. Create '
+            f'the model with num_classes={classes} to load it (timm-dirac convert/validate: --num-classes {classes}), '
+            f'or with the num_classes you want for a new classifier.')
+    cfg['num_classes'] = classes  # the cfg now describes the file: timm keeps a fitting classifier, drops another
+
+
+def checkpoint_filter_fn(state_dict: Dict[str, Any], model: nn.Module, features_only: bool = False
+                         ) -> Dict[str, torch.Tensor]:
+    """ timm `pretrained_filter_fn`: bring any supported DiracNet checkpoint (ours in either form, the authors'
+    folded or functional ones) into the form (train or folded) and keys of `model`; a classifier that fits the
+    model loads (see `_check_classifier`; `features_only`: the classifier is not wanted). """
+    if not isinstance(model, DiracNet):  # e.g. a config.json or --model naming another architecture
+        raise ValueError(f'DiracNet weights cannot be loaded into a {type(model).__name__}: the model name or the '
+                         f'config.json architecture must be a DiracNet (diracnet*).')
+    state_dict = to_timm_state_dict(state_dict)
+    _check_structure(state_dict, model)
+    check_dirac_pairs(state_dict)
+    check_weights(state_dict, 'the checkpoint')
+    _check_classifier(state_dict, model, features_only)
+    model_folded = is_folded(model)
+    if model_folded and not is_folded_state_dict(state_dict):
+        return fold_state_dict(state_dict)
+    if not model_folded and is_folded_state_dict(state_dict):
+        dirac = any(name.endswith('conv.alpha') for name, _ in model.named_parameters())
+        return unfold_state_dict(state_dict, dirac=dirac)
+    return state_dict
+
+
 def _create_diracnet(variant: str, pretrained: bool = False, **kwargs) -> DiracNet:
     num_levels = 1 + len(get_style(kwargs.get('style', 'imagenet')).widths)
     overlays = kwargs.get('pretrained_cfg'), kwargs.get('pretrained_cfg_overlay')
@@ -520,7 +604,7 @@ def _repository_copy(tag: str) -> Optional[str]:
 
 
 # The authors' ImageNet weights (folded v2) load from their own address and are converted on load
-# (convert.checkpoint_filter_fn); their repository has no licence file, so they are not re-hosted. They were trained
+# (checkpoint_filter_fn); their repository has no licence file, so they are not re-hosted. They were trained
 # and evaluated with OpenCV's bicubic resize (cv2.INTER_CUBIC): 'bicubic' is timm's closest setting. Weights this
 # project trains itself go to the Hub namespace HUB_NAMESPACE (env TIMM_DIRAC_HUB_NAMESPACE) as
 # `hf_hub_id=f'{HUB_NAMESPACE}/<model>.<tag>'`. Reported accuracy: REPORTED_RESULTS.

@@ -44,7 +44,7 @@ from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
 from timm.utils import ModelEmaV3, accuracy, distribute_bn
 
-from .convert import file_sha256
+from .checkpoint_io import file_sha256
 from .data import (
     DataError, eval_loader, eval_transform, fixed_subset, holdout_indices, is_test_split, load_split, train_transform)
 from .errors import first_sentence, run_refusing
