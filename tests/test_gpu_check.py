@@ -88,7 +88,8 @@ def test_cpu_run_fills_every_section_with_measurements(tmp_path, tiny_recipes):
     assert not list(out.glob('.*tmp'))
 
 
-def test_spent_budget_measures_nothing_and_says_so(tmp_path, tiny_recipes):
+@pytest.mark.usefixtures('tiny_recipes')
+def test_spent_budget_measures_nothing_and_says_so(tmp_path):
     out = tmp_path / 'gpu'
     assert gpu_check.main(['--device', 'cpu', '--out', str(out), '--models', 'diracnet34_1_cifar', '--img-size',
                            '32', '--batch-sizes', '2', '--budget-s', '0', '--dataset', str(SAMPLE)]) == 0
@@ -121,7 +122,8 @@ def test_shell_wrapper_runs_the_script_on_cuda():
     assert proc.returncode == 2 and proc.stderr.strip().startswith('gpu_check: error: no CUDA GPU')
 
 
-def test_a_failure_is_reported_and_the_rest_still_runs(tmp_path, tiny_recipes, monkeypatch):
+@pytest.mark.usefixtures('tiny_recipes')
+def test_a_failure_is_reported_and_the_rest_still_runs(tmp_path, monkeypatch):
     def out_of_memory(*args, **kwargs):
         raise RuntimeError('CUDA out of memory. Tried to allocate 20.00 GiB')
     monkeypatch.setattr(gpu_check, 'training_step', out_of_memory)

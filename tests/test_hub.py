@@ -86,7 +86,7 @@ def test_card_metadata_reads_back_with_huggingface_hub(tmp_path):
     assert '**Dataset:** CIFAR-10' in card.text
 
 
-def test_card_usage_works_on_a_fresh_machine(tmp_path):
+def test_card_usage_works_on_a_fresh_machine():
     """ Install line, plugin import, the repository id (filled in on push), an embeddings example, both citations;
     never a registry name, which would load the tag's weights instead of these. """
     model = timm.create_model('diracnet16_4_cifar', layers=(1, 1, 1)).eval()  # its default tag is td_cifar10

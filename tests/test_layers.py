@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from timm_dirac import DiracConv1d, DiracConv2d, DiracConv3d, dirac_kernel, fold_bn
 
 CONVS = [(DiracConv1d, F.conv1d, (9,)), (DiracConv2d, F.conv2d, (9, 7)), (DiracConv3d, F.conv3d, (5, 6, 7))]
+SHAPES = [(conv_cls, spatial) for conv_cls, _, spatial in CONVS]
 
 
 def reference_kernel(weight, alpha, beta):
@@ -29,17 +30,17 @@ def test_kernel_is_alpha_delta_plus_beta_normalized_weight(conv_cls, conv_fn, sp
     torch.testing.assert_close(conv(x), expected)
 
 
-@pytest.mark.parametrize('conv_cls,conv_fn,spatial', CONVS)
-def test_initial_values_and_size_preserving_output(conv_cls, conv_fn, spatial):
+@pytest.mark.parametrize('conv_cls,spatial', SHAPES)
+def test_initial_values_and_size_preserving_output(conv_cls, spatial):
     conv = conv_cls(4, 8, 5, dilation=2)
     assert torch.all(conv.alpha == 1.) and torch.all(conv.beta == 0.1)
     assert conv.padding == (4,) * len(spatial)
     assert conv(torch.randn(1, 4, *[s + 9 for s in spatial])).shape[2:] == tuple(s + 9 for s in spatial)
 
 
-@pytest.mark.parametrize('conv_cls,conv_fn,spatial', CONVS)
+@pytest.mark.parametrize('conv_cls,spatial', SHAPES)
 @pytest.mark.parametrize('in_chs,out_chs', [(5, 5), (3, 6), (6, 3)])
-def test_alpha_one_beta_zero_is_identity_on_shared_channels(conv_cls, conv_fn, spatial, in_chs, out_chs):
+def test_alpha_one_beta_zero_is_identity_on_shared_channels(conv_cls, spatial, in_chs, out_chs):
     conv = conv_cls(in_chs, out_chs, 3, bias=False, alpha_init=1., beta_init=0.)
     x = torch.randn(2, in_chs, *spatial)
     y = conv(x)

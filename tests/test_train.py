@@ -351,7 +351,7 @@ def test_diracify_trains_a_plain_timm_net_that_folds_back(tmp_path, capsys):
         torch.testing.assert_close(original.eval()(x), model(x), rtol=1e-5, atol=1e-5)
 
 
-def test_diracify_from_an_initial_checkpoint_keeps_its_function(tmp_path, capsys):
+def test_diracify_from_an_initial_checkpoint_keeps_its_function(tmp_path):
     """ --diracify with --initial-checkpoint (plain weights) starts at alpha=0, beta=||W||: with lr 0 the trained
     convs still compute what the checkpoint's did. """
     import timm
@@ -569,6 +569,6 @@ def test_diverging_training_stops_with_the_last_good_checkpoint(tmp_path, interr
     assert not list(run.glob('checkpoint-2')) and not list(run.glob('hub-*'))
 
 
-def test_debug_shows_the_traceback(tmp_path, capsys):
+def test_debug_shows_the_traceback(tmp_path):
     with pytest.raises(ConfigError, match='--batch-size'):
         main(TINY + ['--output', str(tmp_path), '-b', '0', '--debug'])
