@@ -3,10 +3,10 @@
 The real weights cannot be downloaded in CI, so each source gets a synthetic stand-in with the real keys and shapes:
 - tags with a `url` (the authors' folded files): a synthetic authors'-format file under the url's file name in
   the torch hub cache (`<torch-home>/hub/checkpoints/`), which timm's url loader reads instead of downloading;
-- tags with an `hf_hub_id` (weights this project trains): the committed Hub folder `weights/<model>.<tag>` when
-  present, else a synthetic authors' functional checkpoint of the same architecture converted by `timm-dirac
-  convert`, placed in a Hugging Face cache in the Hub's layout (`models--<ns>--<name>/refs/main` +
-  `snapshots/<commit>/`).
+- tags with an `hf_hub_id` (weights this project trains): the Hub folder shipped in the package
+  (`timm_dirac/assets/weights/<model>.<tag>`) when present, else a synthetic authors' functional checkpoint of the
+  same architecture converted by `timm-dirac convert`, placed in a Hugging Face cache in the Hub's layout
+  (`models--<ns>--<name>/refs/main` + `snapshots/<commit>/`).
 
 Usage: python .ci/make_hub_cache.py --torch-home DIR --hf-cache DIR
 then run with TORCH_HOME=DIR HF_HUB_CACHE=DIR HF_HUB_OFFLINE=1.
@@ -24,6 +24,7 @@ import timm  # noqa: E402
 import torch  # noqa: E402
 
 import timm_dirac  # noqa: E402,F401
+from timm_dirac.assets import asset_path  # noqa: E402
 from timm_dirac.diracnet import STYLES  # noqa: E402
 from timm_dirac.cli import main as cli_main  # noqa: E402
 
@@ -44,9 +45,10 @@ def cache_weights(name: str, cfg, checkpoints: Path, hf_cache: Path) -> str:
     """ Put a synthetic stand-in for the weights of pretrained tag `name` (cfg `cfg`) where timm will look. """
     layers, widths, style, classes = _structure(name.split('.')[0])
     params = make_functional_params(layers, widths, style, classes, seed=len(name))
-    if cfg.hf_hub_id and (ROOT / 'weights' / name).is_dir():  # the project's own weights, committed as a Hub folder
-        add_to_hf_cache(ROOT / 'weights' / name, cfg.hf_hub_id, hf_cache)
-        return f'Hugging Face cache {cfg.hf_hub_id} (from weights/{name})'
+    shipped = asset_path(f'weights/{name}')  # the project's own weights, shipped as a Hub folder
+    if cfg.hf_hub_id and shipped.is_dir():
+        add_to_hf_cache(shipped, cfg.hf_hub_id, hf_cache)
+        return f'Hugging Face cache {cfg.hf_hub_id} (from the shipped {shipped.name})'
     if cfg.hf_hub_id:
         with tempfile.TemporaryDirectory() as tmp:
             src, out = Path(tmp) / 'checkpoint.pth', Path(tmp) / 'hub'

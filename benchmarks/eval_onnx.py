@@ -4,7 +4,8 @@ Nothing from timm or timm_dirac is imported: the preprocessing is read from the 
 (input size, crop_pct, interpolation, mean, std) and written out here, so the score checks the exported file the
 way a deployment would run it, not through the code that wrote it.
 
-    python benchmarks/eval_onnx.py int8/model_int8_split.onnx --config weights/diracnet16_4_cifar.td_cifar10/config.json \\
+    python benchmarks/eval_onnx.py int8/model_int8_split.onnx \\
+        --config timm_dirac/assets/weights/diracnet16_4_cifar.td_cifar10/config.json \\
         --data <CIFAR-10 datasets folder or Hub id> --split test
 """
 import argparse

@@ -411,7 +411,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--compile-reserve-s', type=float, default=40., help='start a compile case only with this left')
     p.add_argument('--train-batch', type=int, default=None, help="training step batch (default: the recipe's)")
     p.add_argument('--train-img-size', type=int, default=None, help="training step input (default: the recipe's)")
-    p.add_argument('--dataset', default=str(ROOT / 'data' / 'cifar10_sample'),
+    p.add_argument('--dataset', default=str(ROOT / 'timm_dirac' / 'assets' / 'cifar10_sample'),
                    help='CIFAR-10 as a datasets folder (train and test splits) for the real epochs; default: the '
                         'shipped 10,000-image sample')
     p.add_argument('--epochs', type=int, default=2, help='real epochs (0: none)')

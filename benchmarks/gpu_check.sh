@@ -7,7 +7,7 @@
 #     benchmarks/gpu_check.sh /data/cifar10
 set -euo pipefail
 cd "$(dirname "$0")/.."
-dataset=${1:-data/cifar10_sample}
+dataset=${1:-timm_dirac/assets/cifar10_sample}
 shift $(( $# > 0 ? 1 : 0 ))
 # the script stops starting work after 450 s; at 480 s it is interrupted (it then writes what it measured), and
 # killed 20 s later if it has not stopped

@@ -5,8 +5,8 @@ The reference without saturation must agree with ONNX Runtime on a VNNI/AMX mach
 saturating run then tells what the same file scores on an AVX2 / AVX-512 CPU without VNNI.
 
     python benchmarks/int8_saturation.py int8/model_int8_split.onnx int8/model_int8_plain.onnx \\
-        --checkpoint weights/diracnet16_4_cifar.td_cifar10 --data hfds/<CIFAR-10 folder> --num 3000 \\
-        --out docs/deploy/int8_saturation.json
+        --checkpoint timm_dirac/assets/weights/diracnet16_4_cifar.td_cifar10 --data hfds/<CIFAR-10 folder> \\
+        --num 3000 --out docs/deploy/int8_saturation.json
 """
 import argparse
 import json

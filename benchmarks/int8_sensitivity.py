@@ -9,7 +9,7 @@ quantizes them (symmetric per output channel, round to nearest):
 For each, the logits' signal-to-quantization-noise ratio against the float model and the top-1 change on real
 test images; beside them the layer's centre-tap ratio (median over channels of |Dirac tap| / max |other weight|).
 
-    python benchmarks/int8_sensitivity.py --checkpoint weights/diracnet16_4_cifar.td_cifar10 \\
+    python benchmarks/int8_sensitivity.py --checkpoint timm_dirac/assets/weights/diracnet16_4_cifar.td_cifar10 \\
         --data hfds/<CIFAR-10 folder> --out docs/deploy/int8_sensitivity.json --plot docs/deploy/int8_sensitivity.png
 """
 import argparse

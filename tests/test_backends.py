@@ -13,7 +13,6 @@ pytest.importorskip('onnxruntime')
 DATA = default_data()
 
 
-@pytest.mark.skipif(DATA is None, reason='no real CIFAR-10 images (data/cifar10_sample)')
 def test_every_backend_runs_the_folded_model(tmp_path, small_folded_diracnet):
     model = small_folded_diracnet()
     calib, _ = load_images(DATA, model, 32, split='train')

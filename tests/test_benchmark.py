@@ -9,7 +9,6 @@ pytest.importorskip('onnxruntime')
 import timm_dirac  # noqa: F401  registers the models
 from timm_dirac.benchmark import Case, build_forms, format_table, has_reparameterization, summarize
 from timm_dirac.cli import main
-from timm_dirac.loading import default_data
 
 ROW_KEYS = {'model', 'form', 'backend', 'precision', 'batch_size', 'img_per_s', 'latency_ms', 'latency_ms_min',
             'latency_ms_max', 'iters', 'repeats', 'gflop_per_img', 'gflop_per_s', 'peak_fraction', 'vs_resnet',
@@ -18,8 +17,6 @@ ROW_KEYS = {'model', 'form', 'backend', 'precision', 'batch_size', 'img_per_s', 
 
 @pytest.fixture(scope='module')
 def tiny_run(tmp_path_factory):
-    if default_data() is None:
-        pytest.skip('the onnxruntime-int8 backend calibrates on real CIFAR-10 images, none found')
     out = tmp_path_factory.mktemp('bench')
     rc = main(['benchmark', '--models', 'diracnet18', 'resnet18', '--img-size', '32', '--batch-sizes', '1', '32',
                '--precision', 'fp32', 'bf16', '--backends', 'eager', 'onnxruntime', 'onnxruntime-int8',

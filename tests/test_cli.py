@@ -11,7 +11,7 @@ import timm_dirac  # noqa: F401  registers the models
 from timm_dirac.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
-SAMPLE = ROOT / 'data' / 'cifar10_sample'
+SAMPLE = ROOT / 'timm_dirac' / 'assets' / 'cifar10_sample'
 
 
 @pytest.fixture(scope='module')

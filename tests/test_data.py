@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 pytestmark = pytest.mark.usefixtures('fresh_accelerate_state')
-SAMPLE = f'hfds/{ROOT / "data" / "cifar10_sample"}'
+SAMPLE = f'hfds/{ROOT / "timm_dirac" / "assets" / "cifar10_sample"}'
 SHARED = ROOT.parent / 'shared' / 'data' / 'cifar10'
 
 

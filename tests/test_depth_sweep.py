@@ -11,7 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
-SAMPLE = ROOT / 'data' / 'cifar10_sample'
+SAMPLE = ROOT / 'timm_dirac' / 'assets' / 'cifar10_sample'
 spec = importlib.util.spec_from_file_location('depth_sweep', ROOT / 'benchmarks' / 'depth_sweep.py')
 depth_sweep = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(depth_sweep)

@@ -10,7 +10,8 @@ import timm_dirac  # noqa: F401  registers the models
 from timm_dirac.dirac_tap import SplitDiracConv, centre_tap_ratio, split_dirac_taps
 from timm_dirac.loading import fold
 
-WEIGHTS = Path(__file__).resolve().parents[1] / 'weights' / 'diracnet16_4_cifar.td_cifar10'
+ROOT = Path(__file__).resolve().parents[1]
+WEIGHTS = ROOT / 'timm_dirac' / 'assets' / 'weights' / 'diracnet16_4_cifar.td_cifar10'
 
 
 def _trained_like(**kwargs) -> nn.Module:

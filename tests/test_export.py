@@ -10,11 +10,9 @@ from timm_dirac.loading import default_data, fold, load_images
 
 pytest.importorskip('onnxruntime')
 DATA = default_data()
-needs_data = pytest.mark.skipif(DATA is None, reason='no real CIFAR-10 images (data/cifar10_sample)')
 
 
 @pytest.mark.slow
-@needs_data
 def test_export_onnx_cli(tmp_path, capsys):
     out = tmp_path / 'diracnet34_1_cifar.onnx'
     assert main(['export-onnx', '--model', 'diracnet34_1_cifar', '--out', str(out), '--num-images', '16']) == 0
@@ -23,7 +21,6 @@ def test_export_onnx_cli(tmp_path, capsys):
     assert 'max abs diff' in capsys.readouterr().out
 
 
-@needs_data
 def test_verify_catches_a_wrong_model(tmp_path):
     model = fold(timm.create_model('diracnet34_1_cifar', layers=(1, 1, 1)).eval())
     images, labels = load_images(DATA, model, num=8)

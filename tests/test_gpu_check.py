@@ -16,7 +16,7 @@ import torch
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-SAMPLE = ROOT / 'data' / 'cifar10_sample'
+SAMPLE = ROOT / 'timm_dirac' / 'assets' / 'cifar10_sample'
 spec = importlib.util.spec_from_file_location('gpu_check', ROOT / 'benchmarks' / 'gpu_check.py')
 gpu_check = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(gpu_check)

@@ -31,7 +31,6 @@ def test_saturation_risk_pairs_input_channels_of_one_tap():
     assert not saturation_risk(np.clip(w, -64, 64)).any()
 
 
-@pytest.mark.skipif(DATA is None, reason='no real CIFAR-10 images (data/cifar10_sample)')
 def test_reference_agrees_with_onnxruntime_on_a_split_model(tmp_path, small_folded_diracnet):
     model = small_folded_diracnet((2, 2, 2))
     calib, _ = load_images(DATA, model, 64, split='train')

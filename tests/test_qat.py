@@ -12,12 +12,12 @@ import timm
 import timm_dirac  # noqa: F401  registers the models
 from timm_dirac.dirac_tap import split_dirac_taps
 from timm_dirac.backends.onnxruntime import export_onnx, quantize_onnxruntime
-from timm_dirac.loading import default_data, is_folded
+from timm_dirac.loading import is_folded
 from timm_dirac.qat import WeightFakeQuant, merge_qat, prepare_qat
 from timm_dirac.train import main, parse_args, train
 
 ROOT = Path(__file__).resolve().parents[1]
-SAMPLE = ROOT / 'data' / 'cifar10_sample'
+SAMPLE = ROOT / 'timm_dirac' / 'assets' / 'cifar10_sample'
 
 
 pytestmark = pytest.mark.usefixtures('fresh_accelerate_state')
@@ -70,7 +70,6 @@ def test_merged_model_computes_the_qat_model_and_is_a_folded_diracnet():
     assert is_folded(merged) and merged.inference_mode
 
 
-@pytest.mark.skipif(default_data() is None, reason='no real CIFAR-10 images (data/cifar10_sample)')
 def test_split_flow_stores_exactly_the_trained_weights(tmp_path):
     """ The contract between QAT and `quantize --flow split`: ONNX Runtime's 7-bit weights are the QAT grid. """
     qat = prepare_qat(_trained_like())

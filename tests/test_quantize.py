@@ -20,9 +20,9 @@ from timm_dirac.quantize import run_quantize, top1
 
 pytest.importorskip('onnxruntime')
 DATA = default_data()
-pytestmark = pytest.mark.skipif(DATA is None, reason='no real CIFAR-10 images (data/cifar10_sample)')
-WEIGHTS = Path(__file__).resolve().parents[1] / 'weights' / 'diracnet16_4_cifar.td_cifar10'
-SHARED_CIFAR = Path(__file__).resolve().parents[2] / 'shared' / 'data' / 'cifar10'
+ROOT = Path(__file__).resolve().parents[1]
+WEIGHTS = ROOT / 'timm_dirac' / 'assets' / 'weights' / 'diracnet16_4_cifar.td_cifar10'
+SHARED_CIFAR = ROOT.parent / 'shared' / 'data' / 'cifar10'
 
 
 def _close(int8: torch.Tensor, fp32: torch.Tensor) -> float:

@@ -23,7 +23,7 @@ import torch
 from timm_dirac.data import eval_indices, fixed_subset, holdout_indices, load_split
 
 ROOT = Path(__file__).resolve().parents[1]
-SAMPLE = ROOT / 'data' / 'cifar10_sample'
+SAMPLE = ROOT / 'timm_dirac' / 'assets' / 'cifar10_sample'
 PROBE = ROOT / 'tests' / 'rank_probe.py'
 MACHINES, PER_MACHINE, BATCH, TRAIN, HOLDOUT, VAL, EPOCHS = 2, 2, 8, 128, 1000, 50, 2
 WORLD = MACHINES * PER_MACHINE

@@ -1,4 +1,4 @@
-""" `timm-dirac validate` on a slice of the test split of the real CIFAR-10 sample shipped in data/cifar10_sample,
+""" `timm-dirac validate` on a slice of the test split of the real CIFAR-10 sample shipped in the package,
 checked against an independent computation over the same images; image folder and `datasets` inputs agree. """
 import json
 from pathlib import Path
@@ -13,10 +13,10 @@ from timm_dirac.cli import main as cli_main
 from timm_dirac.hub import save_hub_folder
 
 ROOT = Path(__file__).resolve().parents[1]
-SAMPLE = ROOT / 'data' / 'cifar10_sample'
+SAMPLE = ROOT / 'timm_dirac' / 'assets' / 'cifar10_sample'
 N = 96
 
-WEIGHTS = ROOT / 'weights' / 'diracnet16_4_cifar.td_cifar10'
+WEIGHTS = ROOT / 'timm_dirac' / 'assets' / 'weights' / 'diracnet16_4_cifar.td_cifar10'
 
 
 @pytest.fixture(scope='module')

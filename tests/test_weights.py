@@ -1,4 +1,4 @@
-""" The project's own weights committed under weights/: they load in both forms and classify real images. """
+""" The project's own weights, shipped in timm_dirac/assets/weights: both forms load and classify real images. """
 import json
 from pathlib import Path
 
@@ -10,8 +10,8 @@ import torch
 import timm_dirac  # noqa: F401
 
 ROOT = Path(__file__).resolve().parents[1]
-WEIGHTS = ROOT / 'weights' / 'diracnet16_4_cifar.td_cifar10'
-SAMPLE = ROOT / 'data' / 'cifar10_sample'
+WEIGHTS = ROOT / 'timm_dirac' / 'assets' / 'weights' / 'diracnet16_4_cifar.td_cifar10'
+SAMPLE = ROOT / 'timm_dirac' / 'assets' / 'cifar10_sample'
 
 
 def sample_test_images():
@@ -35,12 +35,12 @@ def test_td_cifar10_weights_classify_the_sample_test_images_in_both_forms():
     torch.testing.assert_close(folded_logits, logits, rtol=1e-4, atol=1e-4)
 
 
-def test_td_cifar10_loads_by_name_from_the_repository_copy(monkeypatch):
-    """ In a clone the registered tag loads the weights in weights/ without the network. """
+def test_td_cifar10_loads_by_name_from_the_shipped_copy(monkeypatch):
+    """ The registered tag loads the copy shipped in the package without the network. """
     import huggingface_hub
 
     def no_network(*args, **kwargs):
-        raise AssertionError('the Hub was asked for weights the repository holds')
+        raise AssertionError('the Hub was asked for weights the package ships')
     monkeypatch.setattr(huggingface_hub, 'hf_hub_download', no_network)
     by_name = timm.create_model('diracnet16_4_cifar', pretrained=True).eval()
     from_folder = timm.create_model(f'local-dir:{WEIGHTS}', pretrained=True).eval()

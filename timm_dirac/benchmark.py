@@ -121,11 +121,7 @@ def _calibration_images(model: nn.Module, input_size: Sequence[int], num: int = 
     """ Real images for int8 calibration (the CIFAR-10 copy the export check uses) in the model's eval transform,
     resized to the benchmark's `input_size`. Only the int8 speed is measured here; `timm-dirac quantize` measures
     the accuracy. """
-    data = default_data()
-    if data is None:
-        raise FileNotFoundError('The onnxruntime-int8 backend calibrates on real images and found none '
-                                '(data/cifar10_sample of the repository): drop that backend or run from a clone.')
-    images = load_images(data, model, num)[0]
+    images = load_images(default_data(), model, num)[0]
     if tuple(images.shape[1:]) != tuple(input_size):
         images = torch.nn.functional.interpolate(images, size=tuple(input_size[1:]), mode='bilinear', antialias=True)
     return images

@@ -13,7 +13,6 @@ import os
 from collections import OrderedDict
 from dataclasses import dataclass
 from functools import partial
-from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
@@ -24,6 +23,7 @@ from timm.layers import ClassifierHead, get_device_dtype
 from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, list_models, register_model
 
 from ._timm_compat import feature_take_indices, update_model_args
+from .assets import asset_path
 from .errors import first_sentence
 from .finite import check_weights
 from .labels import CIFAR10_LABELS
@@ -596,13 +596,6 @@ def _reported_note(name: str) -> str:
     return f"ImageNet-1k val top-1 {result['top1']}{top5} reported in {result['source']}."
 
 
-def _repository_copy(tag: str) -> Optional[str]:
-    """ Our weights' copy in a clone of this repository (weights/<tag>/model.safetensors), if there is one: timm
-    loads a cfg's `file` before its Hub id, so a clone (or an editable install) loads them by name, offline. """
-    path = Path(__file__).resolve().parents[1] / 'weights' / tag / 'model.safetensors'
-    return str(path) if path.is_file() else None
-
-
 # The authors' ImageNet weights (folded v2) load from their own address and are converted on load
 # (checkpoint_filter_fn); their repository has no licence file, so they are not re-hosted. They were trained
 # and evaluated with OpenCV's bicubic resize (cv2.INTER_CUBIC): 'bicubic' is timm's closest setting. Weights this
@@ -621,11 +614,11 @@ default_cfgs = generate_default_cfgs({
                _reported_note('diracnet34.v2_in1k'))),
     'diracnet16_4_cifar.td_cifar10': _cifar_cfg(
         hf_hub_id=f'{HUB_NAMESPACE}/diracnet16_4_cifar.td_cifar10', license='apache-2.0', label_names=CIFAR10_LABELS,
-        file=_repository_copy('diracnet16_4_cifar.td_cifar10'),
+        file=str(asset_path('weights/diracnet16_4_cifar.td_cifar10/model.safetensors')),
         notes=('Trained by timm-dirac on CIFAR-10 (train split) in 112 min on a 2-core CPU: '
                'train_configs/diracnet16_4_cifar10_cpu.yaml. 90.00% top-1 on the CIFAR-10 test split.',
-               'Until pushed to the Hub, load the copy in the repository: '
-               "timm.create_model('local-dir:weights/diracnet16_4_cifar.td_cifar10', pretrained=True).")),
+               'Until pushed to the Hub, pretrained=True loads the copy shipped in the timm-dirac package '
+               '(timm_dirac/assets/weights/diracnet16_4_cifar.td_cifar10), offline.')),
     'diracnet28_10_cifar': _cifar_cfg(),
     'diracnet28_5_cifar': _cifar_cfg(),
     'diracnet34_1_cifar': _cifar_cfg(),

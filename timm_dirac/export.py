@@ -4,7 +4,6 @@ The export, the graph check (only a plain conv-ReLU chain's ops) and the compari
 Runtime backend's (`backends/onnxruntime.py`).
 """
 import argparse
-import sys
 from pathlib import Path
 
 from .backends.onnxruntime import DEFAULT_TOLERANCE, check_graph_ops, export_onnx, verify_onnx
@@ -17,8 +16,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help='checkpoint folder (config.json + model.safetensors) or weights file')
     parser.add_argument('--out', required=True, metavar='FILE.onnx')
     parser.add_argument('--data', default=None,
-                        help='real images for the check, a timm dataset name (default: the CIFAR-10 sample in '
-                             'data/cifar10_sample)')
+                        help='real images for the check, a timm dataset name (default: the CIFAR-10 sample shipped '
+                             'in timm_dirac/assets/cifar10_sample)')
     parser.add_argument('--split', default='test')
     parser.add_argument('--num-images', type=int, default=32)
     parser.add_argument('--tolerance', type=float, default=DEFAULT_TOLERANCE,
@@ -28,10 +27,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     data = args.data or default_data()
-    if data is None:
-        print('No real images to check the export with: pass --data hfds/<dataset folder> (or another timm '
-              'dataset name).', file=sys.stderr)
-        return 2
     model = fold(load_model(args.model, args.checkpoint))
     images, _ = load_images(data, model, args.num_images, args.split)
     out = Path(args.out)

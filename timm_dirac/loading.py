@@ -13,6 +13,7 @@ import timm
 from timm.data import create_dataset, create_transform, resolve_model_data_config
 from timm.utils import reparameterize_model
 
+from .assets import asset_path
 from .data import to_rgb
 from .finite import check_weights
 from .layers import is_folded
@@ -20,11 +21,10 @@ from .layers import is_folded
 __all__ = ['default_data', 'load_model', 'is_folded', 'fold', 'load_images']
 
 
-def default_data() -> Optional[str]:
-    """ Real CIFAR-10 images as a timm `hfds/` dataset name: the sample shipped in the repository
-    (`data/cifar10_sample`); None where it is not (an install without the repository). """
-    path = Path(__file__).resolve().parents[1] / 'data' / 'cifar10_sample'
-    return f'hfds/{path}' if path.is_dir() else None
+def default_data() -> str:
+    """ Real CIFAR-10 images as a timm `hfds/` dataset name: the sample shipped with the package
+    (`timm_dirac/assets/cifar10_sample`). """
+    return f"hfds/{asset_path('cifar10_sample')}"
 
 
 def load_model(name: Optional[str], checkpoint: Optional[str] = None) -> nn.Module:

@@ -163,7 +163,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              'folded')
     parser.add_argument('--calib', default=None,
                         help='calibration images, a timm dataset name such as hfds/<folder> (default: the CIFAR-10 '
-                             'sample in data/cifar10_sample)')
+                             'sample shipped in timm_dirac/assets/cifar10_sample)')
     parser.add_argument('--calib-split', default='train')
     parser.add_argument('--num-calib', type=int, default=512)
     parser.add_argument('--eval-data', default=None, help='dataset for the accuracy check (default: --calib)')
@@ -182,10 +182,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     calib = args.calib or default_data()
-    if calib is None:
-        print('error: no calibration images: pass --calib hfds/<dataset folder> (real images of the training '
-              'distribution).', file=sys.stderr)
-        return 2
     try:
         report = run_quantize(
             args.model, args.checkpoint, calib, args.out, args.eval_data, args.flow, args.num_calib, args.num_eval,

@@ -1,0 +1,16 @@
+""" Files shipped inside the package, so that an installed wheel finds them exactly as a clone does:
+
+- `cifar10_sample/`: 10,000 train / 1,000 test real CIFAR-10 images as a `datasets` folder (Parquet), the data of
+  the quick training config and the default images of `quantize`, `export-onnx` and `benchmark`;
+- `weights/<model>.<tag>/`: weights this project trained, as Hub folders, which `pretrained=True` loads offline.
+"""
+from importlib.resources import files
+from pathlib import Path
+
+__all__ = ['asset_path']
+
+
+def asset_path(relative: str) -> Path:
+    """ The filesystem path of a file or folder shipped in `timm_dirac/assets`, e.g. `asset_path('cifar10_sample')`.
+    pip installs packages as plain files, so the path is a real one that `datasets` and safetensors can open. """
+    return Path(str(files(__name__).joinpath(relative)))
