@@ -111,4 +111,4 @@ def get_backends(names: Sequence[str], int8: Optional[bool] = None, what: str = 
     return backends
 
 
-from . import torch_eager, onnxruntime, pt2e  # noqa: E402  each registers its backends
+from . import torch_eager, onnxruntime, pt2e  # noqa: E402,F401  each registers its backends
