@@ -1,38 +1,154 @@
-""" The backends' one interface: every backend turns the same folded model into a `Runner` whose `predict` gives
-that model's logits (exactly in fp32, closely in bf16 and int8) and whose `bind` gives a call to time. """
+""" The backends' one interface and registry: every registered backend turns the same folded model into a `Runner`
+whose `predict` gives that model's logits (exactly in fp32, closely in bf16 and int8) and whose `bind` gives a call
+to time; a backend registered anywhere else becomes a choice of `timm-dirac benchmark` and `quantize`. """
+import copy
+import json
+import os
+import subprocess
+import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
+import torch.nn as nn
 
-from timm_dirac.backends import onnxruntime as ort_backend
-from timm_dirac.backends import pt2e, torch_eager
+import timm
+from timm_dirac.backends import BACKENDS, Runner, Setup, backend_names, get_backends, register_backend
+from timm_dirac.cli import main
 from timm_dirac.loading import default_data, load_images
 
-pytest.importorskip('onnxruntime')
+ROOT = Path(__file__).resolve().parents[1]
 DATA = default_data()
 
 
-def test_every_backend_runs_the_folded_model(tmp_path, small_folded_diracnet):
+@pytest.mark.parametrize('name', [pytest.param(n, marks=pytest.mark.slow) if n == 'compile' else n  # inductor: ~25 s
+                                  for n in backend_names()])
+def test_every_backend_runs_the_folded_model(name, tmp_path, small_folded_diracnet):
+    for package in BACKENDS[name].requires:
+        pytest.importorskip(package)
     model = small_folded_diracnet()
     calib, _ = load_images(DATA, model, 32, split='train')
     images, _ = load_images(DATA, model, 8, split='test')
     with torch.no_grad():
         reference = model(images)
-    runners = {
-        'eager fp32': torch_eager.prepare(model),
-        'eager bf16': torch_eager.prepare(model, 'bf16'),
-        'onnxruntime fp32': ort_backend.prepare(model, str(tmp_path), (3, 32, 32)),
-        'onnxruntime split': ort_backend.prepare(model, str(tmp_path), (3, 32, 32), 'split', calib),
-        'onnxruntime plain': ort_backend.prepare(model, str(tmp_path), (3, 32, 32), 'plain', calib),
-        'pt2e': pt2e.prepare(model, calib, batch_size=8),
-    }
-    for name, runner in runners.items():
+    backend = BACKENDS[name]
+    for precision in backend.precisions:
+        runner = backend.prepare(model, Setup((3, 32, 32), str(tmp_path), precision, calib=calib, batch_size=8))
+        assert runner.precision == precision
         logits = runner.predict(images).float()
-        assert logits.shape == reference.shape, name
+        assert logits.shape == reference.shape
         similarity = torch.nn.functional.cosine_similarity(logits.flatten(), reference.flatten(), dim=0).item()
-        assert similarity > (0.99999 if runner.precision == 'fp32' else 0.98), (name, similarity)
+        assert similarity > (0.99999 if precision == 'fp32' else 0.98), (precision, similarity)
         assert runner.bind(images)() is not None
-    assert runners['pt2e'].static_batch == 8 and runners['onnxruntime split'].static_batch is None
-    assert sorted(Path(r.file).name for r in runners.values() if r.file) == [
-        'model_fp32.onnx', 'model_int8_plain.onnx', 'model_int8_split.onnx']
+        assert runner.static_batch == (8 if name == 'pt2e' else None)
+        assert (runner.weight_bits is not None) == backend.int8
+        if runner.file:
+            assert Path(runner.file).parent == tmp_path and Path(runner.file).is_file()
+    expected = {'onnxruntime': ['model_fp32.onnx'], 'split': ['model_int8_split.onnx'],
+                'plain': ['model_int8_plain.onnx'], 'onnxruntime-int8': ['model_int8_split.onnx'],  # a DiracNet
+                'pt2e': ['model_int8_pt2e.pt2']}
+    assert sorted(p.name for p in tmp_path.iterdir()) == expected.get(name, [])
+
+
+def test_the_builtin_backends_and_what_they_run():
+    assert backend_names() == ['eager', 'compile', 'onnxruntime', 'split', 'plain', 'onnxruntime-int8', 'pt2e']
+    assert backend_names(int8=True) == ['split', 'plain', 'onnxruntime-int8', 'pt2e']
+    assert BACKENDS['eager'].run_precisions(['bf16']) == ['bf16']
+    assert BACKENDS['onnxruntime'].run_precisions(['fp32', 'bf16']) == ['fp32']
+    assert BACKENDS['onnxruntime'].run_precisions(['bf16']) == ['fp32']  # ONNX Runtime runs fp32 whatever is asked
+    assert BACKENDS['pt2e'].run_precisions(['fp32', 'bf16']) == ['int8']
+
+
+def test_names_are_unique():
+    with pytest.raises(ValueError, match="backend 'eager' is already registered"):
+        register_backend('eager')(lambda model, setup: None)
+    assert BACKENDS['eager'].prepare.__module__ == 'timm_dirac.backends.torch_eager'
+
+
+def test_unknown_names_and_missing_packages_are_refused(registered):
+    registered('needs-a-package', ('fp32',), _eager_fp32, requires=('a_package_nobody_installed',))
+    with pytest.raises(ValueError, match=r"unknown flow \['eager'\]: choose from split, plain"):
+        get_backends(['eager'], int8=True, what='flow')
+    with pytest.raises(ValueError, match='the needs-a-package backend needs a_package_nobody_installed, not installed'):
+        get_backends(['eager', 'needs-a-package'])
+
+
+def test_importing_the_backends_loads_no_optional_package():
+    """ The CLI stays fast: registering every backend imports neither the exporter nor a runtime. """
+    code = ('import sys, timm_dirac.backends; '
+            'print(sorted(m for m in ("onnx", "onnxscript", "onnxruntime", "torchao") if m in sys.modules))')
+    env = dict(os.environ, OMP_NUM_THREADS='1')
+    out = subprocess.run([sys.executable, '-c', code], cwd=ROOT, env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == '[]'
+
+
+def _eager_fp32(model: nn.Module, setup: Setup) -> Runner:
+    """ A backend written outside the package: the model as it is, fp32. """
+    def predict(x):
+        with torch.no_grad():
+            return model(x)
+    return Runner(predict=predict, bind=lambda x: lambda: predict(x), precision='fp32')
+
+
+def _rounded_int8(model: nn.Module, setup: Setup) -> Runner:
+    """ A backend written outside the package: weights rounded to a per-tensor 8-bit grid (computed in fp32), saved
+    in the workdir. """
+    rounded = copy.deepcopy(model)
+    with torch.no_grad():
+        for weight in [p for p in rounded.parameters() if p.dim() > 1]:
+            step = weight.abs().max() / 127
+            weight.copy_((weight / step).round() * step)
+    path = os.path.join(setup.workdir, f'{setup.tag}_int8_rounded.pt')
+    torch.save(rounded.state_dict(), path)
+    return replace(_eager_fp32(rounded, setup), precision='int8', file=path, weight_bits=8)
+
+
+@pytest.fixture
+def registered():
+    """ `registered(name, precisions, prepare, requires=())`: a backend registered for one test only. """
+    names = []
+
+    def register(name, precisions, prepare, requires=()):
+        register_backend(name, precisions, requires)(prepare)
+        names.append(name)
+    yield register
+    for name in names:
+        del BACKENDS[name]
+
+
+@pytest.mark.slow
+def test_a_registered_backend_is_a_choice_of_benchmark_and_quantize(registered, tmp_path, capsys,
+                                                                     small_folded_diracnet):
+    """ The bar: adding a backend is one module plus a registration; neither command is edited. """
+    pytest.importorskip('onnxruntime')  # quantize's fp32 baseline
+    registered('my-eager', ('fp32',), _eager_fp32)
+    registered('my-int8', ('int8',), _rounded_int8)
+
+    for command, listed, absent in (('benchmark', 'my-eager', None), ('quantize', 'my-int8', 'my-eager')):
+        with pytest.raises(SystemExit):
+            main([command, '--help'])
+        usage = capsys.readouterr().out
+        assert listed in usage and (absent is None or absent not in usage)
+
+    bench = tmp_path / 'bench'
+    assert main(['benchmark', '--models', 'diracnet34_1_cifar', '--forms', 'folded', '--backends', 'eager', 'my-eager',
+                 'my-int8', '--precision', 'fp32', '--batch-sizes', '2', '--repeats', '1', '--warmup', '0',
+                 '--min-time', '0', '--gemm-sizes', '64', '--out', str(bench)]) == 0
+    rows = json.loads((bench / 'benchmark.json').read_text())['rows']
+    assert [(r['backend'], r['precision']) for r in rows] == [('eager', 'fp32'), ('my-eager', 'fp32'),
+                                                              ('my-int8', 'int8')]
+    assert '| diracnet34_1_cifar | folded | my-eager | fp32 | 2 |' in (bench / 'benchmark.md').read_text()
+
+    checkpoint = tmp_path / 'ckpt'
+    timm.models.save_for_hf(small_folded_diracnet(), str(checkpoint),
+                            model_args=dict(layers=(1, 1, 1), inference_mode=True))
+    out = tmp_path / 'int8'
+    assert main(['quantize', '--checkpoint', str(checkpoint), '--flow', 'my-int8', '--num-calib', '16',
+                 '--num-eval', '16', '--repeats', '1', '--bench-batch', '8', '--out', str(out)]) == 0
+    report = json.loads((out / 'quantize.json').read_text())
+    assert list(report['flows']) == ['my-int8'] and report['chosen'] == 'my-int8'
+    assert report['flows']['my-int8']['weight_bits'] == 8
+    assert report['flows']['my-int8']['file'] == str(out / 'model_int8_rounded.pt')
+    assert set(report['img_per_s']['8']) == {'onnxruntime-fp32', 'my-int8-int8'}
+    assert sorted(p.name for p in out.iterdir()) == ['model_fp32.onnx', 'model_int8_rounded.pt', 'quantize.json']

@@ -15,7 +15,7 @@ import statistics
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
@@ -26,11 +26,10 @@ from torch.utils.flop_counter import FlopCounterMode
 import timm
 from timm.utils import reparameterize_model
 
-from .backends import Runner, torch_eager
-from .backends import onnxruntime as ort_backend
+from .backends import Setup, backend_names, get_backends
 from .backends.torch_eager import PRECISIONS
-from .diracnet import REPORTED_RESULTS, DiracBlock
-from .loading import default_data, is_folded, load_images
+from .diracnet import REPORTED_RESULTS
+from .loading import default_data, load_images
 from .precision import cpu_flags
 from .timing import time_interleaved
 
@@ -50,7 +49,6 @@ REPORTED_TOP1: Dict[str, List[tuple]] = {
 }
 
 DEFAULT_MODELS = ('diracnet18', 'diracnet34', 'resnet18', 'resnet34', 'repvgg_a1')
-BACKENDS = ('eager', 'compile', 'onnxruntime', 'onnxruntime-int8')
 GOAL_VS_RESNET = 1.2
 GOAL_VS_TRAIN = 1.3
 GOAL_PEAK_FRACTION = 0.75
@@ -103,20 +101,6 @@ def count_flops(model: nn.Module, input_size: Sequence[int]) -> float:
     return float(counter.get_total_flops())
 
 
-def _runners(model: nn.Module, backend: str, precisions: Sequence[str], input_size: Sequence[int], workdir: str,
-             threads: int, tag: str, calib: Optional[torch.Tensor]) -> List[Runner]:
-    """ The runners of one backend: eager and compile once per precision; ONNX Runtime once, fp32
-    ('onnxruntime') or int8 ('onnxruntime-int8': what `timm-dirac quantize` writes, its `split` flow for a folded
-    DiracNet and `plain` QDQ for any other model), NCHW input, dynamic batch. """
-    if backend in ('eager', 'compile'):
-        return [torch_eager.prepare(model, p, compile=backend == 'compile') for p in precisions]
-    flow = None
-    if backend == 'onnxruntime-int8':
-        dirac = any(isinstance(m, DiracBlock) for m in model.modules()) and is_folded(model)
-        flow = 'split' if dirac else 'plain'
-    return [ort_backend.prepare(model, workdir, input_size, flow, calib, threads=threads, tag=tag)]
-
-
 def _calibration_images(model: nn.Module, input_size: Sequence[int], num: int = 64) -> torch.Tensor:
     """ Real images for int8 calibration (the CIFAR-10 copy the export check uses) in the model's eval transform,
     resized to the benchmark's `input_size`. Only the int8 speed is measured here; `timm-dirac quantize` measures
@@ -145,8 +129,10 @@ def build_cases(
         threads: int = 1,
         workdir: Optional[str] = None,
 ) -> List[Case]:
-    """ Build every variant to time, GEMM peak cases first. ONNX Runtime runs once per batch size, not per
-    precision: fp32 ('onnxruntime') or int8 ('onnxruntime-int8'), NCHW input, exported with a dynamic batch. """
+    """ Build every variant to time, GEMM peak cases first. Each backend runs at each of `precisions` it runs, else
+    at its own one (ONNX Runtime fp32, int8); int8 backends calibrate on real images and run the deploy form only,
+    a lowered static graph only at the batch size it was lowered for (the largest). """
+    backends = get_backends(backends)
     cases = [_gemm_case(n, p) for p in precisions for n in gemm_sizes]
     for name in models:
         model_forms = build_forms(name, forms)
@@ -156,17 +142,18 @@ def build_cases(
             flops = count_flops(model, input_size)
             memory_format = torch.channels_last if channels_last else torch.contiguous_format
             model = model.to(memory_format=memory_format)
-            calib = _calibration_images(model, input_size) if 'onnxruntime-int8' in backends else None
+            calib = _calibration_images(model, input_size) if any(b.int8 for b in backends) else None
+            setup = Setup(input_size, workdir, tag=f'{name}-{form}', calib=calib, batch_size=max(batch_sizes),
+                          threads=threads)
             for backend in backends:
-                if backend == 'onnxruntime-int8' and form == 'train' and 'folded' in model_forms:
+                if backend.int8 and form == 'train' and 'folded' in model_forms:
                     continue  # int8 is for the deployed (folded) graph only
-                runners = _runners(model, backend, precisions, input_size, workdir, threads, f'{name}-{form}',
-                                   calib)
+                runners = [backend.prepare(model, replace(setup, precision=p))
+                           for p in backend.run_precisions(precisions)]
                 for batch_size in batch_sizes:
                     x = torch.randn(batch_size, *input_size).contiguous(memory_format=memory_format)
-                    for runner in runners:
-                        cases.append(Case(name, form, backend, runner.precision, batch_size, flops * batch_size,
-                                          runner.bind(x)))
+                    cases += [Case(name, form, backend.name, runner.precision, batch_size, flops * batch_size,
+                                   runner.bind(x)) for runner in runners if runner.static_batch in (None, batch_size)]
     return cases
 
 
@@ -266,10 +253,10 @@ def run_benchmark(
         log=print,
 ) -> Dict[str, Any]:
     """ Build, time and summarize; returns the JSON-ready result (settings, machine, load, rows, goals). """
-    unknown = [b for b in backends if b not in BACKENDS] + [p for p in precisions if p not in PRECISIONS]
+    unknown = [p for p in precisions if p not in PRECISIONS]
     if unknown:
-        raise ValueError(f'Unknown backend/precision {unknown}: backends are {BACKENDS}, precisions '
-                         f'{tuple(PRECISIONS)}.')
+        raise ValueError(f'Unknown precision {unknown}: precisions are {tuple(PRECISIONS)}.')
+    get_backends(backends)  # refuse an unknown name or a missing package before any work
     if threads:
         torch.set_num_threads(threads)
     threads = torch.get_num_threads()
@@ -364,9 +351,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--models', nargs='+', default=list(DEFAULT_MODELS), metavar='NAME',
                         help='timm model names (DiracNets are registered by this package)')
     parser.add_argument('--forms', nargs='+', default=['train', 'folded'], choices=['train', 'folded'])
-    parser.add_argument('--backends', nargs='+', default=['eager'], choices=BACKENDS,
-                        help='eager PyTorch, torch.compile (inductor, frozen weights), ONNX Runtime fp32, ONNX Runtime '
-                             'int8 (static, calibrated on real CIFAR-10 images; speed only)')
+    parser.add_argument('--backends', nargs='+', default=['eager'], choices=backend_names(),
+                        help='registered backends (timm_dirac.backends): eager PyTorch, torch.compile (inductor, '
+                             'frozen weights), ONNX Runtime fp32, and int8 ones (static, calibrated on real CIFAR-10 '
+                             'images; speed only): onnxruntime-int8 is what quantize writes by default')
     parser.add_argument('--precision', nargs='+', default=['fp32', 'bf16'], choices=list(PRECISIONS),
                         help='bf16 runs under CPU autocast')
     parser.add_argument('--batch-sizes', nargs='+', type=int, default=[1, 32])

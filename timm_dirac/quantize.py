@@ -1,12 +1,14 @@
 """ `timm-dirac quantize`: post-training static int8 of the folded model, calibrated on real images.
 
-Flows (`--flow`, one or more; each is scored on the evaluation images, timed against ONNX Runtime fp32 of the same
-model, and the fastest within `--max-drop` is chosen):
+Flows (`--flow`, one or more: the int8 backends of `timm_dirac.backends`; each is scored on the evaluation images,
+timed against ONNX Runtime fp32 of the same model, and the fastest within `--max-drop` is chosen):
 - `split` (default): ONNX Runtime QDQ with the folded Dirac taps split out of the int8 weights (exact 1x1 int8
   convs carry them), 7-bit weights that no CPU's int8 kernels can saturate (`backends/onnxruntime.py`);
 - `plain`: ONNX Runtime QDQ of the folded model as it is, per-channel 8-bit weights;
+- `onnxruntime-int8`: `split` for a DiracNet, `plain` for other models;
 - `pt2e`: PyTorch 2 export quantization lowered to oneDNN (`backends/pt2e.py`).
-Activations are uint8 per tensor in every flow, calibrated with `--method` (ONNX Runtime's calibrators).
+Activations are uint8 per tensor in every flow, calibrated with `--method` (ONNX Runtime's calibrators; `pt2e`
+keeps torchao's).
 """
 import argparse
 import json
@@ -20,13 +22,12 @@ from typing import Any, Callable, Dict, Optional, Sequence
 
 import torch
 
-from .backends import Runner
+from .backends import BACKENDS, Backend, Runner, Setup, backend_names, get_backends
 from .backends import onnxruntime as ort_backend
 from .benchmark import machine_info
 from .loading import default_data, fold, is_folded, load_images, load_model
 from .timing import time_interleaved
 
-FLOWS = tuple(ort_backend.ONNX_FLOWS) + ('pt2e',)
 METHODS = ('minmax', 'percentile', 'entropy')
 
 
@@ -72,9 +73,7 @@ def run_quantize(
     speed of the same model at each of `bench_batches`. Everything is written to a temporary folder beside `out`
     and renamed to `out` at the end (int8 models, the fp32 ONNX baseline, quantize.json), so a failed run leaves
     nothing behind. `out` must not exist. Returns the report (with the chosen flow). """
-    unknown = [f for f in flows if f not in FLOWS]
-    if unknown or not flows:
-        raise ValueError(f'unknown flow {unknown or flows}: choose from {", ".join(FLOWS)} (e.g. --flow split).')
+    backends = get_backends(flows, int8=True, what='flow')
     if method not in METHODS:
         raise ValueError(f'unknown calibration method {method!r}: choose from {", ".join(METHODS)}.')
     out_dir = Path(out)
@@ -97,12 +96,12 @@ def run_quantize(
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f'.{out_dir.name}.', dir=out_dir.parent))
     try:
-        report = _quantize_flows(model, model_name, checkpoint, calib, images, labels, input_size, work, flows,
+        report = _quantize_flows(model, model_name, checkpoint, calib, images, labels, input_size, work, backends,
                                  method, max_drop, bench_batches, repeats, log)
         report.update(calib_data=calib_data, calib_split=calib_split, num_calib=len(calib),
                       eval_data=eval_data or calib_data, eval_split=eval_split, num_eval=len(images))
         for info in report['flows'].values():
-            info['file'] = str(out_dir / Path(info['file']).name)
+            info['file'] = info['file'] and str(out_dir / Path(info['file']).name)
         (work / 'quantize.json').write_text(json.dumps(report, indent=2))
         os.replace(work, out_dir)
     except BaseException:
@@ -112,30 +111,26 @@ def run_quantize(
 
 
 def _quantize_flows(model, model_name, checkpoint, calib, images, labels, input_size, work: Path,
-                    flows: Sequence[str], method: str, max_drop: float, bench_batches: Sequence[int], repeats: int,
-                    log) -> Dict[str, Any]:
+                    backends: Sequence[Backend], method: str, max_drop: float, bench_batches: Sequence[int],
+                    repeats: int, log) -> Dict[str, Any]:
     with torch.no_grad():
         fp32_top1 = top1(model, images, labels)
     report: Dict[str, Any] = dict(
         model=model.pretrained_cfg.get('architecture', model_name), checkpoint=checkpoint, method=method,
         max_drop=max_drop, fp32_top1=fp32_top1, machine=machine_info(), flows={})
-    baseline = ort_backend.prepare(model, str(work), input_size)
+    setup = Setup(input_size, str(work), calib=calib, method=method, batch_size=max(bench_batches))
+    baseline = BACKENDS['onnxruntime'].prepare(model, setup)
     ort_backend.check_graph_ops(baseline.file)
     ort_backend.verify_onnx(baseline.file, model, images[:32])
     report['onnxruntime_fp32_top1'] = top1(baseline.predict, images, labels)
     runners: Dict[str, Runner] = {'onnxruntime-fp32': baseline}
-    for flow in flows:
-        if flow in ort_backend.ONNX_FLOWS:
-            runner = ort_backend.prepare(model, str(work), input_size, flow, calib, method)
-            bits = ort_backend.ONNX_FLOWS[flow].weight_bits
-        else:
-            from .backends import pt2e
-            runner, bits = pt2e.prepare(model, calib, max(bench_batches), str(work)), 8
+    for backend in backends:
+        runner = backend.prepare(model, setup)
         int8_top1 = top1(runner.predict, images, labels, runner.static_batch or 32)
-        runners[f'{flow}-int8'] = runner
-        report['flows'][flow] = dict(weight_bits=bits, int8_top1=int8_top1, drop=fp32_top1 - int8_top1,
-                                     file=runner.file)
-        log(f'{flow}: int8 top-1 {int8_top1:.2f} (fp32 {fp32_top1:.2f})')
+        runners[f'{backend.name}-int8'] = runner
+        report['flows'][backend.name] = dict(weight_bits=runner.weight_bits, int8_top1=int8_top1,
+                                             drop=fp32_top1 - int8_top1, file=runner.file)
+        log(f'{backend.name}: int8 top-1 {int8_top1:.2f} (fp32 {fp32_top1:.2f})')
 
     report['img_per_s'] = {}
     for batch_size in bench_batches:
@@ -170,7 +165,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--eval-split', default='test')
     parser.add_argument('--num-eval', type=int, default=None, help='evaluation images (default: the whole split)')
     parser.add_argument('--flow', nargs='+', default=['split'], metavar='FLOW',
-                        help=f'one or more of {", ".join(FLOWS)} (default: split)')
+                        help=f'one or more int8 backends: {", ".join(backend_names(int8=True))} (default: split)')
     parser.add_argument('--method', default='minmax', metavar='METHOD',
                         help=f'activation calibration: {", ".join(METHODS)} (default: minmax)')
     parser.add_argument('--max-drop', type=float, default=0.5, help='top-1 points an int8 flow may lose')

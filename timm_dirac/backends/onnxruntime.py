@@ -1,8 +1,9 @@
-""" The ONNX Runtime backend: export, check, run and quantize (static int8, QDQ) folded models.
+""" The ONNX Runtime backends: export, check, run and quantize (static int8, QDQ) folded models.
 
 A folded DiracNet is a plain conv-ReLU chain, so its ONNX graph must hold only Conv, Relu, MaxPool, the global
 pool, a reshape and the classifier GEMM; `check_graph_ops` enforces that, and `verify_onnx` compares ONNX Runtime
-with PyTorch on real images at two batch sizes (the batch axis is dynamic). int8 flows (`ONNX_FLOWS`):
+with PyTorch on real images at two batch sizes (the batch axis is dynamic). Backends: `onnxruntime` (fp32), the int8
+flows of `ONNX_FLOWS`, and `onnxruntime-int8` (`split` for a folded DiracNet, `plain` for other models):
 - `split`: the folded Dirac taps split out of the int8 weights (`dirac_tap`): the learned 3x3 weights get their
   own per-channel scale and the identity rides in an exact 1x1 int8 conv, added by QLinearAdd. Weights are 7-bit
   (+-64), so no pair of u8 x s8 products can exceed int16: the same file is exact on CPUs without VNNI, whose int8
@@ -22,13 +23,17 @@ import torch
 import torch.nn as nn
 
 from ..dirac_tap import split_dirac_taps
-from . import Runner
+from ..diracnet import DiracBlock
+from ..layers import is_folded
+from . import Runner, Setup, register_backend
 
 __all__ = ['ALLOWED_OPS', 'DEFAULT_TOLERANCE', 'ONNX_FLOWS', 'export_onnx', 'relu_before_maxpool', 'op_types',
-           'check_graph_ops', 'ort_session', 'verify_onnx', 'quantize_onnxruntime', 'write_int8_onnx', 'prepare']
+           'check_graph_ops', 'ort_session', 'verify_onnx', 'quantize_onnxruntime', 'write_int8_onnx', 'prepare_fp32',
+           'prepare_split', 'prepare_plain', 'prepare_int8']
 
 ALLOWED_OPS = {'Conv', 'Relu', 'MaxPool', 'GlobalAveragePool', 'ReduceMean', 'Flatten', 'Reshape', 'Gemm', 'MatMul'}
 DEFAULT_TOLERANCE = 1e-4  # max |ONNX Runtime - PyTorch| relative to max |PyTorch logit|
+REQUIRES = ('onnx', 'onnxscript', 'onnxruntime')  # the exporter and the runtime, imported where used
 
 
 @dataclass(frozen=True)
@@ -198,24 +203,49 @@ def write_int8_onnx(model: nn.Module, flow: str, path: str, calib: torch.Tensor,
         quantize_onnxruntime(source, path, calib, method=method, weight_bits=spec.weight_bits)
 
 
-def prepare(model: nn.Module, workdir: str, input_size: Sequence[int], flow: Optional[str] = None,
-            calib: Optional[torch.Tensor] = None, method: str = 'minmax', threads: Optional[int] = None,
-            tag: str = 'model') -> Runner:
-    """ ONNX Runtime on `model` exported to `workdir`: fp32 without `flow`, else the int8 file of that flow
-    calibrated on `calib`. The file is reused if `workdir` already holds it. """
+def _prepare(model: nn.Module, setup: Setup, flow: Optional[str] = None) -> Runner:
+    """ ONNX Runtime on `model` exported to `setup.workdir`: fp32 without `flow`, else the int8 file of that flow
+    calibrated on `setup.calib`. The file is reused if the workdir already holds it. """
     if flow is None:
-        path = os.path.join(workdir, f'{tag}_fp32.onnx')
+        path = os.path.join(setup.workdir, f'{setup.tag}_fp32.onnx')
         if not os.path.exists(path):
-            export_onnx(model, path, input_size)
+            export_onnx(model, path, setup.input_size)
     else:
-        path = os.path.join(workdir, f'{tag}_int8_{flow}.onnx')
+        path = os.path.join(setup.workdir, f'{setup.tag}_int8_{flow}.onnx')
         if not os.path.exists(path):
-            write_int8_onnx(model, flow, path, calib, method)
-    session = ort_session(path, threads)
+            write_int8_onnx(model, flow, path, setup.calib, setup.method)
+    session = ort_session(path, setup.threads)
     name = session.get_inputs()[0].name
 
     def bind(x: torch.Tensor):
         feed = {name: x.contiguous().numpy()}
         return lambda: session.run(None, feed)
     return Runner(predict=lambda x: torch.from_numpy(bind(x)()[0]), bind=bind,
-                  precision='fp32' if flow is None else 'int8', file=path)
+                  precision='fp32' if flow is None else 'int8', file=path,
+                  weight_bits=None if flow is None else ONNX_FLOWS[flow].weight_bits)
+
+
+@register_backend('onnxruntime', precisions=('fp32',), requires=REQUIRES)
+def prepare_fp32(model: nn.Module, setup: Setup) -> Runner:
+    """ ONNX Runtime fp32: NCHW input, dynamic batch. """
+    return _prepare(model, setup)
+
+
+@register_backend('split', precisions=('int8',), requires=REQUIRES)
+def prepare_split(model: nn.Module, setup: Setup) -> Runner:
+    """ ONNX Runtime static int8 with the Dirac taps split out (7-bit weights); folded DiracNets only. """
+    return _prepare(model, setup, 'split')
+
+
+@register_backend('plain', precisions=('int8',), requires=REQUIRES)
+def prepare_plain(model: nn.Module, setup: Setup) -> Runner:
+    """ ONNX Runtime's usual static int8 (per-channel 8-bit weights) of the model as it is. """
+    return _prepare(model, setup, 'plain')
+
+
+@register_backend('onnxruntime-int8', precisions=('int8',), requires=REQUIRES)
+def prepare_int8(model: nn.Module, setup: Setup) -> Runner:
+    """ ONNX Runtime static int8 as `timm-dirac quantize` writes it by default: the `split` flow for a folded
+    DiracNet, `plain` for any other model. """
+    dirac = any(isinstance(m, DiracBlock) for m in model.modules()) and is_folded(model)
+    return _prepare(model, setup, 'split' if dirac else 'plain')

@@ -1,13 +1,13 @@
-""" The PT2E backend: PyTorch 2 export int8 with torchao's x86 inductor quantizer (per-channel 8-bit weights, uint8
+""" The `pt2e` backend: PyTorch 2 export int8 with torchao's x86 inductor quantizer (per-channel 8-bit weights, uint8
 activations), lowered to oneDNN int8 kernels. The lowered graph has a static batch size. """
 import copy
 import os
-from typing import Optional, Tuple
+from typing import Tuple
 
 import torch
 import torch.nn as nn
 
-from . import Runner
+from . import Runner, Setup, register_backend
 
 __all__ = ['quantize_pt2e', 'prepare']
 
@@ -42,18 +42,19 @@ def quantize_pt2e(model: nn.Module, calib: torch.Tensor, batch_size: int = 32) -
     return converted, lowered
 
 
-def prepare(model: nn.Module, calib: torch.Tensor, batch_size: int, workdir: Optional[str] = None) -> Runner:
-    """ int8 `model` calibrated on `calib`, lowered for batches of `batch_size`; with `workdir`, the converted
-    graph is saved there as `model_int8_pt2e.pt2` (`torch.export.save`, dynamic batch). """
-    converted, lowered = quantize_pt2e(model, calib, batch_size)
-    path = None
-    if workdir is not None:
-        path = os.path.join(workdir, 'model_int8_pt2e.pt2')
-        torch.export.save(torch.export.export(
-            converted, (calib[:2],), dynamic_shapes=({0: torch.export.Dim('batch')},)), path)
+@register_backend('pt2e', precisions=('int8',), requires=('torchao',))
+def prepare(model: nn.Module, setup: Setup) -> Runner:
+    """ int8 `model` calibrated on `setup.calib`, lowered for batches of `setup.batch_size` (at most the number of
+    calibration images); the converted graph is saved in the workdir as `<tag>_int8_pt2e.pt2` (`torch.export.save`,
+    dynamic batch). """
+    batch_size = min(setup.batch_size, len(setup.calib))  # the lowered graph takes the example's batch
+    converted, lowered = quantize_pt2e(model, setup.calib, batch_size)
+    path = os.path.join(setup.workdir, f'{setup.tag}_int8_pt2e.pt2')
+    torch.export.save(torch.export.export(
+        converted, (setup.calib[:2],), dynamic_shapes=({0: torch.export.Dim('batch')},)), path)
 
     def predict(x: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
             return lowered(x)
-    return Runner(predict=predict, bind=lambda x: lambda: predict(x), precision='int8', static_batch=batch_size,
-                  file=path)
+    return Runner(predict=predict, bind=lambda x: lambda: predict(x), precision='int8',
+                  static_batch=batch_size, file=path, weight_bits=8)
