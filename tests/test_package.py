@@ -12,17 +12,22 @@ COMMAND_AND_IO = ('cli', 'convert', 'validate', 'export', 'quantize', 'benchmark
 
 
 def _module_name(path: Path) -> str:
-    return '.'.join(path.relative_to(PACKAGE).with_suffix('').parts).removesuffix('.__init__')
+    """ `a.b` for a/b.py and for a/b/__init__.py; '' for the package's own __init__.py. """
+    parts = path.relative_to(PACKAGE).with_suffix('').parts
+    return '.'.join(parts[:-1] if parts[-1] == '__init__' else parts)
 
 
 def _is_module(name: str) -> bool:
+    """ Whether `name` ('' for the package itself) is a module or a package of ours. """
     path = PACKAGE / name.replace('.', '/')
+    if not name:
+        return True
     return path.with_suffix('.py').is_file() or (path / '__init__.py').is_file()
 
 
 def _imports(path: Path) -> set:
     """ Modules of this package that `path` imports, anywhere in the file (relative or absolute imports). """
-    here = _module_name(path).split('.')
+    here = [part for part in _module_name(path).split('.') if part]
     package = here if path.name == '__init__.py' else here[:-1]
     found = set()
     for node in ast.walk(ast.parse(path.read_text())):
@@ -35,15 +40,15 @@ def _imports(path: Path) -> set:
                 continue
             names = ['.'.join(base)] if node.module or node.level == 0 else []
             names += ['.'.join(base + [alias.name]) for alias in node.names]  # `from . import x` imports module x
-            found.update(n for n in names if n and _is_module(n))
+            found.update(n for n in names if _is_module(n))
         elif isinstance(node, ast.Import):
-            found.update('.'.join(a.name.split('.')[1:]) for a in node.names if a.name.startswith('timm_dirac.'))
+            found.update('.'.join(a.name.split('.')[1:]) for a in node.names if a.name.split('.')[0] == 'timm_dirac')
     found.discard(_module_name(path))
-    return {n for n in found if n}
+    return found
 
 
 def _graph() -> dict:
-    return {_module_name(p): _imports(p) for p in PACKAGE.rglob('*.py') if p.name != '__init__.py'}
+    return {_module_name(p): _imports(p) for p in PACKAGE.rglob('*.py')}
 
 
 def test_modules_import_each_other_in_one_direction():

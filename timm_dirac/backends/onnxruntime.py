@@ -25,7 +25,7 @@ import torch.nn as nn
 from ..dirac_tap import split_dirac_taps
 from ..diracnet import DiracBlock
 from ..layers import is_folded
-from . import Runner, Setup, register_backend
+from ._registry import Runner, Setup, register_backend
 
 __all__ = ['ALLOWED_OPS', 'DEFAULT_TOLERANCE', 'ONNX_FLOWS', 'export_onnx', 'relu_before_maxpool', 'op_types',
            'check_graph_ops', 'ort_session', 'verify_onnx', 'quantize_onnxruntime', 'write_int8_onnx', 'prepare_fp32',

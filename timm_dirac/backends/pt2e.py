@@ -7,7 +7,7 @@ from typing import Tuple
 import torch
 import torch.nn as nn
 
-from . import Runner, Setup, register_backend
+from ._registry import Runner, Setup, register_backend
 
 __all__ = ['quantize_pt2e', 'prepare']
 

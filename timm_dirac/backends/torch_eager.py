@@ -6,7 +6,7 @@ from contextlib import nullcontext
 import torch
 import torch.nn as nn
 
-from . import Runner, Setup, register_backend
+from ._registry import Runner, Setup, register_backend
 
 __all__ = ['PRECISIONS', 'prepare_eager', 'prepare_compile']
 
