@@ -24,6 +24,7 @@ Adding a backend is one new module with a decorated `prepare`, imported below:
 where one is missing.
 """
 from ._registry import BACKENDS, Backend, Runner, Setup, backend_names, get_backends, register_backend
-from . import onnxruntime, pt2e, torch_eager  # each registers its backends
+# each registers its backends; the commands list them in this order
+from . import torch_eager, onnxruntime, pt2e  # noqa: F401
 
 __all__ = ['Runner', 'Setup', 'Backend', 'BACKENDS', 'register_backend', 'backend_names', 'get_backends']
