@@ -9,7 +9,7 @@ import torch.nn as nn
 
 import timm_dirac
 from timm_dirac import DiracNet, checkpoint_filter_fn, fold_state_dict, unfold_state_dict
-from timm_dirac.diracnet import STYLES, dirac_layers
+from timm_dirac.diracnet import STYLES, DiracStyle, dirac_layers
 
 from timm_dirac.checkpoint_io import load_checkpoint_file
 from timm_dirac.state_dict import detect_format
@@ -285,6 +285,24 @@ def test_a_style_is_data_read_by_the_model(style):
     with pytest.raises(ValueError, match=f'{style} style'):
         dirac_layers(depth + 1, style)
 
+
+
+def test_a_new_style_is_one_entry_in_styles(monkeypatch):
+    """ A two-stage style added to STYLES builds, folds exactly, gives its feature levels, and a checkpoint of it
+    loaded into another DiracNet gets an error naming the model that fits. """
+    monkeypatch.setitem(STYLES, 'tiny', DiracStyle(widths=(8, 16), stem_kernel=3, stem_downsample=False,
+                                                   depth_extra=2))
+    model = randomize(timm.create_model('diracnet34_1_cifar', style='tiny', depth=6)).eval()
+    assert [len(s.blocks) for s in model.stages] == [2, 2] and model.stages[1].blocks[0].conv.out_channels == 16
+    x = torch.randn(2, 3, 32, 32)
+    features = timm.create_model('diracnet34_1_cifar', style='tiny', depth=6, features_only=True)(x)
+    assert [f.shape[1] for f in features] == [8, 8, 16]  # stem, then each stage
+    with torch.no_grad():
+        out = model(x)
+        model.reparameterize()
+        assert rel_err(model(x), out) < 1e-5
+    with pytest.raises(ValueError, match=r"create_model\('diracnet34_1_cifar', depth=6, width=1, style='tiny'\)"):
+        checkpoint_filter_fn(model.state_dict(), timm.create_model('diracnet34_1_cifar', device='meta'))
 
 # Loading: `checkpoint_filter_fn` brings the authors' formats and ours into the model's form
 
