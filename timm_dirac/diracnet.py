@@ -450,10 +450,10 @@ def _describe(layers: Tuple[int, ...], widths: Tuple[int, ...], arch: str = '') 
         return f"timm.create_model('{exact}') (timm-dirac convert --model {exact})"
     name = arch if arch in names else next((n for n in names if n.startswith(f'diracnet{depth}')), None)
     kwargs = dict(depth=depth) if by_depth else dict(layers=layers)
+    kwargs['width'] = int(width) if width.is_integer() else width
     if name is None:  # a style without a registered name of its own: any DiracNet name, with the style
         name = arch or 'diracnet18'
         kwargs['style'] = style_name
-    kwargs['width'] = int(width) if width.is_integer() else width
     py = ', '.join(f'{k}={v!r}' for k, v in kwargs.items())
     cli = ' '.join(f'{k}={v!r}'.replace(' ', '') for k, v in kwargs.items())
     return f"timm.create_model('{name}', {py}) (timm-dirac convert --model {name} --model-kwargs {cli})"
