@@ -17,8 +17,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help='checkpoint folder (config.json + model.safetensors) or weights file')
     parser.add_argument('--out', required=True, metavar='FILE.onnx')
     parser.add_argument('--data', default=None,
-                        help='real images for the check, a timm dataset name (default: the CIFAR-10 sample in '
-                             'data/cifar10_sample)')
+                        help='real images for the check: hfds/<Hub id or local folder> or an image folder (default: '
+                             'the CIFAR-10 sample in data/cifar10_sample)')
     parser.add_argument('--split', default='test')
     parser.add_argument('--num-images', type=int, default=32)
     parser.add_argument('--tolerance', type=float, default=DEFAULT_TOLERANCE,
@@ -29,8 +29,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     data = args.data or default_data()
     if data is None:
-        print('No real images to check the export with: pass --data hfds/<dataset folder> (or another timm '
-              'dataset name).', file=sys.stderr)
+        print('No real images to check the export with: pass --data hfds/<Hub id or local folder> (or an image '
+              'folder).', file=sys.stderr)
         return 2
     model = fold(load_model(args.model, args.checkpoint))
     images, _ = load_images(data, model, args.num_images, args.split)
