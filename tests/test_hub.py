@@ -25,16 +25,6 @@ def _snapshot(folder):
     return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob('*')) if p.is_file()}
 
 
-@pytest.fixture
-def offline_hub(tmp_path, monkeypatch):
-    """ An empty Hugging Face cache, read offline (the env vars are read at import, so patch the constants). """
-    cache = tmp_path / 'hf_cache'
-    cache.mkdir()
-    monkeypatch.setattr(huggingface_hub.constants, 'HF_HUB_OFFLINE', True)
-    monkeypatch.setattr(huggingface_hub.constants, 'HF_HUB_CACHE', str(cache))
-    return cache
-
-
 CIFAR10 = ('airplane', 'automobile', 'bird', 'cat', 'deer', 'dog', 'frog', 'horse', 'ship', 'truck')
 
 

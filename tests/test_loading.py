@@ -15,6 +15,8 @@ from timm_dirac.cli import main as cli_main
 from timm_dirac.data import eval_transform, load_split
 from timm_dirac.loading import load_images, load_model
 
+from authors_format import add_to_hf_cache
+
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = f'hfds/{ROOT / "data" / "cifar10_sample"}'
 WEIGHTS = ROOT / 'weights' / 'diracnet16_4_cifar.td_cifar10'
@@ -67,6 +69,12 @@ def test_weights_file_with_model_name(tmp_path, source):
     assert torch.equal(_output(load_model('diracnet34_1_cifar', str(path), **SMALL), x), expected)
     with pytest.raises(ValueError, match='also give --model NAME'):
         load_model(None, str(path))
+
+
+def test_hf_hub_name(tmp_path, offline_hub, save_for_hf_folder, source):
+    add_to_hf_cache(save_for_hf_folder, 'offline-test/small', offline_hub)
+    _, x, expected = source
+    assert torch.equal(_output(load_model('hf-hub:offline-test/small'), x), expected)
 
 
 def test_registry_names_pretrained_tag_and_create_model_kwargs(save_for_hf_folder):
@@ -129,11 +137,14 @@ def test_non_finite_weights_are_refused(tmp_path, source):
         load_model(None, str(folder))
 
 
-def test_one_source_of_weights(save_for_hf_folder):
+def test_one_source_of_weights(save_for_hf_folder, source):
     with pytest.raises(ValueError, match='not both'):
         load_model('diracnet34_1_cifar', str(save_for_hf_folder), pretrained=True)
     with pytest.raises(ValueError, match='names its weights itself'):
         load_model(f'local-dir:{save_for_hf_folder}', str(save_for_hf_folder))
+    # timm's habit of pretrained=True with a local-dir:/hf-hub: name names the same weights
+    _, x, expected = source
+    assert torch.equal(_output(load_model(f'local-dir:{save_for_hf_folder}', pretrained=True), x), expected)
     with pytest.raises(ValueError, match='Give --model NAME, --checkpoint DIR'):
         load_model(None)
 

@@ -96,17 +96,17 @@ def load_model(
 
     Loaded weights are checked to be finite.
     """
-    if name and name.startswith(MODEL_SOURCES) and (checkpoint or pretrained):
-        raise ValueError(f'--model {name} names its weights itself: leave out --checkpoint and --pretrained.')
-    if checkpoint is None and name and name.startswith('local-dir:'):
-        name, checkpoint = None, name[len('local-dir:'):]  # the folder, with the checks of a --checkpoint folder
+    if name and name.startswith(MODEL_SOURCES):  # its weights are implied (`pretrained` may be given or not)
+        if checkpoint:
+            raise ValueError(f'--model {name} names its weights itself: leave out --checkpoint {checkpoint}.')
+        if name.startswith('local-dir:'):
+            name, pretrained, checkpoint = None, False, name[len('local-dir:'):]  # checked as a --checkpoint folder
     if checkpoint is None:
         if not name:
             raise ValueError('Give --model NAME, --checkpoint DIR, or both.')
-        if name.startswith('hf-hub:'):
-            return _create_with_weights(name, name, None, **kwargs).eval()
-        if pretrained:
-            return _create_with_weights(name, f'the pretrained weights of {name}', name.split('.')[0], **kwargs).eval()
+        if pretrained or name.startswith('hf-hub:'):
+            architecture = None if name.startswith('hf-hub:') else name.split('.')[0]
+            return _create_with_weights(name, f'the weights of {name}', architecture, **kwargs).eval()
         return timm.create_model(name, **kwargs).eval()
     if pretrained:
         raise ValueError(f'Give --pretrained or --checkpoint {checkpoint}, not both: they name different weights.')
