@@ -24,7 +24,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('onnx', nargs='+', help='int8 QDQ ONNX files written by timm-dirac quantize')
     parser.add_argument('--checkpoint', required=True, help='the weights, for their preprocessing (data config)')
-    parser.add_argument('--data', required=True, help='timm dataset name, e.g. hfds/<folder>')
+    parser.add_argument('--data', required=True, help='hfds/<Hub id or local folder> or an image folder')
     parser.add_argument('--split', default='test')
     parser.add_argument('--num', type=int, default=3000, help='first N images')
     parser.add_argument('--out', default=None, help='JSON report')

@@ -110,7 +110,7 @@ def plot(result: Dict, path: str) -> None:
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('--checkpoint', nargs='+', required=True, help='checkpoint folders (Hub layout)')
-    parser.add_argument('--data', required=True, help='timm dataset name of the test images, e.g. hfds/<folder>')
+    parser.add_argument('--data', required=True, help='test images: hfds/<Hub id or local folder> or an image folder')
     parser.add_argument('--split', default='test')
     parser.add_argument('--num-eval', type=int, default=2000)
     parser.add_argument('--out', required=True, help='JSON report')

@@ -1,4 +1,5 @@
-""" Fixtures shared by the tests: a small folded DiracNet, a clean accelerate state, a run stopped after a checkpoint. """
+""" Fixtures shared by the tests: a small folded DiracNet, a clean accelerate state, a run stopped after a checkpoint,
+an empty offline Hugging Face cache. """
 import contextlib
 
 import pytest
@@ -48,3 +49,15 @@ def interrupted(monkeypatch):
             yield
         monkeypatch.undo()
     return stop_after_checkpoint
+
+
+@pytest.fixture
+def offline_hub(tmp_path, monkeypatch):
+    """ An empty Hugging Face cache, read offline (the env vars are read at import, so patch the constants). """
+    import huggingface_hub
+
+    cache = tmp_path / 'hf_cache'
+    cache.mkdir()
+    monkeypatch.setattr(huggingface_hub.constants, 'HF_HUB_OFFLINE', True)
+    monkeypatch.setattr(huggingface_hub.constants, 'HF_HUB_CACHE', str(cache))
+    return cache

@@ -12,8 +12,8 @@ import timm
 import timm_dirac  # noqa: F401
 from timm.data import resolve_data_config
 from timm_dirac.data import (
-    DataError, eval_indices, eval_loader, eval_transform, holdout_indices, hub_dataset_id, is_test_split, label_names,
-    load_split, train_transform)
+    DataError, MissingSplitError, eval_indices, eval_loader, eval_transform, holdout_indices, hub_dataset_id,
+    is_test_split, label_names, load_eval_split, load_split, train_transform)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -97,6 +97,54 @@ def test_image_folders_split_aliases_and_bad_files(tmp_path):
     ds, _ = load_split('', str(tmp_path), 'train')
     with pytest.raises(DataError, match='bad.jpg'):
         [ds[i] for i in range(len(ds))]
+
+
+def test_eval_split_falls_back_to_test_and_takes_slices_and_folders_without_prefix():
+    """ Without a split, the first of validation, test the data has (the sample has train and test); a local
+    `datasets` folder needs no hfds/ prefix; a slice is passed to `datasets`. """
+    folder = SAMPLE[len('hfds/'):]
+    for source in (SAMPLE, folder):
+        ds, split = load_eval_split(source)
+        assert split == 'test' and len(ds) == 1000
+    train_read, _ = load_split(SAMPLE, None, 'test')
+    sliced, split = load_eval_split(folder, 'test[:50]')
+    assert split == 'test[:50]' and len(sliced) == 50
+    assert [sliced[i][1] for i in range(50)] == [train_read[i][1] for i in range(50)]
+    with pytest.raises(MissingSplitError, match="no split 'validation'"):
+        load_eval_split(SAMPLE, 'validation')
+
+
+def test_eval_split_of_image_folders(tmp_path):
+    for split in ('train', 'val'):
+        for cls in ('a', 'b', 'c'):
+            (tmp_path / split / cls).mkdir(parents=True)
+            Image.new('RGB', (40, 30), (10, 20, 30)).save(tmp_path / split / cls / f'{split}.jpg')
+    ds, split = load_eval_split(str(tmp_path))  # validation, found as val/
+    assert split == 'validation' and [ds[i][1] for i in range(len(ds))] == [0, 1, 2]
+    assert load_eval_split(str(tmp_path), 'train')[0].samples == load_split('', str(tmp_path), 'train')[0].samples
+    with pytest.raises(MissingSplitError, match="no folder for split 'test'"):
+        load_eval_split(str(tmp_path), 'test')
+    # a folder of class folders (e.g. ImageNet's val/) is the split itself, named after the folder
+    ds, split = load_eval_split(str(tmp_path / 'val'))
+    assert split == 'val' and len(ds) == 3 and ds.samples == load_split('', str(tmp_path), 'validation')[0].samples
+    with pytest.raises(DataError, match='slices apply to hfds/ datasets'):
+        load_eval_split(str(tmp_path / 'val'), 'test[:2]')
+    (tmp_path / 'val').rename(tmp_path / 'holdout')
+    with pytest.raises(DataError, match='none of the splits validation, test: pass --split NAME'):
+        load_eval_split(str(tmp_path))
+    with pytest.raises(DataError, match='is not a folder'):
+        load_eval_split(str(tmp_path / 'missing'))
+
+
+def test_16_bit_png_folder_is_not_washed_out(tmp_path):
+    """ An evaluation reads a 16-bit PNG scaled to 8 bits, not clipped to near-white by convert('RGB'). """
+    import numpy as np
+    for cls in ('a', 'b'):
+        (tmp_path / 'validation' / cls).mkdir(parents=True)
+        Image.fromarray(np.full((32, 32), 32768, np.uint16)).save(tmp_path / 'validation' / cls / 'x.png')
+    dataset, _ = load_eval_split(str(tmp_path), 'validation')
+    image, _ = dataset[0]
+    assert np.asarray(image).mean() == pytest.approx(128, abs=1)
 
 
 def test_cifar_transform_pads_reflect_and_crops():

@@ -50,7 +50,6 @@ def test_initialisations_set_the_conv_weights(init, expected_std):
     assert abs(conv.weight.std().item() / expected_std - 1) < 0.05
 
 
-@pytest.mark.skipif(not SAMPLE.is_dir(), reason='needs the shipped CIFAR-10 sample')
 def test_sweep_trains_on_real_images_and_resumes(tmp_path):
     out = tmp_path / 'sweep.json'
     cmd = [sys.executable, str(ROOT / 'benchmarks' / 'depth_sweep.py'), '--data', str(SAMPLE), '--out', str(out),

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 import timm_dirac  # noqa: F401
 from timm_dirac.cli import main as cli_main
+from timm_dirac.data import DataError
 from timm_dirac.hub import save_hub_folder
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -86,7 +87,7 @@ def test_image_folder_gives_the_same_result(tmp_path, hub_folder):
 def test_validate_errors(tmp_path, hub_folder):
     with pytest.raises(ValueError, match="names architecture 'diracnet34_1_cifar', not 'diracnet18'"):
         _run(tmp_path, '--model', 'diracnet18', '--checkpoint', str(hub_folder), '--dataset', f'hfds/{SAMPLE}')
-    with pytest.raises(FileNotFoundError, match='hfds/<Hub id or local path>'):
+    with pytest.raises(DataError, match='is not a folder.*hfds/<Hub id or local folder>'):
         _run(tmp_path, '--checkpoint', str(hub_folder), '--dataset', str(tmp_path / 'missing'))
     with pytest.raises(ValueError, match='label 9 but the model has 5 classes'):
         _run(tmp_path, '--model', 'diracnet34_1_cifar', '--num-classes', '5', '--dataset', f'hfds/{SAMPLE}',
@@ -107,14 +108,15 @@ def test_published_weights_on_the_sample_without_split_or_prefix(tmp_path, capsy
     assert tag['weights'] == f'pretrained ({WEIGHTS / "model.safetensors"})' and tag['top1'] == by_name['top1']
 
 
-def test_16_bit_png_folder_is_not_washed_out(tmp_path):
-    """ timm's reader would convert('RGB') a 16-bit PNG into near-white; validate scales it to 8 bits first. """
-    import numpy as np
+def test_an_unreadable_image_stops_the_run_with_its_name(tmp_path, capsys):
+    """ timm's reader skipped an unreadable image with a warning (and counted the next one twice); validate now
+    reads as training does and refuses, naming the file, so no result is reported over a damaged set. """
     from PIL import Image
-    from timm_dirac.validate import create_validation_dataset
     for cls in ('a', 'b'):
-        (tmp_path / 'validation' / cls).mkdir(parents=True)
-        Image.fromarray(np.full((32, 32), 32768, np.uint16)).save(tmp_path / 'validation' / cls / 'x.png')
-    dataset, _ = create_validation_dataset(str(tmp_path), 'validation', transform=None)
-    image, _ = dataset[0]
-    assert np.asarray(image).mean() == pytest.approx(128, abs=1)
+        (tmp_path / 'test' / cls).mkdir(parents=True)
+        Image.new('RGB', (32, 32)).save(tmp_path / 'test' / cls / 'x.jpg')
+    (tmp_path / 'test' / 'b' / 'bad.jpg').write_bytes(b'\xff\xd8 truncated')
+    assert cli_main(['validate', '--model', 'diracnet34_1_cifar', '--dataset', str(tmp_path), '--split', 'test',
+                     '--no-progress', '--workers', '0']) == 2
+    err = capsys.readouterr().err
+    assert 'cannot read image file' in err and 'bad.jpg' in err and len(err.strip().splitlines()) == 1, err

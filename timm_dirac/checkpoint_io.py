@@ -16,7 +16,7 @@ from timm.models import clean_state_dict
 from ._timm_compat import download_cached_file
 from .errors import first_sentence
 
-__all__ = ['load_checkpoint_file', 'file_sha256', 'is_release', 'local_file']
+__all__ = ['load_checkpoint_file', 'check_safetensors', 'file_sha256', 'is_release', 'local_file']
 
 _CONTAINERS = ('state_dict_ema', 'model_ema', 'state_dict', 'model')  # timm's load_state_dict order
 
@@ -31,11 +31,8 @@ def load_checkpoint_file(path: os.PathLike) -> Dict[str, Any]:
     if path.stat().st_size == 0:
         raise ValueError(f'{path} is empty (0 bytes): write or download the checkpoint again.')
     if path.suffix == '.safetensors':
-        try:
-            return load_file(path)
-        except Exception as e:
-            raise ValueError(f'{path} is not a readable safetensors file ({first_sentence(e)}); it may be truncated '
-                             f'or corrupt: download or write it again.') from e
+        check_safetensors(path)
+        return load_file(path)
     try:
         checkpoint = torch.load(path, map_location='cpu', weights_only=True)
     except Exception as e:
@@ -48,6 +45,19 @@ def load_checkpoint_file(path: os.PathLike) -> Dict[str, Any]:
                          f'tensors.')
     container = next((key for key in _CONTAINERS if isinstance(checkpoint.get(key), Mapping)), None)
     return clean_state_dict(checkpoint[container] if container else checkpoint)
+
+
+def check_safetensors(file: os.PathLike) -> None:
+    """ Refuse a truncated or corrupt safetensors file in one line (the library's own error is obscure); reads only
+    the header. """
+    from safetensors import safe_open
+
+    try:
+        with safe_open(file, framework='pt') as f:
+            f.keys()
+    except Exception as e:  # safetensors raises its own error types, not OSError/ValueError
+        raise ValueError(f'{file} is not a readable safetensors file ({first_sentence(e)}); it may be truncated or '
+                         f'corrupt: download or write it again.') from e
 
 
 def file_sha256(path: os.PathLike) -> str:

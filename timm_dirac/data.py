@@ -1,7 +1,10 @@
-""" Datasets, transforms and loaders for `timm_dirac.train`
+""" Datasets, transforms and loaders: the one reader of training, `validate` and the deploy commands
 
 Two sources: `hfds/<Hub id or local folder>` through Hugging Face `datasets` (an Image column and a ClassLabel
-column), and image folders (`<data_dir>/<split>/<class>/<image>`). Images are decoded in the DataLoader workers.
+column; the split may be a slice such as `test[:500]`), and image folders (`<data_dir>/<split>/<class>/<image>`).
+Images are decoded in the DataLoader workers. Training (`load_split`) and evaluation (`load_eval_split`: validate,
+export, quantize, benchmark) read through the same datasets; evaluation also takes a local `datasets` folder
+without the prefix and, without a named split, the first of validation, test that the data has.
 
 Transforms: 32 px nets (input <= 64 px) get the CIFAR recipe timm lacks (pad 4 reflect, random crop, flip);
 larger nets get timm's `create_transform` (random-resized crop, flip, colour jitter, Auto/RandAugment). Mean, std,
@@ -14,6 +17,7 @@ Evaluation is sharded without padding (rank r takes samples r, r + world, ...), 
 sample exactly once, whatever the batch size and the number of ranks.
 """
 import os
+from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -25,8 +29,8 @@ from timm.data import create_transform
 from timm.data.random_erasing import RandomErasing
 
 __all__ = [
-    'DataError', 'to_rgb', 'load_split', 'fixed_subset', 'holdout_indices', 'is_test_split', 'train_transform',
-    'eval_transform', 'eval_loader', 'eval_indices']
+    'DataError', 'MissingSplitError', 'to_rgb', 'load_split', 'load_eval_split', 'is_datasets_folder', 'fixed_subset',
+    'holdout_indices', 'is_test_split', 'train_transform', 'eval_transform', 'eval_loader', 'eval_indices']
 
 SPLIT_ALIASES = {
     'train': ('train', 'training'),
@@ -34,9 +38,15 @@ SPLIT_ALIASES = {
     'test': ('test', 'testing'),
 }
 
+EVAL_SPLITS = ('validation', 'test')  # an evaluation without a named split reads the first of these the data has
+
 
 class DataError(ValueError):
     """ Bad data input (missing path, unknown split, unreadable image, ...); the message names the fix. """
+
+
+class MissingSplitError(DataError):
+    """ The data has no split of the asked name (the evaluation split fallback tries the next one). """
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -111,9 +121,21 @@ def _split_folder(data_dir: str, split: str) -> str:
         path = os.path.join(data_dir, name)
         if os.path.isdir(path):
             return path
-    raise DataError(
-        f'no folder for split {split!r} in --data-dir {data_dir} (looked for '
-        f'{", ".join(SPLIT_ALIASES.get(split, (split,)))}); pass --train-split/--val-split with the folder name.')
+    raise MissingSplitError(
+        f'no folder for split {split!r} in {data_dir} (looked for {", ".join(SPLIT_ALIASES.get(split, (split,)))}); '
+        f'pass the folder name as the split (--split, or --train-split/--val-split in training).')
+
+
+def _has_split_folders(data_dir: str) -> bool:
+    """ Whether `data_dir` holds split sub-folders (train/, val/, test/, ...) rather than only class folders. """
+    return any(os.path.isdir(os.path.join(data_dir, name)) for names in SPLIT_ALIASES.values() for name in names)
+
+
+def _folder_dataset(root: str, transform: Optional[Callable]) -> 'FolderDataset':
+    try:
+        return FolderDataset(root, transform)
+    except FileNotFoundError as e:
+        raise DataError(f'no images in {root}: {e}') from e
 
 
 def _load_hfds(name: str, split: str):
@@ -126,7 +148,8 @@ def _load_hfds(name: str, split: str):
         return datasets.load_dataset(path, split=split)
     except ValueError as e:
         if 'split' in str(e).lower():
-            raise DataError(f'dataset {name!r} has no split {split!r} ({e}); pass --train-split/--val-split.') from e
+            raise MissingSplitError(f'dataset {name!r} has no split {split!r} ({e}); pass one it has (--split, or '
+                                    f'--train-split/--val-split in training).') from e
         raise DataError(f'cannot load dataset {name!r}: {e}') from e
     except (FileNotFoundError, ConnectionError, OSError) as e:
         raise DataError(
@@ -154,11 +177,7 @@ def load_split(
                             'with train/ and val/ image folders>.')
         if not os.path.isdir(data_dir):
             raise DataError(f'--data-dir {data_dir} does not exist.')
-        root = _split_folder(data_dir, split)
-        try:
-            ds = FolderDataset(root, transform)
-        except FileNotFoundError as e:
-            raise DataError(f'no images in {root}: {e}') from e
+        ds = _folder_dataset(_split_folder(data_dir, split), transform)
     else:
         raise DataError(f'unknown --dataset {dataset!r}: use hfds/<Hub id or local folder>, or leave it empty and '
                         f'pass --data-dir with image folders.')
@@ -168,6 +187,47 @@ def load_split(
     if num_samples is not None:
         ds = fixed_subset(ds, num_samples, split)
     return ds, num_classes
+
+
+def is_datasets_folder(path: str) -> bool:
+    """ A local Hugging Face `datasets` folder (Parquet/Arrow files or a saved dataset), not an image folder. """
+    folder = Path(os.path.expanduser(path))
+    return folder.is_dir() and ((folder / 'dataset_dict.json').is_file() or any(
+        f.suffix in ('.parquet', '.arrow') for pattern in ('*', '*/*') for f in folder.glob(pattern)))
+
+
+def load_eval_split(
+        source: str,
+        split: Optional[str] = None,
+        transform: Optional[Callable] = None,
+) -> Tuple[Dataset, str]:
+    """ The split of `source` an evaluation reads (in dataset order), and the split's name.
+
+    `source`: `hfds/<Hub id or folder>`, a local `datasets` folder (the prefix may be left out), or an image folder
+    with split sub-folders (`<source>/<split>/<class>/<image>`, the split aliases of training) or, without any,
+    with the class folders themselves (e.g. ImageNet's `val/`, named after the folder). Without `split`, the first
+    of EVAL_SPLITS that the data has.
+    """
+    if not source.startswith('hfds/') and is_datasets_folder(source):
+        source = f'hfds/{source}'
+    if source.startswith('hfds/'):
+        dataset, data_dir = source, None
+    elif os.path.isdir(source):
+        dataset, data_dir = '', source
+        if not _has_split_folders(source):
+            if split and '[' in split:
+                raise DataError(f'split {split!r}: slices apply to hfds/ datasets; an image folder is read whole.')
+            return _folder_dataset(source, transform), split or os.path.basename(os.path.normpath(source))
+    else:
+        raise DataError(f'dataset {source} is not a folder: give an image folder (one sub-folder per class, or per '
+                        f'split) or hfds/<Hub id or local folder> for a Hugging Face datasets dataset.')
+    for candidate in ([split] if split else EVAL_SPLITS):
+        try:
+            return load_split(dataset, data_dir, candidate, transform=transform)[0], candidate
+        except MissingSplitError:
+            if split:
+                raise
+    raise DataError(f'{source} has none of the splits {", ".join(EVAL_SPLITS)}: pass --split NAME.')
 
 
 def _fixed_permutation(num_samples: int) -> List[int]:

@@ -16,8 +16,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help='checkpoint folder (config.json + model.safetensors) or weights file')
     parser.add_argument('--out', required=True, metavar='FILE.onnx')
     parser.add_argument('--data', default=None,
-                        help='real images for the check, a timm dataset name (default: the CIFAR-10 sample shipped '
-                             'in timm_dirac/assets/cifar10_sample)')
+                        help='real images for the check: hfds/<Hub id or local folder> or an image folder (default: '
+                             'the CIFAR-10 sample shipped in timm_dirac/assets/cifar10_sample)')
     parser.add_argument('--split', default='test')
     parser.add_argument('--num-images', type=int, default=32)
     parser.add_argument('--tolerance', type=float, default=DEFAULT_TOLERANCE,

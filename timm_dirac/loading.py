@@ -1,24 +1,30 @@
-""" Model and image loading shared by the deploy commands (`export-onnx`, `quantize`, `benchmark`).
+""" Model and image loading shared by `validate` and the deploy commands (`export-onnx`, `quantize`, `benchmark`).
 
-Models come from a registry name, a checkpoint folder in the Hub layout or a weights file, in eval mode; images are
-the first N of a timm dataset in the model's own eval transform.
+Models come from a registry name (with or without its pretrained weights), a `local-dir:` / `hf-hub:` name, a
+checkpoint folder in the Hub layout or a weights file, in eval mode; images are the first N of a split read as
+`timm_dirac.data` reads it, in the model's own eval transform.
 """
+import json
 from pathlib import Path
-from typing import Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 import torch.nn as nn
 
 import timm
-from timm.data import create_dataset, create_transform, resolve_model_data_config
+from timm.data import resolve_model_data_config
 from timm.utils import reparameterize_model
 
 from .assets import asset_path
-from .data import to_rgb
+from .checkpoint_io import check_safetensors
+from .data import eval_transform, load_eval_split
 from .finite import check_weights
 from .layers import is_folded
 
 __all__ = ['default_data', 'load_model', 'is_folded', 'fold', 'load_images']
+
+MODEL_SOURCES = ('local-dir:', 'hf-hub:')  # model names that carry their own config and weights
+WEIGHT_SUFFIXES = ('.safetensors', '.pth', '.pth.tar', '.bin')  # the weights files timm's `local-dir:` loads
 
 
 def default_data() -> str:
@@ -27,33 +33,87 @@ def default_data() -> str:
     return f"hfds/{asset_path('cifar10_sample')}"
 
 
-def load_model(name: Optional[str], checkpoint: Optional[str] = None) -> nn.Module:
-    """ Build a model in eval mode: a registry `name` (random weights without `checkpoint`), a checkpoint folder
-    in the Hub layout (config.json + model.safetensors, via timm's `local-dir:`) or a weights file. Folded and
-    train-form DiracNet weights both load (a folded file is unfolded exactly by the pretrained filter). """
+def _checkpoint_folder_config(folder: Path) -> Dict[str, Any]:
+    """ The config of a checkpoint folder in the Hub layout (config.json + weights), refusing an incomplete one. """
+    config_file = folder / 'config.json'
+    if not config_file.is_file():
+        raise FileNotFoundError(f'{folder} has no config.json: a checkpoint folder needs the Hub layout written by '
+                                f'timm.models.save_for_hf or `timm-dirac convert` (config.json + model.safetensors); '
+                                f'pass a weights file itself with --model NAME otherwise.')
+    try:
+        config = json.loads(config_file.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f'{config_file} is not valid JSON ({e}); write the folder again.') from e
+    if not any(f.name.endswith(WEIGHT_SUFFIXES) for f in folder.iterdir()):
+        raise FileNotFoundError(f'{folder} has config.json but no weights file (model.safetensors); copy the weights '
+                                f'in or write the folder again.')
+    if (folder / 'model.safetensors').is_file():
+        check_safetensors(folder / 'model.safetensors')
+    return config
+
+
+def _create_with_weights(model_name: str, source: str, architecture: Optional[str], **kwargs) -> nn.Module:
+    """ `timm.create_model(model_name, pretrained=True, ...)`, a state dict that does not fit the architecture
+    refused in one line that names both, and the loaded weights checked to be finite. """
+    try:
+        model = timm.create_model(model_name, pretrained=True, **kwargs)
+    except (RuntimeError, AttributeError, KeyError) as e:  # load_state_dict, or timm's lookups of cfg layer names
+        if str(e).startswith('Unknown model'):
+            raise
+        target = f'architecture {architecture!r}' if architecture else 'the architecture of its config.json'
+        raise ValueError(f'the weights in {source} do not fit {target} ({type(e).__name__}: '
+                         f'{str(e).strip().splitlines()[0]} ...): they are another model\'s; give the weights and the '
+                         f'architecture that belong together.') from e
+    check_weights(model.state_dict(), source, floating=False)
+    return model
+
+
+def load_model(
+        name: Optional[str] = None,
+        checkpoint: Optional[str] = None,
+        pretrained: bool = False,
+        **kwargs,
+) -> nn.Module:
+    """ A model in eval mode, built by `timm.create_model` (`kwargs`, e.g. num_classes, go to it) from one of:
+
+    * a registry `name` (`arch` or `arch.tag`): its pretrained weights with `pretrained`, else random ones;
+    * a `local-dir:<folder>` or `hf-hub:<repo id>` `name`: the weights there;
+    * a `checkpoint` folder in the Hub layout (config.json + weights, as written by `timm.models.save_for_hf` or
+      `timm-dirac convert`; a model card is not needed), of `name`'s architecture where a name is given;
+    * a `checkpoint` weights file for the architecture `name`. Folded and train-form DiracNet weights, ours or the
+      authors', both load (the pretrained filter unfolds a folded file exactly).
+
+    Loaded weights are checked to be finite.
+    """
+    if name and name.startswith(MODEL_SOURCES):  # its weights are implied (`pretrained` may be given or not)
+        if checkpoint:
+            raise ValueError(f'--model {name} names its weights itself: leave out --checkpoint {checkpoint}.')
+        if name.startswith('local-dir:'):
+            name, pretrained, checkpoint = None, False, name[len('local-dir:'):]  # checked as a --checkpoint folder
     if checkpoint is None:
-        if name is None:
+        if not name:
             raise ValueError('Give --model NAME, --checkpoint DIR, or both.')
-        return timm.create_model(name).eval()
+        if pretrained or name.startswith('hf-hub:'):
+            architecture = None if name.startswith('hf-hub:') else name.split('.')[0]
+            return _create_with_weights(name, f'the weights of {name}', architecture, **kwargs).eval()
+        return timm.create_model(name, **kwargs).eval()
+    if pretrained:
+        raise ValueError(f'Give --pretrained or --checkpoint {checkpoint}, not both: they name different weights.')
     path = Path(checkpoint)
+    arch = name.split('.')[0] if name else None
     if path.is_dir():
-        if not (path / 'config.json').is_file():
-            raise FileNotFoundError(f'{path} has no config.json: a checkpoint folder needs the layout written by '
-                                    f'timm.models.save_for_hf (config.json + model.safetensors); pass the weights '
-                                    f'file itself with --model NAME otherwise.')
-        model = timm.create_model(f'local-dir:{path}', pretrained=True)
-        check_weights(model.state_dict(), str(path), floating=False)
-        if name is not None and model.pretrained_cfg.get('architecture') not in (name, None):
-            raise ValueError(f"--model {name} does not match the checkpoint's architecture "
-                             f"{model.pretrained_cfg.get('architecture')!r} in {path / 'config.json'}.")
-        return model.eval()
+        config_arch = _checkpoint_folder_config(path).get('architecture')
+        if arch and config_arch != arch:
+            raise ValueError(f'{path / "config.json"} names architecture {config_arch!r}, not {arch!r}: the folder '
+                             f'holds another model. Pass --model {config_arch} or omit --model.')
+        return _create_with_weights(f'local-dir:{path}', str(path), config_arch, **kwargs).eval()
     if not path.is_file():
         raise FileNotFoundError(f'Checkpoint {path} does not exist.')
-    if name is None:
+    if not name:
         raise ValueError(f'{path} is a weights file: also give --model NAME to say which architecture it is for.')
-    model = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=str(path))).eval()
-    check_weights(model.state_dict(), str(path), floating=False)
-    return model
+    if path.name.endswith('.safetensors'):
+        check_safetensors(path)
+    return _create_with_weights(name, str(path), arch, pretrained_cfg_overlay=dict(file=str(path)), **kwargs).eval()
 
 
 def fold(model: nn.Module) -> nn.Module:
@@ -70,13 +130,9 @@ def fold(model: nn.Module) -> nn.Module:
 
 def load_images(data: str, model: nn.Module, num: Optional[int] = 64, split: str = 'test'
                 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """ The first `num` (all if None) images of a timm dataset (e.g. `hfds/<folder>`) and their labels, the images
-    preprocessed by the model's eval transform (its data config: resize, crop, mean/std). """
-    dataset = create_dataset(data, root=None, split=split, input_img_mode=None)  # to_rgb scales 16-bit images
-    if len(dataset) == 0:
-        raise ValueError(f'Dataset {data} (split {split}) is empty.')
-    transform = create_transform(**resolve_model_data_config(model), is_training=False)
-    count = len(dataset) if num is None else min(num, len(dataset))
-    samples = [dataset[i] for i in range(count)]
-    images = torch.stack([transform(to_rgb(image)) for image, _ in samples])
-    return images, torch.tensor([int(label) for _, label in samples])
+    """ The first `num` (all if None) images of split `split` of `data` (as validate reads it: `hfds/<Hub id or
+    folder>` or an image folder) and their labels, the images preprocessed by the model's eval transform (its data
+    config: resize, crop, mean/std). """
+    dataset, _ = load_eval_split(data, split, eval_transform(resolve_model_data_config(model)))
+    samples = [dataset[i] for i in range(len(dataset) if num is None else min(num, len(dataset)))]
+    return torch.stack([image for image, _ in samples]), torch.tensor([int(label) for _, label in samples])

@@ -157,8 +157,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help='checkpoint folder (config.json + model.safetensors) or weights file, train form or '
                              'folded')
     parser.add_argument('--calib', default=None,
-                        help='calibration images, a timm dataset name such as hfds/<folder> (default: the CIFAR-10 '
-                             'sample shipped in timm_dirac/assets/cifar10_sample)')
+                        help='calibration images: hfds/<Hub id or local folder> or an image folder (default: the '
+                             'CIFAR-10 sample shipped in timm_dirac/assets/cifar10_sample)')
     parser.add_argument('--calib-split', default='train')
     parser.add_argument('--num-calib', type=int, default=512)
     parser.add_argument('--eval-data', default=None, help='dataset for the accuracy check (default: --calib)')

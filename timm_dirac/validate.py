@@ -1,11 +1,12 @@
 """ `timm-dirac validate`: top-1 / top-5 accuracy and cross-entropy of a model on an image folder or a dataset
 
-The model's own preprocessing (timm `resolve_data_config` + `create_transform`, overridable) is used. Datasets:
-an image folder (one sub-folder per class), or `hfds/<Hub id or local path>` for a Hugging Face `datasets`
-dataset (a Hub id or a local folder, which is also recognised without the prefix), through timm's `create_dataset`.
-`--split test[:500]` picks a slice; without `--split` the first of validation, test that the dataset has.
-Weights: `--pretrained` (the model's tag), `--checkpoint` (a Hub folder or a checkpoint file), or a model name
-`local-dir:<folder>` / `hf-hub:<repo id>`.
+The model's own preprocessing (timm `resolve_data_config` + `create_transform`, overridable) is used. Datasets are
+read as training reads them (`timm_dirac.data.load_eval_split`): an image folder (split sub-folders, or one
+sub-folder per class), or `hfds/<Hub id or local path>` for a Hugging Face `datasets` dataset (a local folder is
+also recognised without the prefix). `--split test[:500]` picks a slice; without `--split` the first of validation,
+test that the dataset has. An unreadable image stops the run with its name (it is not skipped).
+Weights (`timm_dirac.loading.load_model`): `--pretrained` (the model's tag), `--checkpoint` (a Hub-layout folder or
+a checkpoint file), or a model name `local-dir:<folder>` / `hf-hub:<repo id>`.
 """
 import argparse
 import json
@@ -13,87 +14,13 @@ import math
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ['create_validation_model', 'create_validation_dataset', 'validate']
-
-
-def create_validation_model(
-        model_name: str,
-        pretrained: bool = False,
-        checkpoint: Optional[str] = None,
-        **kwargs,
-) -> nn.Module:
-    """ A model for validation: `model_name` with its pretrained weights, a Hub folder or a checkpoint file.
-
-    A Hub folder's config.json must name `model_name`'s architecture (when a registry name is given).
-    """
-    import timm
-    from .finite import check_weights
-    from .hub import check_hub_folder
-
-    if checkpoint is None:
-        return timm.create_model(model_name, pretrained=pretrained or model_name.startswith(('local-dir:', 'hf-hub:')),
-                                 **kwargs)
-    path = Path(checkpoint)
-    if path.is_dir():
-        config = check_hub_folder(path)
-        arch = model_name.split('.')[0] if model_name else None
-        if arch and not arch.startswith(('local-dir:', 'hf-hub:')) and config['architecture'] != arch:
-            raise ValueError(f'{path / "config.json"} names architecture {config["architecture"]!r}, not {arch!r}: '
-                             f'the folder holds another model. Pass --model {config["architecture"]} or omit --model.')
-        model = timm.create_model(f'local-dir:{path}', pretrained=True, **kwargs)
-        check_weights(model.state_dict(), str(path), floating=False)
-        return model
-    if not model_name:
-        raise ValueError(f'--checkpoint {checkpoint} is a file: name its architecture with --model.')
-    model = timm.create_model(model_name, pretrained=True, pretrained_cfg_overlay=dict(file=str(path)), **kwargs)
-    check_weights(model.state_dict(), str(path), floating=False)
-    return model
-
-
-SPLITS = ('validation', 'test')  # tried in this order when no --split is given
-
-
-def is_datasets_folder(path: str) -> bool:
-    """ A local Hugging Face `datasets` folder (Parquet/Arrow files or a saved dataset), not an image folder. """
-    folder = Path(path)
-    return folder.is_dir() and ((folder / 'dataset_dict.json').is_file() or any(
-        f.suffix in ('.parquet', '.arrow') for pattern in ('*', '*/*') for f in folder.glob(pattern)))
-
-
-def create_validation_dataset(dataset: str, split: Optional[str] = 'validation', transform=None
-                              ) -> Tuple[torch.utils.data.Dataset, str]:
-    """ The dataset and the split used: `hfds/<id or path>` (or a local `datasets` folder given without the
-    prefix) -> timm's Hugging Face datasets reader; otherwise an image folder (timm ImageDataset, looking for a
-    `split` sub-folder first). Without `split`, the first of SPLITS the dataset has. """
-    from timm.data import create_dataset
-    from torchvision.transforms import Compose
-
-    from .data import to_rgb
-
-    # timm's reader would convert('RGB') itself, which clips 16-bit images to white: hand over the decoded image
-    transform = Compose([to_rgb, transform]) if transform is not None else to_rgb
-    if not dataset.lower().startswith('hfds/') and is_datasets_folder(dataset):
-        dataset = f'hfds/{dataset}'
-    if not dataset.lower().startswith('hfds/') and not Path(dataset).is_dir():
-        raise FileNotFoundError(f'Dataset {dataset} is not a folder. Give an image folder (one sub-folder per class) '
-                                f'or hfds/<Hub id or local path> for a Hugging Face datasets dataset.')
-    for candidate in ([split] if split else SPLITS):
-        try:
-            if dataset.lower().startswith('hfds/'):
-                return create_dataset(dataset, root=None, split=candidate, transform=transform,
-                                      input_img_mode=None), candidate
-            return create_dataset('', root=dataset, split=candidate, search_split=True, transform=transform,
-                                  input_img_mode=None), candidate
-        except ValueError as e:  # datasets: Unknown split
-            if split or 'split' not in str(e).lower():
-                raise
-    raise ValueError(f'{dataset} has none of the splits {", ".join(SPLITS)}: pass --split NAME.')
+__all__ = ['validate']
 
 
 @torch.no_grad()
@@ -175,20 +102,22 @@ def add_arguments(parser: argparse.ArgumentParser):
 
 
 def run(args: argparse.Namespace) -> int:
-    from timm.data import create_transform, resolve_data_config
+    from timm.data import resolve_data_config
     from timm.utils import reparameterize_model
+
+    from .data import eval_transform, load_eval_split
+    from .loading import load_model
 
     if not args.model and not args.checkpoint:
         raise SystemExit('validate: give --model NAME (with --pretrained or --checkpoint) or --checkpoint FOLDER.')
     kwargs = {} if args.num_classes is None else dict(num_classes=args.num_classes)
-    model = create_validation_model(args.model, args.pretrained, args.checkpoint, **kwargs)
+    model = load_model(args.model, args.checkpoint, args.pretrained, **kwargs)
     if args.reparam:
         model = reparameterize_model(model)
     overrides = {k: v for k, v in dict(
         img_size=args.img_size, crop_pct=args.crop_pct, interpolation=args.interpolation).items() if v is not None}
     data_config = resolve_data_config(overrides, model=model)
-    dataset, split = create_validation_dataset(args.dataset, args.split,
-                                               create_transform(**data_config, is_training=False))
+    dataset, split = load_eval_split(args.dataset, args.split, eval_transform(data_config))
     if args.split is None:
         print(f'validate: no --split given, using {split!r}', file=sys.stderr)
     results = dict(
