@@ -71,6 +71,15 @@ def test_summarize_ratios_and_goals():
     met = {g['goal'].split(': ')[1]: g['met'] for g in result['goals']}
     assert met == {'>= 1.2x resnet18': True, '>= 1.3x train form': True, '>= 75% of the fp32 GEMM peak': False}
     assert rows['folded']['vs_fp32'] is None
+
+    def timed(backend, precision, seconds):
+        return Case('diracnet18', 'folded', backend, precision, 32, 64e9, run=lambda: None, times=[seconds] * 3)
+    ratios = {(r['backend'], r['precision']): r['vs_fp32'] for r in summarize(cases + [
+        timed('eager', 'bf16', .5), timed('onnxruntime', 'fp32', 2.), timed('split', 'int8', 1.),
+        timed('pt2e', 'int8', .5), timed('onnxruntime-int8', 'int8', 1.)])['rows'] if r['model'] == 'diracnet18'}
+    assert ratios[('eager', 'bf16')] == pytest.approx(2.)  # against eager fp32
+    assert ratios[('split', 'int8')] == ratios[('onnxruntime-int8', 'int8')] == pytest.approx(2.)  # ONNX Runtime fp32
+    assert ratios[('pt2e', 'int8')] == pytest.approx(4.)
     assert '| diracnet18 | folded | eager | fp32 | 32 | 32.0 |' in format_table(dict(
         result, load_average_before=(0., 0., 0.), load_average_after=(0., 0., 0.),
         machine=dict(cpu='test'), settings=dict(threads=1)))

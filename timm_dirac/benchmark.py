@@ -171,8 +171,8 @@ def _depth_baseline(model: str) -> Optional[str]:
 
 
 def summarize(cases: List[Case]) -> Dict[str, Any]:
-    """ Medians, GEMM peaks, GFLOP/s and ratios (against the ResNet of the same depth, the train form, fp32 in
-    the same backend) of measured cases, and the checks of the speed goals (folded DiracNet against the ResNet of
+    """ Medians, GEMM peaks, GFLOP/s and ratios (against the ResNet of the same depth, the train form, and fp32:
+    in the same backend, or for any int8 backend ONNX Runtime fp32, as `quantize` compares) of measured cases, and the checks of the speed goals (folded DiracNet against the ResNet of
     the same depth). """
     peaks = {}
     rows = []
@@ -196,7 +196,8 @@ def summarize(cases: List[Case]) -> Dict[str, Any]:
         r['vs_resnet'] = r['img_per_s'] / resnet['img_per_s'] if resnet else None
         train = index.get((r['model'], 'train') + key)
         r['vs_train'] = r['img_per_s'] / train['img_per_s'] if r['form'] == 'folded' and train else None
-        fp32 = index.get((r['model'], r['form'], r['backend'].replace('-int8', ''), 'fp32', r['batch_size']))
+        fp32_backend = 'onnxruntime' if r['precision'] == 'int8' else r['backend']  # quantize's fp32 baseline
+        fp32 = index.get((r['model'], r['form'], fp32_backend, 'fp32', r['batch_size']))
         r['vs_fp32'] = r['img_per_s'] / fp32['img_per_s'] if r['precision'] != 'fp32' and fp32 else None
 
     goals = []  # the goals are about PyTorch; ONNX Runtime rows are informative (it folds BN itself)
