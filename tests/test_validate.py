@@ -120,3 +120,27 @@ def test_an_unreadable_image_stops_the_run_with_its_name(tmp_path, capsys):
                      '--no-progress', '--workers', '0']) == 2
     err = capsys.readouterr().err
     assert 'cannot read image file' in err and 'bad.jpg' in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_integer_labels_without_class_names_validate_alike(tmp_path, hub_folder):
+    """ A `datasets` split whose label column is plain integers (no ClassLabel), as timm's reader takes: validate
+    scores it exactly like the ClassLabel original; training refuses it, naming the fix. """
+    import datasets
+    from timm_dirac.data import DataError, label_names
+    from timm_dirac.train import main as train_main
+
+    rows = datasets.load_dataset(str(SAMPLE), split=f'test[:{N}]')
+    plain = rows.cast_column('label', datasets.Value('int64'))
+    (tmp_path / 'plain').mkdir()
+    plain.to_parquet(str(tmp_path / 'plain' / 'test-00000-of-00001.parquet'))
+    expected = _run(tmp_path, '--checkpoint', str(hub_folder), '--dataset', f'hfds/{SAMPLE}', '--split', f'test[:{N}]')
+    result = _run(tmp_path, '--checkpoint', str(hub_folder), '--dataset', f'hfds/{tmp_path / "plain"}', '--split', 'test')
+    assert result['samples'] == N and (result['top1'], result['top5']) == (expected['top1'], expected['top5'])
+    assert result['loss'] == pytest.approx(expected['loss'], abs=1e-6)
+    with pytest.raises(DataError, match='integer labels without class names.*ClassLabel'):
+        label_names(f'hfds/{tmp_path / "plain"}', split='test')
+    with pytest.raises(DataError, match=r"integer labels without class names .*cast_column\('label'"):
+        train_main(['--model', 'diracnet34_1_cifar', '--dataset', f'hfds/{tmp_path / "plain"}', '--train-split', 'test',
+                    '--holdout', '0', '--val-split', 'test', '--test-split', '', '--output', str(tmp_path / 'run'),
+                    '--debug'])
+    assert not (tmp_path / 'run').exists()  # refused before a run folder is made

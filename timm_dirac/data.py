@@ -29,7 +29,7 @@ from timm.data import create_transform
 from timm.data.random_erasing import RandomErasing
 
 __all__ = [
-    'DataError', 'MissingSplitError', 'to_rgb', 'load_split', 'load_eval_split', 'is_datasets_folder', 'fixed_subset',
+    'CLASS_LABEL_FIX', 'DataError', 'MissingSplitError', 'to_rgb', 'load_split', 'load_eval_split', 'is_datasets_folder', 'fixed_subset',
     'holdout_indices', 'is_test_split', 'train_transform', 'eval_transform', 'eval_loader', 'eval_indices']
 
 SPLIT_ALIASES = {
@@ -64,19 +64,23 @@ class HFImageDataset(Dataset):
     """ A `datasets` split as (image, label) pairs; the image is decoded on access, i.e. in the loader worker. """
 
     def __init__(self, hf_dataset, name: str, transform: Optional[Callable] = None):
-        from datasets import ClassLabel, Image as ImageFeature
+        from datasets import ClassLabel, Image as ImageFeature, Value
 
         features = hf_dataset.features
         images = [k for k, f in features.items() if isinstance(f, ImageFeature)]
         labels = [k for k, f in features.items() if isinstance(f, ClassLabel)]
+        plain = features.get('label')
+        if not labels and isinstance(plain, Value) and plain.dtype.startswith(('int', 'uint')):
+            labels = ['label']  # integer labels without class names (timm's reader takes them too): evaluation only
         if len(images) != 1 or len(labels) != 1:
             raise DataError(
-                f'dataset {name!r} needs exactly one Image column and one ClassLabel column for classification; '
-                f'it has columns {dict(features)}.')
+                f'dataset {name!r} needs exactly one Image column and one ClassLabel column (or an integer `label` '
+                f'column, to evaluate on) for classification; it has columns {dict(features)}.')
         self.data = hf_dataset
         self.image_key, self.label_key = images[0], labels[0]
-        self.num_classes = features[self.label_key].num_classes
-        self.label_names = list(features[self.label_key].names)
+        label = features[self.label_key]
+        self.num_classes = label.num_classes if isinstance(label, ClassLabel) else None  # None: not known
+        self.label_names = list(label.names) if isinstance(label, ClassLabel) else None
         self.name = name
         self.transform = transform
 
@@ -157,17 +161,22 @@ def _load_hfds(name: str, split: str):
             f'or in a config from the config file\'s folder) and not reachable on the Hub ({e}).') from e
 
 
+CLASS_LABEL_FIX = ("Give the label column its class names, e.g. dataset.cast_column('label', "
+                    "datasets.ClassLabel(names=[...])).save_to_disk(folder), and use hfds/<folder>.")
+
+
 def load_split(
         dataset: str,
         data_dir: Optional[str],
         split: str,
         num_samples: Optional[int] = None,
         transform: Optional[Callable] = None,
-) -> Tuple[Dataset, int]:
+) -> Tuple[Dataset, Optional[int]]:
     """ One split as a torch Dataset of (transformed image, label), and its number of classes.
 
     `dataset` 'hfds/<id or folder>' loads through `datasets`; '' (or 'folder') reads image folders under
     `data_dir`. `num_samples` keeps a fixed random subset (the same for every seed and rank) of that many samples.
+    The number of classes is None for integer labels without a ClassLabel (enough to evaluate, not to train).
     """
     if dataset.startswith('hfds/'):
         ds = HFImageDataset(_load_hfds(dataset[len('hfds/'):], split), dataset, transform)
@@ -263,7 +272,11 @@ def label_names(dataset: str, data_dir: Optional[str] = None, split: str = 'trai
     """ The class names of a dataset in label order: the ClassLabel names of `hfds/<id or folder>`, else the
     class folders of `data_dir`'s `split` folder (sorted, as FolderDataset numbers them). """
     if dataset.startswith('hfds/'):
-        return HFImageDataset(_load_hfds(dataset[len('hfds/'):], split), dataset).label_names
+        names = HFImageDataset(_load_hfds(dataset[len('hfds/'):], split), dataset).label_names
+        if names is None:
+            raise DataError(f'{dataset} has integer labels without class names (no ClassLabel column). '
+                            f'{CLASS_LABEL_FIX}')
+        return names
     if dataset not in ('', 'folder') or not data_dir:
         raise DataError(f'cannot read class names from {dataset or data_dir!r}: give hfds/<Hub id or local folder> '
                         f'or an image folder (--data-dir) with one sub-folder per class.')

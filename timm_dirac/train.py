@@ -46,7 +46,8 @@ from timm.utils import ModelEmaV3, accuracy, distribute_bn
 
 from .checkpoint_io import file_sha256
 from .data import (
-    DataError, eval_loader, eval_transform, fixed_subset, holdout_indices, is_test_split, load_split, train_transform)
+    CLASS_LABEL_FIX, DataError, eval_loader, eval_transform, fixed_subset, holdout_indices, is_test_split, load_split,
+    train_transform)
 from .errors import first_sentence, run_refusing
 from .finite import check_weights
 from .precision import auto_precision
@@ -645,6 +646,10 @@ def load_train_val(args: argparse.Namespace, data_config: Dict[str, Any]) -> Tup
         data_config, hflip=args.hflip, scale=args.scale, ratio=args.ratio, color_jitter=args.color_jitter,
         auto_augment=args.aa, interpolation=args.train_interpolation, re_prob=args.reprob)
     train_set, num_classes = load_split(args.dataset, args.data_dir, args.train_split, None, train_tf)
+    if num_classes is None:
+        raise DataError(f'split {args.train_split!r} of {args.dataset} has integer labels without class names (no '
+                        f'ClassLabel column): training needs them for the classifier and the exported config. '
+                        f'{CLASS_LABEL_FIX}')
     if args.holdout:
         kept, held = holdout_indices(len(train_set), args.holdout)
         same_split = load_split(args.dataset, args.data_dir, args.train_split, None, eval_transform(data_config))[0]
