@@ -171,9 +171,9 @@ def _depth_baseline(model: str) -> Optional[str]:
 
 
 def summarize(cases: List[Case]) -> Dict[str, Any]:
-    """ Medians, GEMM peaks, GFLOP/s and ratios (against the ResNet of the same depth, the train form, and fp32:
-    in the same backend, or for any int8 backend ONNX Runtime fp32, as `quantize` compares) of measured cases, and the checks of the speed goals (folded DiracNet against the ResNet of
-    the same depth). """
+    """ Medians, GEMM peaks, GFLOP/s and ratios of measured cases (against the ResNet of the same depth, the train
+    form, and fp32: in the same backend, or for any int8 backend ONNX Runtime fp32, as `quantize` compares), and the
+    checks of the speed goals (folded DiracNet against the ResNet of the same depth). """
     peaks = {}
     rows = []
     for case in cases:

@@ -29,8 +29,9 @@ from timm.data import create_transform
 from timm.data.random_erasing import RandomErasing
 
 __all__ = [
-    'CLASS_LABEL_FIX', 'DataError', 'MissingSplitError', 'to_rgb', 'load_split', 'load_eval_split', 'is_datasets_folder', 'fixed_subset',
-    'holdout_indices', 'is_test_split', 'train_transform', 'eval_transform', 'eval_loader', 'eval_indices']
+    'CLASS_LABEL_FIX', 'DataError', 'MissingSplitError', 'to_rgb', 'load_split', 'load_eval_split', 'is_datasets_folder',
+    'fixed_subset', 'holdout_indices', 'is_test_split', 'label_names', 'hub_dataset_id', 'train_transform',
+    'eval_transform', 'eval_loader', 'eval_indices']
 
 SPLIT_ALIASES = {
     'train': ('train', 'training'),
