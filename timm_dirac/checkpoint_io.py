@@ -5,9 +5,10 @@ container (`{'state_dict_ema': ..., 'state_dict': ...}`, timm's and ours) is ope
 and DDP / torch.compile prefixes go with timm's `clean_state_dict`. Errors say what is wrong with the file.
 """
 import hashlib
+import json
 import os
 from pathlib import Path
-from typing import Any, Dict, Mapping, Optional
+from typing import Any, Dict, List, Mapping, Optional
 
 import torch
 from safetensors.torch import load_file
@@ -16,7 +17,7 @@ from timm.models import clean_state_dict
 from ._timm_compat import download_cached_file
 from .errors import first_sentence
 
-__all__ = ['load_checkpoint_file', 'check_safetensors', 'file_sha256', 'is_release', 'local_file']
+__all__ = ['load_checkpoint_file', 'check_safetensors', 'read_config', 'file_sha256', 'is_release', 'local_file']
 
 _CONTAINERS = ('state_dict_ema', 'model_ema', 'state_dict', 'model')  # timm's load_state_dict order
 
@@ -47,17 +48,26 @@ def load_checkpoint_file(path: os.PathLike) -> Dict[str, Any]:
     return clean_state_dict(checkpoint[container] if container else checkpoint)
 
 
-def check_safetensors(file: os.PathLike) -> None:
-    """ Refuse a truncated or corrupt safetensors file in one line (the library's own error is obscure); reads only
-    the header. """
+def check_safetensors(file: os.PathLike) -> List[str]:
+    """ The tensor names in a safetensors file, reading only its header; a truncated or corrupt file is refused in
+    one line (the library's own error is obscure). """
     from safetensors import safe_open
 
     try:
         with safe_open(file, framework='pt') as f:
-            f.keys()
+            return list(f.keys())
     except Exception as e:  # safetensors raises its own error types, not OSError/ValueError
         raise ValueError(f'{file} is not a readable safetensors file ({first_sentence(e)}); it may be truncated or '
                          f'corrupt: download or write it again.') from e
+
+
+def read_config(folder: os.PathLike) -> Dict[str, Any]:
+    """ The config.json of a folder in the Hub layout; invalid JSON is refused in one line. """
+    config_file = Path(folder) / 'config.json'
+    try:
+        return json.loads(config_file.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f'{config_file} is not valid JSON ({e}); write the folder again.') from e
 
 
 def file_sha256(path: os.PathLike) -> str:

@@ -23,6 +23,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 
+from .checkpoint_io import check_safetensors, read_config
 from .diracnet import AUTHORS_REPO, HUB_NAMESPACE, REPORTED_RESULTS
 from .layers import is_folded
 
@@ -352,27 +353,17 @@ def _set_default_permissions(folder: Path):
 
 def check_hub_folder(folder: os.PathLike) -> Dict[str, Any]:
     """ Check that `folder` is a complete DiracNet Hub folder; returns its config. Raises with what is wrong. """
-    from safetensors import safe_open
-
     folder = Path(folder)
     missing = [f for f in HUB_FILES if not (folder / f).is_file()]
     if missing:
         raise FileNotFoundError(f'{folder} is not a Hub folder: {", ".join(missing)} missing. Write one with '
                                 f'`timm-dirac convert` or timm_dirac.hub.save_hub_folder().')
-    try:
-        config = json.loads((folder / 'config.json').read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f'{folder / "config.json"} is not valid JSON ({e}); rewrite the folder.') from e
+    config = read_config(folder)
     arch = config.get('architecture', '')
     if not arch.startswith('diracnet'):
         raise ValueError(f'{folder / "config.json"} names architecture {arch!r}, not a DiracNet; this is not a '
                          f'timm-dirac folder.')
-    try:
-        with safe_open(folder / 'model.safetensors', framework='pt') as f:
-            keys = list(f.keys())
-    except Exception as e:
-        raise ValueError(f'{folder / "model.safetensors"} is not a readable safetensors file ({e}); it may be '
-                         f'truncated or corrupt. Rewrite the folder.') from e
+    keys = check_safetensors(folder / 'model.safetensors')
     if not any(k.startswith('stem.conv.') for k in keys):
         raise ValueError(f'{folder / "model.safetensors"} holds no DiracNet weights (no stem.conv.*).')
     return config

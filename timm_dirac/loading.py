@@ -4,7 +4,6 @@ Models come from a registry name (with or without its pretrained weights), a `lo
 checkpoint folder in the Hub layout or a weights file, in eval mode; images are the first N of a split read as
 `timm_dirac.data` reads it, in the model's own eval transform.
 """
-import json
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
 
@@ -16,7 +15,7 @@ from timm.data import resolve_model_data_config
 from timm.utils import reparameterize_model
 
 from .assets import asset_path
-from .checkpoint_io import check_safetensors
+from .checkpoint_io import check_safetensors, read_config
 from .data import eval_transform, load_eval_split
 from .finite import check_weights
 from .layers import is_folded
@@ -35,15 +34,11 @@ def default_data() -> str:
 
 def _checkpoint_folder_config(folder: Path) -> Dict[str, Any]:
     """ The config of a checkpoint folder in the Hub layout (config.json + weights), refusing an incomplete one. """
-    config_file = folder / 'config.json'
-    if not config_file.is_file():
+    if not (folder / 'config.json').is_file():
         raise FileNotFoundError(f'{folder} has no config.json: a checkpoint folder needs the Hub layout written by '
                                 f'timm.models.save_for_hf or `timm-dirac convert` (config.json + model.safetensors); '
                                 f'pass a weights file itself with --model NAME otherwise.')
-    try:
-        config = json.loads(config_file.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f'{config_file} is not valid JSON ({e}); write the folder again.') from e
+    config = read_config(folder)
     if not any(f.name.endswith(WEIGHT_SUFFIXES) for f in folder.iterdir()):
         raise FileNotFoundError(f'{folder} has config.json but no weights file (model.safetensors); copy the weights '
                                 f'in or write the folder again.')
