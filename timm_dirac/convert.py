@@ -12,6 +12,7 @@ import torch
 import torch.nn as nn
 
 from .checkpoint_io import is_release, load_checkpoint_file, local_file
+from .finite import check_weights
 from .labels import CIFAR10_LABELS, CIFAR100_LABELS
 from .state_dict import detect_format, to_timm_state_dict
 
@@ -69,13 +70,18 @@ def run(args: argparse.Namespace) -> int:
     path = local_file(args.source)
     checkpoint = load_checkpoint_file(path)
     fmt = detect_format(checkpoint)
+    state_dict = to_timm_state_dict(checkpoint)
+    check_weights(state_dict, str(path))  # bad numbers are refused, never converted
     folded = fmt.endswith('folded') if args.form == 'auto' else args.form == 'folded'
-    num_classes = args.num_classes or _classifier_size(to_timm_state_dict(checkpoint))
+    file_classes = _classifier_size(state_dict)
+    num_classes = args.num_classes or file_classes
     cfg = get_pretrained_cfg(args.model)
     release = (cfg is not None and not args.model_kwargs and num_classes in (None, cfg.num_classes)
                and is_release(path, cfg.url))
     model = timm.create_model(
-        args.model, pretrained=True, inference_mode=folded, pretrained_cfg_overlay=dict(state_dict=checkpoint),
+        # the cfg's num_classes says what the file holds: timm keeps its classifier when the model's is the same size
+        args.model, pretrained=True, inference_mode=folded,
+        pretrained_cfg_overlay=dict(state_dict=state_dict, **({} if file_classes is None else dict(num_classes=file_classes))),
         **({} if num_classes is None else dict(num_classes=num_classes)), **args.model_kwargs)
     model.pretrained_cfg.pop('state_dict', None)
 
