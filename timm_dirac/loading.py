@@ -83,9 +83,11 @@ def _create_with_weights(model_name: str, source: str, architecture: Optional[st
         if str(e).startswith('Unknown model'):
             raise
         target = f'architecture {architecture!r}' if architecture else 'the architecture of its config.json'
-        raise ValueError(f'the weights in {source} do not fit {target} ({type(e).__name__}: '
-                         f'{str(e).strip().splitlines()[0]} ...): give the weights and the architecture (and '
-                         f'--num-classes, for a classifier of another size) that belong together.') from e
+        lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()]
+        detail = lines[1] if len(lines) > 1 and lines[0].startswith('Error(s) in loading') else lines[0]
+        raise ValueError(f'the weights in {source} do not fit {target} ({type(e).__name__}: {detail.rstrip(".")} '
+                         f'...): give the weights and the architecture (and --num-classes, for a classifier of '
+                         f'another size) that belong together.') from e
     check_weights(model.state_dict(), source, floating=False)
     return model
 
