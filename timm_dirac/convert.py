@@ -103,10 +103,11 @@ def run(args: argparse.Namespace) -> int:
     cfg = get_pretrained_cfg(args.model)
     release = (cfg is not None and not args.model_kwargs and num_classes in (None, cfg.num_classes)
                and is_release(path, cfg.url))
+    overlay = dict(state_dict=state_dict)
+    if file_classes is not None:  # the cfg says what the file holds: timm keeps a classifier of the model's size
+        overlay['num_classes'] = file_classes
     model = timm.create_model(
-        # the cfg's num_classes says what the file holds: timm keeps its classifier when the model's is the same size
-        args.model, pretrained=True, inference_mode=folded,
-        pretrained_cfg_overlay=dict(state_dict=state_dict, **({} if file_classes is None else dict(num_classes=file_classes))),
+        args.model, pretrained=True, inference_mode=folded, pretrained_cfg_overlay=overlay,
         **({} if num_classes is None else dict(num_classes=num_classes)), **args.model_kwargs)
     model.pretrained_cfg.pop('state_dict', None)
 

@@ -208,8 +208,8 @@ def _comparison(results: Dict[str, Any], split: Optional[str], source: Optional[
     if int8:
         lines += ['', '### int8 deployment', '', '| flow | fp32 top-1 | int8 top-1 | drop | int8 / ONNX Runtime fp32 |',
                   '|---|---|---|---|---|']
-        lines += [f"| {r['flow']} | {r['fp32_top1']:.2f} | {r['int8_top1']:.2f} | {r['fp32_top1'] - r['int8_top1']:.2f} "
-                  f"| {r['speedup']} |" for r in int8['rows']]
+        lines += [f"| {r['flow']} | {r['fp32_top1']:.2f} | {r['int8_top1']:.2f} | "
+                  f"{r['fp32_top1'] - r['int8_top1']:.2f} | {r['speedup']} |" for r in int8['rows']]
         lines += ['', f"Measured with `{int8['command']}` ({int8['measured']})."]
     return '\n'.join(lines).strip('\n')
 

@@ -56,7 +56,8 @@ def download_failed_message(model_name: str, error: OSError, **kwargs) -> str:
     if model_name.startswith('hf-hub:'):
         load_from, location = 'hf-hub', model_name[len('hf-hub:'):]
     else:
-        cfg = timm.models.resolve_pretrained_cfg(model_name, pretrained_cfg_overlay=kwargs.get('pretrained_cfg_overlay'))
+        overlay = kwargs.get('pretrained_cfg_overlay')
+        cfg = timm.models.resolve_pretrained_cfg(model_name, pretrained_cfg_overlay=overlay)
         load_from, location = resolve_pretrained_source(cfg.to_dict())
         location = location[0] if isinstance(location, (tuple, list)) else location
     arch = model_name.split('.')[0]
