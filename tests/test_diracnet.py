@@ -174,7 +174,8 @@ FOLDED_TYPES = (nn.Conv2d, nn.ReLU, nn.MaxPool2d, nn.AdaptiveAvgPool2d, nn.Linea
                 nn.Dropout)
 
 
-@pytest.mark.parametrize('name', PARAM_COUNTS)
+@pytest.mark.parametrize('name', [pytest.param(n, marks=pytest.mark.slow) if n == 'diracnet28_10_cifar' else n
+                                  for n in PARAM_COUNTS])  # 36M parameters: ~6 s on 2 cores
 def test_folding_keeps_eval_outputs_and_leaves_a_plain_chain(name):
     model = randomize(timm.create_model(name))
     x = torch.randn(2, *SMALL_INPUT[style_of(model)])

@@ -21,6 +21,7 @@ def sample_test_images():
     return images.permute(0, 3, 1, 2).float() / 255, torch.tensor(ds['label'])
 
 
+@pytest.mark.slow  # 1,000 images through both forms: ~20-50 s on 2 cores
 def test_td_cifar10_weights_classify_the_sample_test_images_in_both_forms():
     train_form = timm.create_model(f'local-dir:{WEIGHTS}', pretrained=True).eval()
     folded = timm.create_model(f'local-dir:{WEIGHTS}', pretrained=True, inference_mode=True).eval()
