@@ -28,7 +28,7 @@ from timm.utils import reparameterize_model
 
 from .backends import Setup, backend_names, get_backends
 from .backends.torch_eager import PRECISIONS
-from .diracnet import REPORTED_RESULTS
+from .hub import REPORTED_RESULTS
 from .loading import default_data, load_images
 from .precision import cpu_flags
 from .timing import time_interleaved
