@@ -16,12 +16,12 @@ from authors_format import (
     authors_checkpoint, functional_forward, make_functional_params, params_epoch_optimizer_layout, params_stats_layout,
     rel_err, write_authors_folded_file)
 
-def test_convert_names_the_shape_that_fits_and_writes_nothing(tmp_path):
+def test_convert_names_both_shapes_and_writes_nothing(tmp_path):
     small = make_functional_params((2, 2, 2), (16, 32, 64), 'cifar', 10)  # DiracNet-10-1 for DiracNet-34-1
     path = tmp_path / 'small.pth'
     torch.save(params_stats_layout(small), path)
     out = tmp_path / 'out'
-    with pytest.raises(ValueError, match=r"'diracnet34_1_cifar', depth=10, width=1\)"):
+    with pytest.raises(ValueError, match=r'\(2, 2, 2\).*not \(10, 10, 10\).*--model-kwargs depth=10 width=1\.'):
         cli_main(['--debug', 'convert', str(path), '--model', 'diracnet34_1_cifar', '--out', str(out)])
     assert sorted(p.name for p in tmp_path.iterdir()) == ['small.pth']
 

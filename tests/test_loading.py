@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import timm
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from timm.data import resolve_model_data_config
 
 import timm_dirac  # noqa: F401  registers the models
@@ -83,9 +83,22 @@ def test_registry_names_pretrained_tag_and_create_model_kwargs(save_for_hf_folde
     assert load_model('diracnet34_1_cifar', num_classes=5, **SMALL).num_classes == 5
     assert load_model(None, str(save_for_hf_folder), num_classes=5).num_classes == 5  # head re-initialised
     tag = load_model('diracnet16_4_cifar.td_cifar10', pretrained=True)
-    folder = load_model('diracnet16_4_cifar', str(WEIGHTS))
-    assert not tag.training and all(torch.equal(a, b) for a, b in zip(
-        tag.state_dict().values(), folder.state_dict().values()))
+    shipped = load_file(str(WEIGHTS / 'model.safetensors'))  # read by safetensors alone, not through timm
+    assert not tag.training and tag.state_dict().keys() == shipped.keys()
+    assert all(torch.equal(value, shipped[key]) for key, value in tag.state_dict().items())
+
+
+def test_a_weights_file_with_another_classifier_size(tmp_path):
+    """ --num-classes gives the file's classifier size, and its classifier loads; without it, one line says to. """
+    torch.manual_seed(0)
+    model = timm.create_model('diracnet34_1_cifar', num_classes=100, **SMALL).eval()
+    path = tmp_path / 'cifar100.safetensors'
+    save_file(model.state_dict(), str(path))
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(_output(load_model('diracnet34_1_cifar', str(path), num_classes=100, **SMALL), x), model(x))
+    with pytest.raises(ValueError, match=r'do not fit .*size mismatch for head.fc.weight.*--num-classes'):
+        load_model('diracnet34_1_cifar', str(path), **SMALL)
 
 
 def test_another_architecture_is_named(tmp_path, save_for_hf_folder, source):

@@ -1,14 +1,14 @@
 """ The package's shape: every module imports the others in one direction only (no import cycles, lazy imports
-inside functions included), and the model module needs none of the command, file or Hub code. """
+inside functions included); the model files import only the standard library, torch, timm and each other, as a
+timm model file does; no module resolves hosts or opens sockets itself. """
 import ast
+import sys
 from pathlib import Path
 
 import timm_dirac
 
 PACKAGE = Path(timm_dirac.__file__).parent
-MODEL_MODULES = ('layers', 'diracnet', 'diracify')  # what `import timm_dirac` needs to build and fold models
-COMMAND_AND_IO = ('cli', 'convert', 'validate', 'export', 'quantize', 'benchmark', 'demo', 'hub', 'train', 'loading',
-                  'checkpoint_io', 'data')
+MODEL_FILES = ('layers', 'diracnet', 'state_dict')  # what timm would merge: the model, its layers, its checkpoints
 
 
 def _module_name(path: Path) -> str:
@@ -68,12 +68,42 @@ def test_modules_import_each_other_in_one_direction():
         visit(module, [])
 
 
-def test_the_model_modules_need_no_command_file_or_hub_code():
+def _top_level_imports(path: Path) -> set:
+    """ (kind, name) of every import in `path`: ('package', module) for our modules, ('external', top-level name)
+    for anything else. """
+    found = {('package', m) for m in _imports(path)}
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found.update(('external', a.name.split('.')[0]) for a in node.names
+                         if a.name.split('.')[0] != 'timm_dirac')
+        elif isinstance(node, ast.ImportFrom) and not node.level and node.module.split('.')[0] != 'timm_dirac':
+            found.add(('external', node.module.split('.')[0]))
+    return found
+
+
+def test_the_model_files_import_only_the_standard_library_torch_timm_and_each_other():
+    allowed = {('package', m) for m in MODEL_FILES} | {('external', m) for m in ('torch', 'timm')}
+    for module in MODEL_FILES:
+        imports = _top_level_imports(PACKAGE / f'{module}.py')
+        extra = {(kind, name) for kind, name in imports - allowed if kind == 'package' or
+                 name not in sys.stdlib_module_names}
+        assert not extra, f'{module}.py imports {sorted(name for _, name in extra)}'
+
+
+def test_the_model_and_diracify_reach_no_other_module_of_the_package():
+    """ What `import timm_dirac` needs to build and fold models, followed through every import. """
     graph = _graph()
-    reached, todo = set(), list(MODEL_MODULES)
+    reached, todo = set(), list(MODEL_FILES) + ['diracify']
     while todo:
         module = todo.pop()
         if module not in reached:
             reached.add(module)
             todo.extend(graph.get(module, ()))
-    assert not reached & set(COMMAND_AND_IO), sorted(reached & set(COMMAND_AND_IO))
+    assert reached == set(MODEL_FILES) | {'diracify'}, sorted(reached - set(MODEL_FILES))
+
+
+def test_no_module_resolves_hosts_or_opens_sockets():
+    """ Downloads are timm's, torch hub's and huggingface_hub's, which honour proxies and offline settings. """
+    for path in PACKAGE.rglob('*.py'):
+        assert ('external', 'socket') not in _top_level_imports(path), path
+        assert 'getaddrinfo' not in path.read_text(), path

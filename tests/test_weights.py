@@ -21,6 +21,7 @@ def sample_test_images():
     return images.permute(0, 3, 1, 2).float() / 255, torch.tensor(ds['label'])
 
 
+@pytest.mark.slow  # 1,000 images through both forms: ~20-50 s on 2 cores
 def test_td_cifar10_weights_classify_the_sample_test_images_in_both_forms():
     train_form = timm.create_model(f'local-dir:{WEIGHTS}', pretrained=True).eval()
     folded = timm.create_model(f'local-dir:{WEIGHTS}', pretrained=True, inference_mode=True).eval()
@@ -49,9 +50,18 @@ def test_td_cifar10_loads_by_name_from_the_shipped_copy(monkeypatch):
         assert torch.equal(by_name.state_dict()[key], value), key
 
 
-def test_td_cifar10_tag_points_at_the_project_namespace():
-    cfg = timm.models.get_pretrained_cfg('diracnet16_4_cifar.td_cifar10')
-    assert cfg.hf_hub_id == f'{timm_dirac.hub.HUB_NAMESPACE}/diracnet16_4_cifar.td_cifar10'
+def test_td_cifar10_tag_loads_from_its_hub_repository_without_the_shipped_copy(offline_hub):
+    """ Where the package's copy is not used (pretrained_cfg_overlay file=None), the tag reads the Hub repository
+    the folder is pushed to, `timm-dirac/diracnet16_4_cifar.td_cifar10` (here a local cache in the Hub's layout). """
+    from authors_format import add_to_hf_cache
+
+    add_to_hf_cache(WEIGHTS, 'timm-dirac/diracnet16_4_cifar.td_cifar10', offline_hub)
+    from_hub = timm.create_model('diracnet16_4_cifar.td_cifar10', pretrained=True,
+                                 pretrained_cfg_overlay=dict(file=None)).eval()
+    shipped = timm.create_model('diracnet16_4_cifar.td_cifar10', pretrained=True).eval()
+    assert 'file' not in from_hub.pretrained_cfg or not from_hub.pretrained_cfg['file']
+    for key, value in shipped.state_dict().items():
+        assert torch.equal(from_hub.state_dict()[key], value), key
 
 
 def test_td_cifar10_folder_config_says_what_the_registry_says():

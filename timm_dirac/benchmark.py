@@ -30,6 +30,7 @@ from timm.utils import reparameterize_model
 
 from .backends import Setup, backend_names, get_backends
 from .backends.torch_eager import PRECISIONS
+from .hub import REPORTED_RESULTS
 from .loading import default_data, load_images
 from .precision import cpu_flags
 from .timing import time_interleaved
@@ -37,10 +38,11 @@ from .timing import time_interleaved
 TIMM_RESULTS = ('timm ImageNet-1k validation results, huggingface/pytorch-image-models '
                 'results/results-imagenet.csv at commit aa4b5850c154, 224 px rows')
 
-# Reported ImageNet-1k top-1 (%) by model: (weights tag, top-1, source). Used only to place models on the plot.
+# Reported ImageNet-1k top-1 (%) by model: (weights tag, top-1, source). Used only to place models on the plot; the
+# DiracNets' from the model cards' facts (hub.REPORTED_RESULTS), the others from timm's published results.
 REPORTED_TOP1: Dict[str, List[tuple]] = {
-    'diracnet18': [('v2', 69.63, "the authors' export notebook, github.com/szagoruyko/diracnets")],
-    'diracnet34': [('v2', 72.21, 'the DiracNets paper, arXiv:1706.00388')],
+    **{name.split('.')[0]: [(name.split('.')[1].split('_')[0], r['top1'], r['source'])]
+       for name, r in REPORTED_RESULTS.items()},
     'resnet18': [('tv_in1k', 69.752, TIMM_RESULTS), ('a1_in1k', 71.504, TIMM_RESULTS)],
     'resnet34': [('tv_in1k', 73.298, TIMM_RESULTS), ('a1_in1k', 76.420, TIMM_RESULTS)],
     'repvgg_a0': [('rvgg_in1k', 72.426, TIMM_RESULTS)],

@@ -88,7 +88,14 @@ def is_release(path: os.PathLike, url: Optional[str]) -> bool:
 
 
 def local_file(source: str) -> Path:
-    """ The local file of a path or URL (a URL is downloaded once into torch hub's cache). """
+    """ The local file of a path or URL (a URL is downloaded once into torch hub's cache); a failed download is
+    refused in one line that says how to use a copy downloaded by hand. """
     if '://' not in source:
         return Path(source)
-    return Path(download_cached_file(source, check_hash=False, progress=True))
+    try:
+        return Path(download_cached_file(source, check_hash=False, progress=True))
+    except OSError as e:  # urllib's URLError / HTTPError: no network, or no such file there
+        name = os.path.basename(source)
+        raise OSError(f'could not download {source} ({first_sentence(e)}): download {name} by hand where there is '
+                      f'network (e.g. in a browser) and pass its path instead of the URL, or copy it to '
+                      f'{os.path.join(torch.hub.get_dir(), "checkpoints", name)}.') from e

@@ -17,7 +17,7 @@ COMMANDS = {
     'export-onnx': ('timm_dirac.export', 'export a folded model to ONNX, checked with ONNX Runtime on real images'),
     'quantize': ('timm_dirac.quantize', 'post-training static int8 of a folded model, calibrated on real images'),
     'convert': ('timm_dirac.convert', "convert a checkpoint (ours or the authors', path or URL) into a Hub folder"),
-    'push': ('timm_dirac.hub', 'upload a Hub folder to the Hugging Face Hub (--dry-run lists the files)'),
+    'push': ('timm_dirac.push', 'upload a Hub folder to the Hugging Face Hub (--dry-run lists the files)'),
     'validate': ('timm_dirac.validate', 'top-1/top-5 and loss on an image folder or a datasets dataset'),
 }
 

@@ -6,12 +6,13 @@ names the classes, and gives the authors' release file (checked by its hash) its
 """
 import argparse
 from pathlib import Path
-from typing import Any, Mapping, Optional, Tuple
+from typing import Any, Dict, Mapping, Optional, Tuple
 
 import torch
 import torch.nn as nn
 
 from .checkpoint_io import is_release, load_checkpoint_file, local_file
+from .finite import check_weights
 from .labels import CIFAR10_LABELS, CIFAR100_LABELS
 from .state_dict import detect_format, to_timm_state_dict
 
@@ -33,6 +34,30 @@ def authors_dataset(model: nn.Module) -> Optional[Tuple[str, Tuple[str, ...]]]:
 def _classifier_size(state_dict: Mapping[str, Any]) -> Optional[int]:
     weight = state_dict.get('head.fc.weight')
     return int(weight.shape[0]) if isinstance(weight, torch.Tensor) else None
+
+
+def _check_shape(state_dict: Mapping[str, Any], source: str, model_name: str, model_kwargs: Dict[str, Any]) -> None:
+    """ Refuse a checkpoint of another DiracNet shape than `--model` builds, giving the exact `--model-kwargs` that
+    build its shape (the model's own error names the two shapes only). """
+    import timm
+    from .diracnet import STYLES
+    from .state_dict import stage_structure
+
+    got = stage_structure(state_dict)
+    want = stage_structure(timm.create_model(model_name, device='meta', **model_kwargs).state_dict())
+    style_name, style = next(((n, s) for n, s in STYLES.items() if len(s.widths) == len(got[0])), (None, None))
+    if got == want or style is None:
+        return  # it fits, or no style has its stage count: the model's own error names the shapes
+    depth = style.depth(got[0])
+    try:
+        shape = f'depth={depth}' if style.layers(depth, style_name) == got[0] else None
+    except ValueError:
+        shape = None
+    kwargs = f"{shape or 'layers=' + str(got[0]).replace(' ', '')} width={got[1][0] / style.widths[0]:g}"
+    kwargs += f' style={style_name}' if len(got[0]) != len(want[0]) else ''
+    raise ValueError(f'{source} holds another DiracNet than {model_name}: Dirac layers per stage {got[0]} and stage '
+                     f'widths {got[1]}, not {want[0]} and {want[1]}. Convert it with --model {model_name} '
+                     f'--model-kwargs {kwargs}.')
 
 
 def add_arguments(parser: argparse.ArgumentParser):
@@ -69,13 +94,20 @@ def run(args: argparse.Namespace) -> int:
     path = local_file(args.source)
     checkpoint = load_checkpoint_file(path)
     fmt = detect_format(checkpoint)
+    state_dict = to_timm_state_dict(checkpoint)
+    check_weights(state_dict, str(path))  # bad numbers are refused, never converted
+    _check_shape(state_dict, path.name, args.model, args.model_kwargs)
     folded = fmt.endswith('folded') if args.form == 'auto' else args.form == 'folded'
-    num_classes = args.num_classes or _classifier_size(to_timm_state_dict(checkpoint))
+    file_classes = _classifier_size(state_dict)
+    num_classes = args.num_classes or file_classes
     cfg = get_pretrained_cfg(args.model)
     release = (cfg is not None and not args.model_kwargs and num_classes in (None, cfg.num_classes)
                and is_release(path, cfg.url))
+    overlay = dict(state_dict=state_dict)
+    if file_classes is not None:  # the cfg says what the file holds: timm keeps a classifier of the model's size
+        overlay['num_classes'] = file_classes
     model = timm.create_model(
-        args.model, pretrained=True, inference_mode=folded, pretrained_cfg_overlay=dict(state_dict=checkpoint),
+        args.model, pretrained=True, inference_mode=folded, pretrained_cfg_overlay=overlay,
         **({} if num_classes is None else dict(num_classes=num_classes)), **args.model_kwargs)
     model.pretrained_cfg.pop('state_dict', None)
 

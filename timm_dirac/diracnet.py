@@ -9,10 +9,8 @@ and every BatchNorm into plain convs, leaving a VGG-like chain of conv-ReLU pair
 The ImageNet nets (DiracNet-18/34) and the CIFAR nets (DiracNet-D-W, named like Wide ResNets) are one class:
 `style` picks the stem, the stage widths and the depth rule; `depth`, `width` or `layers` pick any member.
 """
-import os
 from collections import OrderedDict
 from dataclasses import dataclass
-from functools import partial
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
@@ -20,15 +18,11 @@ import torch.nn as nn
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import ClassifierHead, get_device_dtype
-from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, list_models, register_model
+from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
+from timm.models._features import feature_take_indices
+from timm.models._input import update_model_args
 
-from ._timm_compat import feature_take_indices, update_model_args
-from .assets import asset_path
-from .errors import first_sentence
-from .finite import check_weights
-from .labels import CIFAR10_LABELS
 from .layers import DiracConv2d, fold_bn, is_folded
-from .pretrained import hub_unreachable, pretrained_source_error
 from .state_dict import (
     check_dirac_pairs, fold_state_dict, is_folded_state_dict, stage_structure, to_timm_state_dict, unfold_state_dict)
 
@@ -270,7 +264,6 @@ class DiracNet(nn.Module):
         self.num_features = self.head_hidden_size = in_chs
         self.head = ClassifierHead(in_chs, num_classes, pool_type=global_pool, drop_rate=drop_rate, **dd)
         self._init_head()
-        self.register_load_state_dict_pre_hook(_check_checkpoint_form)
 
     @property
     def inference_mode(self) -> bool:
@@ -395,23 +388,6 @@ class DiracNet(nn.Module):
         return self.forward_head(x)
 
 
-def _check_checkpoint_form(module: DiracNet, state_dict: Dict[str, torch.Tensor], prefix: str, *args):
-    """ Refuse, with the fix, a train-form state dict for a folded model and the reverse. """
-    model_folded = module.inference_mode
-    if prefix + 'stem.bn.running_var' in state_dict and model_folded:
-        raise RuntimeError(
-            'This checkpoint is a train-form DiracNet (Dirac alpha/beta and BatchNorm tensors) but the model is '
-            'folded (inference_mode=True or reparameterize() was called). Load it into a model built with '
-            'inference_mode=False and call model.reparameterize() afterwards, or fold the checkpoint first with '
-            'timm_dirac.fold_state_dict().')
-    if prefix + 'stem.conv.bias' in state_dict and not model_folded:
-        raise RuntimeError(
-            'This checkpoint is a folded DiracNet (convs with bias, no BatchNorm) but the model is in train form. '
-            'Build the model with inference_mode=True to load it as is, or unfold it exactly into the train form '
-            'with timm_dirac.unfold_state_dict() (or timm.create_model(..., pretrained=True, '
-            'pretrained_cfg_overlay=dict(file=...)), which does that for you) to fine-tune it.')
-
-
 @torch.no_grad()
 def _conv_with_bn_folded(conv: Union[nn.Conv2d, DiracConv2d], bn: nn.BatchNorm2d) -> nn.Conv2d:
     """ A plain conv with bias computing bn(conv(x)) in eval mode; `conv` must hold its final kernel in `weight`. """
@@ -431,80 +407,26 @@ def _init_bn(bn: nn.BatchNorm2d) -> nn.BatchNorm2d:
     return bn
 
 
-def _describe(layers: Tuple[int, ...], widths: Tuple[int, ...], arch: str = '') -> str:
-    """ How to build the model of a structure: a registered name, or a registered name of its style (`arch` if it is
-    one) with the keyword arguments that shape it (for `timm.create_model` and `timm-dirac convert --model-kwargs`). """
-    found = [(name, style) for name, style in STYLES.items() if len(style.widths) == len(layers)]
-    if not found:
-        return f'a DiracNet with layers={layers} and stage widths {widths}'
-    style_name, style = found[0]
-    depth, width = style.depth(layers), widths[0] / style.widths[0]
-    try:
-        by_depth = style.layers(depth, style_name) == layers
-    except ValueError:
-        by_depth = False
-    suffix = '' if style_name == 'imagenet' else f'_{style_name}'
-    names = [n for n in list_models('diracnet*') if (n.endswith(suffix) if suffix else n.count('_') == 0)]
-    exact = f'diracnet{depth}' + (f'_{width:g}{suffix}' if suffix else '')
-    if by_depth and exact in names and (suffix or width == 1):
-        return f"timm.create_model('{exact}') (timm-dirac convert --model {exact})"
-    name = arch if arch in names else next((n for n in names if n.startswith(f'diracnet{depth}')), None)
-    kwargs = dict(depth=depth) if by_depth else dict(layers=layers)
-    kwargs['width'] = int(width) if width.is_integer() else width
-    if name is None:  # a style without a registered name of its own: any DiracNet name, with the style
-        name = arch or 'diracnet18'
-        kwargs['style'] = style_name
-    py = ', '.join(f'{k}={v!r}' for k, v in kwargs.items())
-    cli = ' '.join(f'{k}={v!r}'.replace(' ', '') for k, v in kwargs.items())
-    return f"timm.create_model('{name}', {py}) (timm-dirac convert --model {name} --model-kwargs {cli})"
-
-
 def _check_structure(state_dict: Mapping[str, torch.Tensor], model: nn.Module):
-    """ Raise a clear error when a state dict (our keys) is for another DiracNet shape than `model`. """
-    want = stage_structure(model.state_dict())
-    got = stage_structure(state_dict)
+    """ Refuse a state dict (our keys) of another DiracNet shape than `model`, naming both shapes. """
+    got, want = stage_structure(state_dict), stage_structure(model.state_dict())
     if got != want:
         name = getattr(model, 'pretrained_cfg', {}).get('architecture', type(model).__name__)
         raise ValueError(
-            f'This checkpoint has Dirac layers per stage {got[0]} and widths {got[1]}, but the model {name} has '
-            f'{want[0]} and {want[1]}: the checkpoint is for another DiracNet. Create the model that matches it: '
-            f'{_describe(*got, name)}.')
+            f'This checkpoint is another DiracNet: Dirac layers per stage {got[0]} and stage widths {got[1]}, but '
+            f'the model {name} has {want[0]} and {want[1]}. Create the model of the checkpoint\'s shape (e.g. '
+            f'layers={got[0]} and the width that gives stage widths {got[1]}).')
 
 
-def _check_classifier(state_dict: Mapping[str, torch.Tensor], model: nn.Module, features_only: bool = False):
-    """ Make timm load a classifier in the checkpoint that fits `model`, and refuse one that cannot load.
-
-    timm keeps the checkpoint's classifier only when the model's class count is the pretrained cfg's, so a file
-    loaded with another `num_classes` than its cfg says (the authors' CIFAR-100 file under a CIFAR-10 name) would
-    lose its classifier silently. Here the cfg is made to say what the file holds: a classifier that fits the model
-    loads; with another `num_classes` asked for, timm starts a new classifier as for any pretrained weights; with
-    the cfg's `num_classes` kept, the mismatch is an error that names the fix. """
-    weight = state_dict.get('head.fc.weight')
-    cfg = model.pretrained_cfg
-    if weight is None or features_only or weight.shape[0] == cfg.get('num_classes'):
-        return
-    classes = weight.shape[0]
-    if model.num_classes == cfg.get('num_classes'):
-        raise ValueError(
-            f'This checkpoint has a {classes}-class classifier but the model has {model.num_classes} classes. Create '
-            f'the model with num_classes={classes} to load it (timm-dirac convert/validate: --num-classes {classes}), '
-            f'or with the num_classes you want for a new classifier.')
-    cfg['num_classes'] = classes  # the cfg now describes the file: timm keeps a fitting classifier, drops another
-
-
-def checkpoint_filter_fn(state_dict: Dict[str, Any], model: nn.Module, features_only: bool = False
-                         ) -> Dict[str, torch.Tensor]:
+def checkpoint_filter_fn(state_dict: Dict[str, Any], model: nn.Module) -> Dict[str, torch.Tensor]:
     """ timm `pretrained_filter_fn`: bring any supported DiracNet checkpoint (ours in either form, the authors'
-    folded or functional ones) into the form (train or folded) and keys of `model`; a classifier that fits the
-    model loads (see `_check_classifier`; `features_only`: the classifier is not wanted). """
+    folded or functional ones) into the form (train or folded) and keys of `model`. """
     if not isinstance(model, DiracNet):  # e.g. a config.json or --model naming another architecture
         raise ValueError(f'DiracNet weights cannot be loaded into a {type(model).__name__}: the model name or the '
                          f'config.json architecture must be a DiracNet (diracnet*).')
     state_dict = to_timm_state_dict(state_dict)
     _check_structure(state_dict, model)
     check_dirac_pairs(state_dict)
-    check_weights(state_dict, 'the checkpoint')
-    _check_classifier(state_dict, model, features_only)
     model_folded = is_folded(model)
     if model_folded and not is_folded_state_dict(state_dict):
         return fold_state_dict(state_dict)
@@ -516,32 +438,14 @@ def checkpoint_filter_fn(state_dict: Dict[str, Any], model: nn.Module, features_
 
 def _create_diracnet(variant: str, pretrained: bool = False, **kwargs) -> DiracNet:
     num_levels = 1 + len(get_style(kwargs.get('style', 'imagenet')).widths)
-    overlays = kwargs.get('pretrained_cfg'), kwargs.get('pretrained_cfg_overlay')
-    if pretrained and (offline := hub_unreachable(variant, *overlays)):
-        raise pretrained_source_error(variant, offline, *overlays)
-    try:
-        return build_model_with_cfg(
-            DiracNet,
-            variant,
-            pretrained,
-            pretrained_filter_fn=partial(checkpoint_filter_fn, features_only=kwargs.get('features_only', False)),
-            feature_cfg=dict(flatten_sequential=True, out_indices=tuple(range(num_levels))),
-            **kwargs,
-        )
-    except OSError as e:  # URLError and huggingface_hub's network / cache errors are all OSErrors
-        if not pretrained:
-            raise
-        raise pretrained_source_error(variant, e, *overlays) from e
-    except ValueError:  # the checkpoint filter's own messages
-        raise
-    except Exception as e:  # torch.load / safetensors / load_state_dict on a damaged or foreign file
-        if not pretrained:
-            raise
-        overlay = kwargs.get('pretrained_cfg_overlay') or {}
-        source = overlay.get('file') or 'the pretrained weights'
-        raise ValueError(f'cannot load {source} into {variant} ({first_sentence(e)}): the file is truncated, corrupt '
-                         f'or empty, or holds another model\'s weights; write or download it again, or pass the '
-                         f'--model it was trained as.') from e
+    return build_model_with_cfg(
+        DiracNet,
+        variant,
+        pretrained,
+        pretrained_filter_fn=checkpoint_filter_fn,
+        feature_cfg=dict(flatten_sequential=True, out_indices=tuple(range(num_levels))),
+        **kwargs,
+    )
 
 
 def _cfg(url: str = '', **kwargs) -> Dict[str, Any]:
@@ -568,56 +472,21 @@ def _cifar_cfg(url: str = '', **kwargs) -> Dict[str, Any]:
         mean=CIFAR_MEAN, std=CIFAR_STD, **kwargs)
 
 
-# Hub namespace (user or organisation) of the weights this project trains itself, e.g. `<ns>/diracnet34_1_cifar.<tag>`
-HUB_NAMESPACE = os.environ.get('TIMM_DIRAC_HUB_NAMESPACE', 'timm-dirac')
-
-AUTHORS_REPO = 'https://github.com/szagoruyko/diracnets'
-
-_AUTHORS_IMAGENET_EVAL = (
-    "The authors trained and evaluated these weights with OpenCV: resize to 256 with cv2.INTER_CUBIC (bicubic, no "
-    "antialiasing), centre crop 224, ImageNet mean / std. This config uses timm's closest setting (bicubic, crop_pct "
-    "0.875); timm resizes with PIL, which antialiases, so its accuracy can differ from the reported one by about a "
-    "point (a re-evaluation with PIL resizing measured {pil}).")
-
-# Accuracy the weights' authors report, per `<architecture>.<tag>`, for the model cards of exactly those weights.
-REPORTED_RESULTS: Dict[str, Dict[str, Any]] = {
-    'diracnet18.v2_in1k': dict(
-        dataset='imagenet-1k', split='validation', top1=69.63, top5=89.12,
-        source="the authors' export notebook (top-1 / top-5 error 30.37 / 10.88)", source_url=AUTHORS_REPO,
-        note=_AUTHORS_IMAGENET_EVAL.format(pil='68.53 / 88.30')),
-    'diracnet34.v2_in1k': dict(
-        dataset='imagenet-1k', split='validation', top1=72.21,
-        source='the DiracNets paper (top-1 error 27.79), also cited by the RepVGG paper',
-        source_url='https://arxiv.org/abs/1706.00388',
-        note=_AUTHORS_IMAGENET_EVAL.format(pil='71.25 / 90.07')),
-}
-
-
-def _reported_note(name: str) -> str:
-    result = REPORTED_RESULTS[name]
-    top5 = f" / top-5 {result['top5']}" if 'top5' in result else ''
-    return f"ImageNet-1k val top-1 {result['top1']}{top5} reported in {result['source']}."
-
-
 # The authors' ImageNet weights (folded v2) load from their own address and are converted on load
-# (checkpoint_filter_fn); their repository has no licence file, so they are not re-hosted. They were trained
-# and evaluated with OpenCV's bicubic resize (cv2.INTER_CUBIC): 'bicubic' is timm's closest setting. Weights this
-# project trains itself go to the Hub namespace HUB_NAMESPACE (env TIMM_DIRAC_HUB_NAMESPACE) as
-# `hf_hub_id=f'{HUB_NAMESPACE}/<model>.<tag>'`. Reported accuracy: REPORTED_RESULTS.
+# (checkpoint_filter_fn); their repository has no licence file, so they are not re-hosted. They were trained and
+# evaluated with OpenCV's bicubic resize (cv2.INTER_CUBIC): 'bicubic' is timm's closest setting.
 default_cfgs = generate_default_cfgs({
     'diracnet18.v2_in1k': _cfg(
         url='https://s3.amazonaws.com/modelzoo-networks/diracnet18v2folded-a2174e15.pth', interpolation='bicubic',
         origin_url='https://github.com/szagoruyko/diracnets', license='unknown',
-        notes=("The authors' folded v2 weights, downloaded from their address and converted on load.",
-               _reported_note('diracnet18.v2_in1k'))),
+        notes=("The authors' folded v2 weights, downloaded from their address and converted on load.",)),
     'diracnet34.v2_in1k': _cfg(
         url='https://s3.amazonaws.com/modelzoo-networks/diracnet34v2folded-dfb15d34.pth', interpolation='bicubic',
         origin_url='https://github.com/szagoruyko/diracnets', license='unknown',
-        notes=("The authors' folded v2 weights, downloaded from their address and converted on load.",
-               _reported_note('diracnet34.v2_in1k'))),
+        notes=("The authors' folded v2 weights, downloaded from their address and converted on load.",)),
     'diracnet16_4_cifar.td_cifar10': _cifar_cfg(
-        hf_hub_id=f'{HUB_NAMESPACE}/diracnet16_4_cifar.td_cifar10', license='apache-2.0', label_names=CIFAR10_LABELS,
-        file=str(asset_path('weights/diracnet16_4_cifar.td_cifar10/model.safetensors')),
+        hf_hub_id='timm-dirac/diracnet16_4_cifar.td_cifar10', license='apache-2.0',
+        label_names=('airplane', 'automobile', 'bird', 'cat', 'deer', 'dog', 'frog', 'horse', 'ship', 'truck'),
         notes=('Trained by timm-dirac on CIFAR-10 (train split) in 112 min on a 2-core CPU: '
                'train_configs/diracnet16_4_cifar10_cpu.yaml. 90.00% top-1 on the CIFAR-10 test split.',
                'Until pushed to the Hub, pretrained=True loads the copy shipped in the timm-dirac package '

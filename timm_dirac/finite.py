@@ -1,7 +1,8 @@
 """ Bad numbers are refused, never written as a result: one check for weights that are not finite floats.
 
-Used where weights are loaded (the DiracNet checkpoint filter behind convert, validate, export, quantize and
-`--initial-checkpoint`), after folding, and by the training loop before each checkpoint.
+Used by the commands where weights are loaded (convert, and `loading.load_model` behind validate, export-onnx and
+quantize), after folding, and by the training loop before each checkpoint. The model's checkpoint filter does not
+scan values: the Python API loads what it is given, as timm does.
 """
 from typing import Mapping
 

@@ -1,18 +1,17 @@
-""" Hugging Face Hub folders for DiracNets: save (weights, timm config, generated model card) and push
+""" Hugging Face Hub folders for DiracNets: save (weights, timm config, model card), check and upload
 
 `save_hub_folder` writes a folder that both the Hub and `timm.create_model('local-dir:<folder>')` accept:
-`model.safetensors`, timm's `config.json` (via `timm.models.save_for_hf`) and a `README.md` model card generated
-from the model and its pretrained cfg. The folder appears atomically (written to a temp dir, then renamed) and an
+`model.safetensors`, timm's `config.json` (via `timm.models.save_for_hf`) and a `README.md` model card laid out by
+timm's own card writer (`generate_readme`), with the Hub metadata (licence, datasets, model-index) from
+huggingface_hub's `ModelCardData`. The folder appears atomically (written to a temp dir, then renamed) and an
 existing folder is never replaced unless asked.
 
 Only weights that are verifiably a pretrained tag's own (`release=True`, e.g. the authors' file checked by its hash)
 carry that tag's name, source, licence and reported accuracy; anything else is described as what it is.
 
-`push_hub_folder` (CLI: `timm-dirac push`) uploads such a folder with huggingface_hub's `create_repo` +
-`create_commit`, using the user's usual token (`hf auth login` or `HF_TOKEN`), with the repository id filled in
-the card's usage examples.
+`push_hub_folder` (command: `timm-dirac push`, in `push.py`) uploads such a folder with huggingface_hub's
+`create_repo` + `upload_folder`, with the repository id filled in the card's usage examples.
 """
-import argparse
 import json
 import os
 import shutil
@@ -24,13 +23,36 @@ import torch
 import torch.nn as nn
 
 from .checkpoint_io import check_safetensors, read_config
-from .diracnet import AUTHORS_REPO, HUB_NAMESPACE, REPORTED_RESULTS
 from .layers import is_folded
 
 __all__ = [
     'HUB_NAMESPACE', 'REPORTED_RESULTS', 'REPO_ID_PLACEHOLDER', 'save_hub_folder', 'push_hub_folder',
-    'check_hub_folder', 'generate_model_card', 'count_params_macs', 'published_cfg',
+    'check_hub_folder', 'generate_model_card', 'count_params_macs', 'published_cfg', 'upload_file_list',
 ]
+
+# Hub namespace (user or organisation) of the weights this project trains itself, e.g. `<ns>/diracnet34_1_cifar.<tag>`
+HUB_NAMESPACE = 'timm-dirac'
+
+AUTHORS_REPO = 'https://github.com/szagoruyko/diracnets'
+
+_AUTHORS_IMAGENET_EVAL = (
+    "The authors trained and evaluated these weights with OpenCV: resize to 256 with cv2.INTER_CUBIC (bicubic, no "
+    "antialiasing), centre crop 224, ImageNet mean / std. This config uses timm's closest setting (bicubic, crop_pct "
+    "0.875); timm resizes with PIL, which antialiases, so its accuracy can differ from the reported one by about a "
+    "point (pytorchcv, https://github.com/osmr/imgclsmob, reports {pytorchcv} for its {name}).")
+
+# Accuracy the weights' authors report, per `<architecture>.<tag>`, for the model cards of exactly those weights.
+REPORTED_RESULTS: Dict[str, Dict[str, Any]] = {
+    'diracnet18.v2_in1k': dict(
+        dataset='imagenet-1k', split='validation', top1=69.63, top5=89.12,
+        source="the authors' export notebook (top-1 / top-5 error 30.37 / 10.88)", source_url=AUTHORS_REPO,
+        note=_AUTHORS_IMAGENET_EVAL.format(pytorchcv='68.53 top-1 (31.47% error)', name='DiracNetV2-18')),
+    'diracnet34.v2_in1k': dict(
+        dataset='imagenet-1k', split='validation', top1=72.21,
+        source='the DiracNets paper (top-1 error 27.79), also cited by the RepVGG paper',
+        source_url='https://arxiv.org/abs/1706.00388',
+        note=_AUTHORS_IMAGENET_EVAL.format(pytorchcv='71.25 top-1 (28.75% error)', name='DiracNetV2-34')),
+}
 
 HUB_FILES = ('model.safetensors', 'config.json', 'README.md')
 
@@ -118,105 +140,10 @@ def _fact(value: Any) -> str:
     return json.dumps(value) if isinstance(value, (dict, list, tuple)) else str(value)
 
 
-def generate_model_card(
-        model: nn.Module,
-        train_info: Optional[Dict[str, Any]] = None,
-        release: bool = False,
-        repo_id: Optional[str] = None,
-) -> str:
-    """ README.md for a DiracNet Hub folder: Hub metadata (YAML) and a body generated from the model and its cfg.
-
-    `release`: the weights are those of the model's pretrained tag (e.g. the authors' file, checked by its hash);
-    only then does the card show the tag's name, source, licence and reported accuracy. `repo_id` fills in the
-    usage examples (`push` does it on upload; until then they read REPO_ID_PLACEHOLDER).
-
-    `train_info` may hold `dataset` (a name like 'cifar10' or a Hub dataset id), `metrics` (e.g. {'top1': 94.1,
-    'top5': 99.8, 'loss': 0.2}, percent), `eval_split`, `metrics_source`, `license`, `source` (what the weights were
-    converted from), `int8` (measured by `timm-dirac quantize`: `rows` of flow, fp32_top1, int8_top1, speedup;
-    `command`; `measured`, the data and machine), and any other facts (epochs, recipe, command, ...), listed under
-    "Training".
-    """
-    from huggingface_hub import EvalResult, ModelCardData
-
-    train_info = dict(train_info or {})
-    cfg = published_cfg(model, release)
-    arch = cfg['architecture']
-    name = _model_name(cfg)
-    repo_id = repo_id or REPO_ID_PLACEHOLDER
-    folded = is_folded(model)
-    reported = REPORTED_RESULTS.get(name) if release else None
-    url = cfg.get('url') or ''
-    authors_release = release and (reported is not None or 'modelzoo-networks' in url)
-    dataset_id, dataset_name = _dataset(train_info.pop('dataset', None) or (reported or {}).get('dataset'))
-    license_id = train_info.pop('license', None) or cfg.get('license') or 'unknown'
-
-    # metrics: measured ones from train_info, else those the weights' authors report
-    results, metrics_source, source_url = {}, None, None
-    split = train_info.pop('eval_split', None)
-    if train_info.get('metrics'):
-        results = dict(train_info.pop('metrics'))
-        metrics_source = train_info.pop('metrics_source', 'measured by this project (timm-dirac)')
-    elif reported:
-        results = {k: reported[k] for k in ('top1', 'top5') if k in reported}
-        metrics_source, source_url, split = reported['source'], reported['source_url'], reported['split']
-    source = train_info.pop('source', None)
-    int8 = train_info.pop('int8', None)
-    metric_ids = {'top1': ('accuracy', 'Top-1 Accuracy'), 'top5': ('top-5-accuracy', 'Top-5 Accuracy')}
-    eval_results = [
-        EvalResult(task_type='image-classification', task_name='Image Classification', dataset_type=dataset_id,
-                   dataset_name=dataset_name, dataset_split=split, metric_type=metric_ids[k][0],
-                   metric_name=metric_ids[k][1], metric_value=float(v),
-                   source_name=metrics_source if source_url else None, source_url=source_url)
-        for k, v in results.items() if k in metric_ids
-    ] if dataset_id else None
-    card_data = ModelCardData(
-        library_name='timm', license=license_id, pipeline_tag='image-classification',
-        tags=['image-classification', 'timm', 'timm-dirac', 'diracnet', 'reparameterized'],
-        datasets=[dataset_id] if dataset_id else None, model_name=name, eval_results=eval_results or None,
-    )
-
-    stats = count_params_macs(model)
-    in_size = tuple(cfg.get('input_size', (3, 224, 224)))
-    layers = sum(len(s.blocks) for s in model.stages) if hasattr(model, 'stages') else None
-    licence_note = ''
-    if authors_release:
-        origin = f"converted from the authors' released weights ({url or AUTHORS_REPO})"
-        licence_note = (" (the authors' repository has no licence file; timm-dirac does not re-host these weights: "
-                        "its pretrained tag downloads them from the authors' address and converts them on the user's "
-                        "machine)")
-    elif source:
-        origin = f'converted from {source}'
-    elif results:
-        origin = 'trained with timm-dirac (see Training)'
-    else:
-        origin = 'of unknown origin'
-    preprocessing = (f'input {in_size[1]} x {in_size[2]}, crop_pct {cfg.get("crop_pct")}, {cfg.get("interpolation")} '
-                     f'interpolation, mean {tuple(cfg.get("mean", ()))}, std {tuple(cfg.get("std", ()))}')
+def _usage(repo_id: str) -> str:
+    """ The card's usage section: timm's examples, with the plugin import, folding and the int8 command. """
     hub_name = f'hf-hub:{repo_id}'
-    lines = [
-        f'# Model card for {name}',
-        '',
-        f'A DiracNet image classification model ({arch}: {layers} Dirac layers, no skip connections), weights '
-        f'{origin}. Each layer is ReLU -> Dirac-parameterized 3x3 conv (`alpha * identity + beta * normalize(W)`) -> '
-        f'BatchNorm; `reparameterize()` folds every layer into one plain conv with bias, leaving a VGG-like chain. '
-        f'These weights are stored in the {"folded (inference_mode=True)" if folded else "train"} form.',
-        '',
-        '## Model Details',
-        '- **Model Type:** Image classification / feature backbone',
-        '- **Model Stats:**',
-        f'  - Params (M): {_num(stats["train"][0])} train form, {_num(stats["folded"][0])} folded',
-        f'  - GMACs: {_num(stats["train"][1])} train form, {_num(stats["folded"][1])} folded '
-        f'(convs and linear layers, torch.utils.flop_counter)',
-        f'  - Image size: {in_size[1]} x {in_size[2]}',
-        f'- **Dataset:** {dataset_name or "not stated"}',
-        '- **Papers:**',
-        '  - DiracNets: Training Very Deep Neural Networks Without Skip-Connections: https://arxiv.org/abs/1706.00388',
-        f'- **Original:** {cfg.get("origin_url") or AUTHORS_REPO}',
-        f'- **Weights:** {origin}',
-        f'- **License:** {license_id}{licence_note}',
-        f'- **Preprocessing:** {preprocessing}',
-        '',
-        '## Model Usage',
+    return '\n'.join([
         '```bash',
         'pip install timm-dirac  # or, in a clone of the timm-dirac repository: pip install -e .',
         '```',
@@ -264,27 +191,139 @@ def generate_model_card(
         'the learned weights keep their precision; its 7-bit weights cannot saturate the 16-bit pair sums of x86 '
         'CPUs without VNNI, so one file serves every CPU.',
         '```bash',
-        'timm-dirac quantize --checkpoint <this folder> --calib hfds/<training images> --out int8/  # int8/model_int8_split.onnx',
+        'timm-dirac quantize --checkpoint <this folder> --calib hfds/<training images> --out int8/  '
+        '# int8/model_int8_split.onnx',
         '```',
-    ]
+    ])
+
+
+def _comparison(results: Dict[str, Any], split: Optional[str], source: Optional[str], note: Optional[str],
+                int8: Optional[Dict[str, Any]]) -> str:
+    """ The card's comparison section: accuracy with its source, and measured int8 rows. """
+    lines = []
     if results:
-        lines += ['', '## Model Comparison', '', '| metric | value | split | source |', '|---|---|---|---|']
-        lines += [f'| {k} | {v} | {split or "-"} | {metrics_source} |' for k, v in results.items()]
-        if reported and reported.get('note') and metrics_source == reported['source']:
-            lines += ['', reported['note']]
+        lines += ['| metric | value | split | source |', '|---|---|---|---|']
+        lines += [f'| {k} | {v} | {split or "-"} | {source} |' for k, v in results.items()]
+        lines += ['', note] if note else []
     if int8:
-        lines += ['', '## int8 deployment', '', '| flow | fp32 top-1 | int8 top-1 | drop | int8 / ONNX Runtime fp32 |',
+        lines += ['', '### int8 deployment', '', '| flow | fp32 top-1 | int8 top-1 | drop | int8 / ONNX Runtime fp32 |',
                   '|---|---|---|---|---|']
-        lines += [f"| {r['flow']} | {r['fp32_top1']:.2f} | {r['int8_top1']:.2f} | {r['fp32_top1'] - r['int8_top1']:.2f} "
-                  f"| {r['speedup']} |" for r in int8['rows']]
+        lines += [f"| {r['flow']} | {r['fp32_top1']:.2f} | {r['int8_top1']:.2f} | "
+                  f"{r['fp32_top1'] - r['int8_top1']:.2f} | {r['speedup']} |" for r in int8['rows']]
         lines += ['', f"Measured with `{int8['command']}` ({int8['measured']})."]
+    return '\n'.join(lines).strip('\n')
+
+
+def generate_model_card(
+        model: nn.Module,
+        train_info: Optional[Dict[str, Any]] = None,
+        release: bool = False,
+        repo_id: Optional[str] = None,
+) -> str:
+    """ README.md for a DiracNet Hub folder: timm's card layout (`timm.models._hub.generate_readme`, our sections
+    passed to it as data) under Hub metadata written by huggingface_hub's `ModelCardData` (with model-index).
+
+    `release`: the weights are those of the model's pretrained tag (e.g. the authors' file, checked by its hash);
+    only then does the card show the tag's name, source, licence and reported accuracy. `repo_id` fills in the
+    usage examples (`push` does it on upload; until then they read REPO_ID_PLACEHOLDER).
+
+    `train_info` may hold `dataset` (a name like 'cifar10' or a Hub dataset id), `metrics` (e.g. {'top1': 94.1,
+    'top5': 99.8, 'loss': 0.2}, percent), `eval_split`, `metrics_source`, `license`, `source` (what the weights were
+    converted from), `int8` (measured by `timm-dirac quantize`: `rows` of flow, fp32_top1, int8_top1, speedup;
+    `command`; `measured`, the data and machine), and any other facts (epochs, recipe, command, ...), listed under
+    "Training".
+    """
+    from huggingface_hub import EvalResult, ModelCard, ModelCardData
+    from timm.models._hub import generate_readme
+
+    train_info = dict(train_info or {})
+    cfg = published_cfg(model, release)
+    arch = cfg['architecture']
+    name = _model_name(cfg)
+    folded = is_folded(model)
+    reported = REPORTED_RESULTS.get(name) if release else None
+    url = cfg.get('url') or ''
+    authors_release = release and (reported is not None or 'modelzoo-networks' in url)
+    dataset_id, dataset_name = _dataset(train_info.pop('dataset', None) or (reported or {}).get('dataset'))
+    license_id = train_info.pop('license', None) or cfg.get('license') or 'unknown'
+
+    # metrics: measured ones from train_info, else those the weights' authors report
+    results, metrics_source, source_url, note = {}, None, None, None
+    split = train_info.pop('eval_split', None)
+    if train_info.get('metrics'):
+        results = dict(train_info.pop('metrics'))
+        metrics_source = train_info.pop('metrics_source', 'measured by this project (timm-dirac)')
+    elif reported:
+        results = {k: reported[k] for k in ('top1', 'top5') if k in reported}
+        metrics_source, source_url, split = reported['source'], reported['source_url'], reported['split']
+        note = reported.get('note')
+    source = train_info.pop('source', None)
+    int8 = train_info.pop('int8', None)
+    metric_ids = {'top1': ('accuracy', 'Top-1 Accuracy'), 'top5': ('top-5-accuracy', 'Top-5 Accuracy')}
+    eval_results = [
+        EvalResult(task_type='image-classification', task_name='Image Classification', dataset_type=dataset_id,
+                   dataset_name=dataset_name, dataset_split=split, metric_type=metric_ids[k][0],
+                   metric_name=metric_ids[k][1], metric_value=float(v),
+                   source_name=metrics_source if source_url else None, source_url=source_url)
+        for k, v in results.items() if k in metric_ids
+    ] if dataset_id else None
+
+    licence_note = ''
+    if authors_release:
+        origin = f"converted from the authors' released weights ({url or AUTHORS_REPO})"
+        licence_note = (" (the authors' repository has no licence file; timm-dirac does not re-host these weights: "
+                        "its pretrained tag downloads them from the authors' address and converts them on the user's "
+                        "machine)")
+    elif source:
+        origin = f'converted from {source}'
+    elif results:
+        origin = 'trained with timm-dirac (see Training)'
+    else:
+        origin = 'of unknown origin'
+    stats = count_params_macs(model)
+    in_size = tuple(cfg.get('input_size', (3, 224, 224)))
+    layers = sum(len(s.blocks) for s in model.stages) if hasattr(model, 'stages') else None
+    details = {
+        'Model Type': 'Image classification / feature backbone',
+        'Model Stats': {
+            'Params (M)': f'{_num(stats["train"][0])} train form, {_num(stats["folded"][0])} folded',
+            'GMACs': f'{_num(stats["train"][1])} train form, {_num(stats["folded"][1])} folded (convs and linear '
+                     f'layers, torch.utils.flop_counter)',
+            'Image size': f'{in_size[1]} x {in_size[2]}',
+        },
+        'Dataset': dataset_name or 'not stated',
+        'Papers': {'DiracNets: Training Very Deep Neural Networks Without Skip-Connections':
+                   'https://arxiv.org/abs/1706.00388'},
+        'Original': cfg.get('origin_url') or AUTHORS_REPO,
+        'Weights': origin,
+        'License': f'{license_id}{licence_note}',
+        'Preprocessing': f'input {in_size[1]} x {in_size[2]}, crop_pct {cfg.get("crop_pct")}, '
+                         f'{cfg.get("interpolation")} interpolation, mean {tuple(cfg.get("mean", ()))}, '
+                         f'std {tuple(cfg.get("std", ()))}',
+    }
     if train_info:
-        lines += ['', '## Training', '']
-        lines += [f'- **{k}:** {_fact(v)}' for k, v in train_info.items()]
-    lines += ['', '## Citation']
-    for citation in _CITATIONS:
-        lines += ['```bibtex', citation, '```']
-    return f'---\n{card_data.to_yaml()}\n---\n' + '\n'.join(lines) + '\n'
+        details['Training'] = {k: _fact(v) for k, v in train_info.items()}
+    sections = dict(
+        description=(
+            f'A DiracNet image classification model ({arch}: {layers} Dirac layers, no skip connections), weights '
+            f'{origin}. Each layer is ReLU -> Dirac-parameterized 3x3 conv (`alpha * identity + beta * '
+            f'normalize(W)`) -> BatchNorm; `reparameterize()` folds every layer into one plain conv with bias, '
+            f'leaving a VGG-like chain. These weights are stored in the '
+            f'{"folded (inference_mode=True)" if folded else "train"} form.'),
+        details=details,
+        usage=_usage(repo_id or REPO_ID_PLACEHOLDER),
+        citation=_CITATIONS,
+    )
+    comparison = _comparison(results, split, metrics_source, note, int8)
+    if comparison:
+        sections['comparison'] = comparison
+    card = ModelCard(generate_readme(sections, name))
+    card.data = ModelCardData(
+        library_name='timm', license=license_id, pipeline_tag='image-classification',
+        tags=['image-classification', 'timm', 'timm-dirac', 'diracnet', 'reparameterized'],
+        datasets=[dataset_id] if dataset_id else None, model_name=name, eval_results=eval_results or None,
+    )
+    return str(card)
 
 
 def save_hub_folder(
@@ -391,7 +430,8 @@ def push_hub_folder(
         commit_message: Optional[str] = None,
         allow_unknown_license: bool = False,
 ) -> List[str]:
-    """ Upload a Hub folder to `repo_id` (created if missing) in one commit; returns the uploaded repo paths.
+    """ Upload a Hub folder to `repo_id` (created if missing) with `HfApi.upload_folder`, in one commit; returns the
+    uploaded repo paths (`upload_file_list`).
 
     The uploaded README.md names `repo_id` in its usage examples (the local folder is left as it is). A folder whose
     card says `license: unknown` (e.g. the authors' weights, which timm-dirac does not re-host) is refused unless
@@ -410,34 +450,19 @@ def push_hub_folder(
     files = upload_file_list(folder)
     if dry_run:
         return files
-    from huggingface_hub import CommitOperationAdd, HfApi
+    from huggingface_hub import HfApi
 
-    card = (folder / 'README.md').read_text(encoding='utf-8').replace(REPO_ID_PLACEHOLDER, repo_id)
-    operations = [CommitOperationAdd(path_in_repo=f, path_or_fileobj=card.encode('utf-8') if f == 'README.md'
-                                     else str(folder / f)) for f in files]
-    api = HfApi(token=token)
-    api.create_repo(repo_id, repo_type='model', private=private, exist_ok=True)
-    api.create_commit(repo_id=repo_id, repo_type='model', operations=operations,
-                      commit_message=commit_message or f'Upload {folder.name} with timm-dirac')
+    with tempfile.TemporaryDirectory() as staging:  # the files to upload, the card with the repository id in it
+        for f in files:
+            target = Path(staging) / f
+            target.parent.mkdir(parents=True, exist_ok=True)
+            if f == 'README.md':
+                card = (folder / f).read_text(encoding='utf-8').replace(REPO_ID_PLACEHOLDER, repo_id)
+                target.write_text(card, encoding='utf-8')
+            else:
+                target.symlink_to((folder / f).resolve())
+        api = HfApi(token=token)
+        api.create_repo(repo_id, repo_type='model', private=private, exist_ok=True)
+        api.upload_folder(repo_id=repo_id, repo_type='model', folder_path=staging,
+                          commit_message=commit_message or f'Upload {folder.name} with timm-dirac')
     return files
-
-
-def add_arguments(parser: argparse.ArgumentParser):
-    parser.add_argument('folder', help='Hub folder written by `timm-dirac convert` (or save_hub_folder)')
-    parser.add_argument('--repo-id', required=True, help=f'Hub repository, e.g. {HUB_NAMESPACE}/diracnet18.in1k')
-    parser.add_argument('--private', action='store_true', help='create the repository as private')
-    parser.add_argument('--dry-run', action='store_true', help='show the files that would be uploaded, upload nothing')
-    parser.add_argument('--allow-unknown-license', action='store_true',
-                        help="upload even though the card's licence is unknown (you have the right to publish them)")
-    parser.add_argument('--commit-message', default=None)
-
-
-def run(args: argparse.Namespace) -> int:
-    folder = Path(args.folder)
-    files = push_hub_folder(folder, args.repo_id, private=args.private, dry_run=args.dry_run,
-                            commit_message=args.commit_message, allow_unknown_license=args.allow_unknown_license)
-    verb = 'would upload' if args.dry_run else 'uploaded'
-    print(f'{verb} to https://huggingface.co/{args.repo_id}{" (private)" if args.private else ""}:')
-    for f in files:
-        print(f'  {f}  ({(folder / f).stat().st_size:,} bytes)')
-    return 0

@@ -4,6 +4,7 @@ Models come from a registry name (with or without its pretrained weights), a `lo
 checkpoint folder in the Hub layout or a weights file, in eval mode; images are the first N of a split read as
 `timm_dirac.data` reads it, in the model's own eval transform.
 """
+import os
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
 
@@ -14,9 +15,11 @@ import timm
 from timm.data import resolve_model_data_config
 from timm.utils import reparameterize_model
 
+from ._timm_compat import resolve_pretrained_source
 from .assets import asset_path
-from .checkpoint_io import check_safetensors, read_config
+from .checkpoint_io import check_safetensors, load_checkpoint_file, read_config
 from .data import eval_transform, load_eval_split
+from .errors import first_sentence
 from .finite import check_weights
 from .layers import is_folded
 
@@ -47,18 +50,45 @@ def _checkpoint_folder_config(folder: Path) -> Dict[str, Any]:
     return config
 
 
+def download_failed_message(model_name: str, error: OSError, **kwargs) -> str:
+    """ One line for pretrained weights that could not be downloaded (`error`, e.g. offline): where timm looked
+    and how to load a local copy instead. """
+    if model_name.startswith('hf-hub:'):
+        load_from, location = 'hf-hub', model_name[len('hf-hub:'):]
+    else:
+        overlay = kwargs.get('pretrained_cfg_overlay')
+        cfg = timm.models.resolve_pretrained_cfg(model_name, pretrained_cfg_overlay=overlay)
+        load_from, location = resolve_pretrained_source(cfg.to_dict())
+        location = location[0] if isinstance(location, (tuple, list)) else location
+    arch = model_name.split('.')[0]
+    if load_from == 'url':
+        filename = os.path.basename(location)
+        return (f'could not download the weights of {model_name} from {location} ({first_sentence(error)}). To use a '
+                f'local copy of {filename}: pass it with --model {arch} --checkpoint /path/to/{filename} (Python: '
+                f"timm.create_model('{arch}', pretrained=True, pretrained_cfg_overlay=dict(file=...))), or put it in "
+                f'{os.path.join(torch.hub.get_dir(), "checkpoints")}, where timm looks first.')
+    return (f'could not download the weights of {model_name} from the Hugging Face Hub repository {location} '
+            f'({first_sentence(error)}). To use a local copy: download the repository where there is network '
+            f'(`hf download {location} --local-dir DIR`) and pass --checkpoint DIR, or copy a Hugging Face cache that '
+            f'holds it here and set HF_HUB_OFFLINE=1 (offline without it, huggingface_hub retries for about 45 s).')
+
+
 def _create_with_weights(model_name: str, source: str, architecture: Optional[str], **kwargs) -> nn.Module:
-    """ `timm.create_model(model_name, pretrained=True, ...)`, a state dict that does not fit the architecture
-    refused in one line that names both, and the loaded weights checked to be finite. """
+    """ `timm.create_model(model_name, pretrained=True, ...)`; a download that fails, or a state dict that does not
+    fit the architecture, refused in one line that says what to do; the loaded weights checked to be finite. """
     try:
         model = timm.create_model(model_name, pretrained=True, **kwargs)
+    except OSError as e:  # torch hub's URLError, huggingface_hub's LocalEntryNotFoundError: the download failed
+        raise OSError(download_failed_message(model_name, e, **kwargs)) from e
     except (RuntimeError, AttributeError, KeyError) as e:  # load_state_dict, or timm's lookups of cfg layer names
         if str(e).startswith('Unknown model'):
             raise
         target = f'architecture {architecture!r}' if architecture else 'the architecture of its config.json'
-        raise ValueError(f'the weights in {source} do not fit {target} ({type(e).__name__}: '
-                         f'{str(e).strip().splitlines()[0]} ...): they are another model\'s; give the weights and the '
-                         f'architecture that belong together.') from e
+        lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()]
+        detail = lines[1] if len(lines) > 1 and lines[0].startswith('Error(s) in loading') else lines[0]
+        raise ValueError(f'the weights in {source} do not fit {target} ({type(e).__name__}: {detail.rstrip(".")} '
+                         f'...): give the weights and the architecture (and --num-classes, for a classifier of '
+                         f'another size) that belong together.') from e
     check_weights(model.state_dict(), source, floating=False)
     return model
 
@@ -76,9 +106,11 @@ def load_model(
     * a `checkpoint` folder in the Hub layout (config.json + weights, as written by `timm.models.save_for_hf` or
       `timm-dirac convert`; a model card is not needed), of `name`'s architecture where a name is given;
     * a `checkpoint` weights file for the architecture `name`. Folded and train-form DiracNet weights, ours or the
-      authors', both load (the pretrained filter unfolds a folded file exactly).
+      authors', both load (the pretrained filter unfolds a folded file exactly); `num_classes` says the size of
+      its classifier.
 
-    Loaded weights are checked to be finite.
+    Loaded weights are checked to be finite; a failed download is refused in one line that says how to load a
+    local copy.
     """
     if name and name.startswith(MODEL_SOURCES):  # its weights are implied (`pretrained` may be given or not)
         if checkpoint:
@@ -106,9 +138,14 @@ def load_model(
         raise FileNotFoundError(f'Checkpoint {path} does not exist.')
     if not name:
         raise ValueError(f'{path} is a weights file: also give --model NAME to say which architecture it is for.')
-    if path.name.endswith('.safetensors'):
-        check_safetensors(path)
-    return _create_with_weights(name, str(path), arch, pretrained_cfg_overlay=dict(file=str(path)), **kwargs).eval()
+    checkpoint = load_checkpoint_file(path)  # read safely, out of any training container
+    check_weights(checkpoint, str(path))  # finite floating-point weights only
+    # a --num-classes given with a weights file is the file's classifier size: timm keeps a classifier only when
+    # the model's class count is the pretrained cfg's
+    overlay = dict(state_dict=checkpoint, file=str(path), **{k: v for k, v in kwargs.items() if k == 'num_classes'})
+    model = _create_with_weights(name, str(path), arch, pretrained_cfg_overlay=overlay, **kwargs)
+    model.pretrained_cfg.pop('state_dict', None)
+    return model.eval()
 
 
 def fold(model: nn.Module) -> nn.Module:
