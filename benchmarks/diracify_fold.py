@@ -8,6 +8,7 @@ pass: top-1 of each, how many predictions differ, and the largest relative outpu
 gets its fp32 top-1 only. `--hub-out` writes the folded model as a timm Hub folder (timm's save_for_hf), which
 loads with timm alone.
 
+    python benchmarks/diracify_fold.py output/diracify/vgg11_bn-dirac   # the shipped sample's 1,000 test images
     python benchmarks/diracify_fold.py output/diracify/vgg11_bn-dirac --dataset hfds/uoft-cs/cifar10 --split test
     python benchmarks/diracify_fold.py --plot docs/results RUN_DIR [RUN_DIR ...]   # table + plot of several runs
 """
@@ -29,6 +30,8 @@ from timm.utils import reparameterize_model
 
 import timm_dirac
 from timm_dirac.data import load_split, eval_transform
+from timm_dirac.errors import run_refusing
+from timm_dirac.loading import default_data
 
 
 def _create(run: Dict[str, Any], num_classes: int) -> torch.nn.Module:
@@ -113,23 +116,30 @@ def plot(out_dir: Path, run_dirs: List[Path]) -> None:
     fig.savefig(out_dir / 'diracify_cifar10.png', dpi=100)
 
 
-def main() -> None:
+def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     p.add_argument('runs', nargs='+', type=Path, help='train.py run folders')
-    p.add_argument('--dataset', default='hfds/uoft-cs/cifar10', help='hfds/<Hub id or local folder>')
+    p.add_argument('--dataset', default=default_data(),
+                   help='hfds/<Hub id or local folder> (default: the CIFAR-10 sample shipped in the package; '
+                        'hfds/uoft-cs/cifar10 for the full test split)')
     p.add_argument('--split', default='test')
     p.add_argument('-b', '--batch-size', type=int, default=250)
     p.add_argument('--checkpoint', default='last', choices=['last', 'best'], help='which weights of the run')
     p.add_argument('--hub-out', type=Path, default=None, help='write the folded model here (one run only)')
     p.add_argument('--plot', type=Path, default=None, metavar='DIR', help='table and PNG from the runs\' '
                    'summary.csv and fold_eval.json instead of evaluating')
+    p.add_argument('--debug', action='store_true', help='show the traceback of an error (default: one line)')
     args = p.parse_args()
+    return run_refusing('diracify_fold.py', lambda: _run(args), args.debug)
+
+
+def _run(args: argparse.Namespace) -> int:
     if args.plot:
         return plot(args.plot, args.runs)
     if args.hub_out and len(args.runs) != 1:
-        sys.exit('diracify_fold.py: error: --hub-out writes one run: pass one run folder.')
+        raise ValueError('--hub-out writes one run: pass one run folder.')
     if args.hub_out and args.hub_out.exists():
-        sys.exit(f'diracify_fold.py: error: {args.hub_out} exists; nothing was written. Pass a new folder.')
+        raise FileExistsError(f'{args.hub_out} exists; nothing was written. Pass a new folder.')
     for run_dir in args.runs:
         result, folded = fold_and_evaluate(run_dir, args.dataset, args.split, args.batch_size, args.checkpoint)
         (run_dir / 'fold_eval.json').write_text(json.dumps(result, indent=1) + '\n')
@@ -139,7 +149,8 @@ def main() -> None:
             model_args = yaml.safe_load((run_dir / 'args.yaml').read_text()).get('model_kwargs') or None
             save_for_hf(folded, args.hub_out, model_args=model_args, safe_serialization=True)
             print(f'Hub folder (timm only): {args.hub_out}')
+    return 0
 
 
 if __name__ == '__main__':
-    main()
+    sys.exit(main())

@@ -199,16 +199,16 @@ def _describe(case: Case) -> str:
 
 
 def inference_rows(cases: List[Case], memory: Dict, compile_s: Dict) -> Dict[str, Any]:
-    """ benchmark.summarize's rows (img/s, latency, GFLOP/s, share of the GEMM peak, x the ResNet of the same
+    """ benchmark.summarize's rows (img/s, latency, GFLOP/s, share of the peak, x the ResNet of the same
     depth) with the peak memory and, for compiled cases, the seconds of the first call (compiling). """
-    summary = summarize(cases) if cases else dict(gemm_peak_gflop_per_s={}, rows=[])
+    summary = summarize(cases) if cases else dict(peak={}, rows=[])
     keep = ('model', 'form', 'backend', 'precision', 'batch_size', 'img_per_s', 'latency_ms', 'latency_ms_min',
             'latency_ms_max', 'repeats', 'gflop_per_img', 'gflop_per_s', 'peak_fraction', 'vs_resnet')
     rows = []
     for r in summary['rows']:
         key = (r['model'], r['form'], r['backend'], r['precision'], r['batch_size'])
         rows.append(dict({k: r[k] for k in keep}, peak_memory_mib=memory.get(key), first_call_s=compile_s.get(key)))
-    return dict(gemm_peak_gflop_per_s=summary['gemm_peak_gflop_per_s'], rows=rows)
+    return dict(gemm_peak_gflop_per_s={p: v['gflop_per_s'] for p, v in summary['peak'].items()}, rows=rows)
 
 
 # -------------------------------------------------------------------------------------------------- training
@@ -331,7 +331,7 @@ def format_report(result: Dict[str, Any]) -> str:
               'x ResNet: against the ResNet of the same depth, same backend, precision and batch. compile s: the '
               'first call of a compiled case (compiling for that batch size).', '',
               '| model | form | backend | precision | batch | img/s | latency ms (min-max) | peak MiB | GFLOP/img '
-              '| TFLOP/s | % GEMM peak | x ResNet | compile s |',
+              '| TFLOP/s | % peak | x ResNet | compile s |',
               '|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|']
     for r in sorted(inference['rows'], key=lambda r: (r['backend'], r['precision'], r['batch_size'])):
         lines.append(
@@ -341,7 +341,8 @@ def format_report(result: Dict[str, Any]) -> str:
             f"| {_f(r['peak_fraction'] and 100 * r['peak_fraction'], '.0f')} | {_f(r['vs_resnet'], '.2f')} "
             f"| {_f(r['first_call_s'], '.1f')} |")
     peaks = ', '.join(f'{p} {v / 1e3:.1f} TFLOP/s' for p, v in inference['gemm_peak_gflop_per_s'].items())
-    lines += ['', f"GEMM peak measured in the same run ({result['settings']['gemm_size']}^3): {peaks or 'none'}.",
+    lines += ['', f"Peak: the best round in this run of a {result['settings']['gemm_size']}^3 GEMM or of a model that "
+              f"outran it: {peaks or 'none'}.",
               '', '## Training step (synthetic batch: compute only)', '',
               "One optimizer step of the recipe's model, global batch (on this one device), optimizer, channels_last "
               "and `--amp` precision on a batch already on the device (cuDNN benchmark mode off, as in train.py): no "

@@ -22,8 +22,8 @@ ROOT = Path(__file__).resolve().parents[1]
 DATA = default_data()
 
 
-@pytest.mark.parametrize('name', [pytest.param(n, marks=pytest.mark.slow) if n == 'compile' else n  # inductor: ~25 s
-                                  for n in backend_names()])
+@pytest.mark.parametrize('name', [pytest.param(n, marks=pytest.mark.slow) if n in ('compile', 'pt2e') else n  # ~25 s
+                                  for n in backend_names()])  # each (inductor lowering)
 def test_every_backend_runs_the_folded_model(name, tmp_path, small_folded_diracnet):
     for package in BACKENDS[name].requires:
         pytest.importorskip(package)
@@ -51,13 +51,29 @@ def test_every_backend_runs_the_folded_model(name, tmp_path, small_folded_diracn
     assert sorted(p.name for p in tmp_path.iterdir()) == expected.get(name, [])
 
 
-def test_the_builtin_backends_and_what_they_run():
-    assert backend_names() == ['eager', 'compile', 'onnxruntime', 'split', 'plain', 'onnxruntime-int8', 'pt2e']
-    assert backend_names(int8=True) == ['split', 'plain', 'onnxruntime-int8', 'pt2e']
+def test_the_names_the_commands_rely_on_are_registered():
+    """ benchmark's default (eager), quantize's default flow (split) and fp32 baseline (onnxruntime), and the int8
+    file benchmark times for any model (onnxruntime-int8). """
+    assert {'eager', 'onnxruntime'} <= set(backend_names(int8=False))
+    assert {'split', 'onnxruntime-int8'} <= set(backend_names(int8=True))
+
+
+def test_listing_follows_registration_and_precisions(registered):
+    """ Names are listed in registration order; a backend is int8 exactly when it runs int8, and the two
+    listings split the registry between them. """
+    registered('late-fp32', ('fp32', 'bf16'), _eager_fp32)
+    registered('late-int8', ('int8',), _rounded_int8)
+    assert backend_names() == list(BACKENDS) and backend_names()[-2:] == ['late-fp32', 'late-int8']
+    assert backend_names(int8=True) == [n for n in BACKENDS if 'int8' in BACKENDS[n].precisions]
+    assert sorted(backend_names(int8=True) + backend_names(int8=False)) == sorted(BACKENDS)
+
+
+def test_a_backend_runs_the_asked_precisions_it_has_else_its_own_first():
+    assert BACKENDS['eager'].run_precisions(['fp32', 'bf16']) == ['fp32', 'bf16']
     assert BACKENDS['eager'].run_precisions(['bf16']) == ['bf16']
     assert BACKENDS['onnxruntime'].run_precisions(['fp32', 'bf16']) == ['fp32']
     assert BACKENDS['onnxruntime'].run_precisions(['bf16']) == ['fp32']  # ONNX Runtime runs fp32 whatever is asked
-    assert BACKENDS['pt2e'].run_precisions(['fp32', 'bf16']) == ['int8']
+    assert BACKENDS['split'].run_precisions(['fp32', 'bf16']) == ['int8']
 
 
 def test_names_are_unique():

@@ -1,4 +1,5 @@
-""" `timm-dirac benchmark`: structure of the output (no timing assertions) and the summary arithmetic. """
+""" `timm-dirac benchmark`: structure of the output (no timing assertions), the summary arithmetic, and a peak that
+no row can exceed. """
 import json
 
 import pytest
@@ -7,7 +8,7 @@ import torch
 pytest.importorskip('onnxruntime')
 
 import timm_dirac  # noqa: F401  registers the models
-from timm_dirac.benchmark import Case, build_forms, format_table, has_reparameterization, summarize
+from timm_dirac.benchmark import Case, build_forms, format_table, has_reparameterization, peaks, summarize
 from timm_dirac.cli import main
 
 ROW_KEYS = {'model', 'form', 'backend', 'precision', 'batch_size', 'img_per_s', 'latency_ms', 'latency_ms_min',
@@ -15,7 +16,7 @@ ROW_KEYS = {'model', 'form', 'backend', 'precision', 'batch_size', 'img_per_s', 
             'vs_train', 'vs_fp32'}
 
 
-@pytest.fixture(scope='module')
+@pytest.fixture(scope='module')  # builds, exports and quantizes three models: ~1 min on 2 cores
 def tiny_run(tmp_path_factory):
     out = tmp_path_factory.mktemp('bench')
     rc = main(['benchmark', '--models', 'diracnet18', 'resnet18', '--img-size', '32', '--batch-sizes', '1', '32',
@@ -25,10 +26,11 @@ def tiny_run(tmp_path_factory):
     return out, json.loads((out / 'benchmark.json').read_text())
 
 
+@pytest.mark.slow
 def test_benchmark_outputs(tiny_run):
     out, result = tiny_run
-    assert set(result['gemm_peak_gflop_per_s']) == {'fp32', 'bf16'}
-    assert all(v > 0 for v in result['gemm_peak_gflop_per_s'].values())
+    assert set(result['peak']) == {'fp32', 'bf16'}
+    assert all(0 < v['gemm_gflop_per_s'] <= v['gflop_per_s'] for v in result['peak'].values())
     rows = result['rows']
     variants = {('diracnet18', 'train'), ('diracnet18', 'folded'), ('resnet18', 'train')}
     # eager: 3 variants x 2 batch sizes x 2 precisions; ONNX Runtime fp32: 3 x 2; int8: deploy forms only, 2 x 2
@@ -43,8 +45,7 @@ def test_benchmark_outputs(tiny_run):
         assert (r['vs_train'] is not None) == (r['form'] == 'folded' and r['backend'] != 'onnxruntime-int8')
         assert (r['vs_fp32'] is not None) == (r['precision'] != 'fp32')
         assert (r['peak_fraction'] is not None) == (r['precision'] != 'int8')
-    # goals (PyTorch backends only): x resnet at batch 32 (2 precisions), x train (2 x 2), fp32 GEMM peak (1)
-    assert len(result['goals']) == 2 + 4 + 1 and all('eager' in g['goal'] for g in result['goals'])
+        assert r['peak_fraction'] is None or 0 < r['peak_fraction'] <= 1
     assert len(result['load_average_before']) == 3 and result['machine']['torch_threads'] >= 1
     table = (out / 'benchmark.md').read_text()
     assert table.startswith('| model | form |') and table.count('| diracnet18 |') == 14
@@ -52,7 +53,7 @@ def test_benchmark_outputs(tiny_run):
     assert (out / 'benchmark.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
 
 
-def test_summarize_ratios_and_goals():
+def test_summarize_ratios():
     def case(model, form, seconds, flops=2e9, batch=32):
         return Case(model, form, 'eager', 'fp32', batch, flops * batch, run=lambda: None, times=[seconds] * 3)
     cases = [
@@ -62,14 +63,13 @@ def test_summarize_ratios_and_goals():
         case('diracnet18', 'folded', 1.0),
     ]
     result = summarize(cases)
-    assert result['gemm_peak_gflop_per_s'] == {'fp32': pytest.approx(100.)}
+    assert result['peak'] == {'fp32': dict(gflop_per_s=pytest.approx(100.), set_by='gemm64',
+                                           gemm_gflop_per_s=pytest.approx(100.))}  # its best round
     rows = {r['form'] if r['model'] == 'diracnet18' else 'resnet': r for r in result['rows']}
     assert rows['folded']['vs_resnet'] == pytest.approx(1.5)
     assert rows['folded']['vs_train'] == pytest.approx(2.0)
     assert rows['train']['vs_resnet'] == pytest.approx(0.75)
     assert rows['folded']['gflop_per_s'] == pytest.approx(64.) and rows['folded']['peak_fraction'] == pytest.approx(.64)
-    met = {g['goal'].split(': ')[1]: g['met'] for g in result['goals']}
-    assert met == {'>= 1.2x resnet18': True, '>= 1.3x train form': True, '>= 75% of the fp32 GEMM peak': False}
     assert rows['folded']['vs_fp32'] is None
 
     def timed(backend, precision, seconds):
@@ -80,9 +80,24 @@ def test_summarize_ratios_and_goals():
     assert ratios[('eager', 'bf16')] == pytest.approx(2.)  # against eager fp32
     assert ratios[('split', 'int8')] == ratios[('onnxruntime-int8', 'int8')] == pytest.approx(2.)  # ONNX Runtime fp32
     assert ratios[('pt2e', 'int8')] == pytest.approx(4.)
-    assert '| diracnet18 | folded | eager | fp32 | 32 | 32.0 |' in format_table(dict(
-        result, load_average_before=(0., 0., 0.), load_average_after=(0., 0., 0.),
-        machine=dict(cpu='test'), settings=dict(threads=1)))
+    table = format_table(dict(result, load_average_before=(0., 0., 0.), load_average_after=(0., 0., 0.),
+                              machine=dict(cpu='test'), settings=dict(threads=1)))
+    assert '| diracnet18 | folded | eager | fp32 | 32 | 32.0 | 1000.0 (1000.0-1000.0) | 2.00 | 64 | 64 |' in table
+    assert 'fp32 100 GFLOP/s, set by gemm64 (best GEMM 100)' in table
+
+
+def test_no_row_reads_above_the_peak():
+    """ On a loaded machine a GEMM can be slowed more than the models beside it: a model that outran the GEMMs in
+    its best round sets the peak, so its median (and every other row's) stays at or below 100%. """
+    gemm = Case('gemm64', 'gemm', 'eager', 'bf16', 1, 100e9, run=lambda: None, times=[2., 1., 4.])  # best 100
+    fast = Case('diracnet18', 'folded', 'eager', 'bf16', 32, 32 * 5e9, run=lambda: None, times=[1., .8, 1.2])
+    slow = Case('resnet18', 'train', 'eager', 'bf16', 32, 32 * 2e9, run=lambda: None, times=[1., 1., 1.])
+    assert peaks([gemm, fast, slow])['bf16'] == dict(
+        gflop_per_s=pytest.approx(200.), set_by='diracnet18 folded eager batch 32', gemm_gflop_per_s=pytest.approx(100.))
+    fractions = {r['model']: r['peak_fraction'] for r in summarize([gemm, fast, slow])['rows']}
+    assert fractions == {'diracnet18': pytest.approx(160 / 200), 'resnet18': pytest.approx(64 / 200)}
+    int8 = Case('diracnet18', 'folded', 'split', 'int8', 32, 32 * 5e9, run=lambda: None, times=[.1])
+    assert summarize([gemm, int8])['rows'][0]['peak_fraction'] is None  # no int8 GEMM: no peak to compare with
 
 
 def test_forms():

@@ -50,6 +50,7 @@ def test_initialisations_set_the_conv_weights(init, expected_std):
     assert abs(conv.weight.std().item() / expected_std - 1) < 0.05
 
 
+@pytest.mark.slow  # the sweep script in subprocesses: ~100 s on 2 busy cores
 def test_sweep_trains_on_real_images_and_resumes(tmp_path):
     out = tmp_path / 'sweep.json'
     cmd = [sys.executable, str(ROOT / 'benchmarks' / 'depth_sweep.py'), '--data', str(SAMPLE), '--out', str(out),

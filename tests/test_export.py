@@ -5,6 +5,7 @@ import torch
 import timm
 import timm_dirac  # noqa: F401  registers the models
 from timm_dirac.cli import main
+from timm_dirac.export import calibrate_batchnorm
 from timm_dirac.backends.onnxruntime import ALLOWED_OPS, check_graph_ops, export_onnx, op_types, verify_onnx
 from timm_dirac.loading import default_data, fold, load_images
 
@@ -14,11 +15,36 @@ DATA = default_data()
 
 @pytest.mark.slow
 def test_export_onnx_cli(tmp_path, capsys):
+    """ An untrained model is checked on logits of real size (its BatchNorm statistics come from the check images)
+    and the command says the file is untrained; the file appears only once checked, and is never overwritten. """
     out = tmp_path / 'diracnet34_1_cifar.onnx'
     assert main(['export-onnx', '--model', 'diracnet34_1_cifar', '--out', str(out), '--num-images', '16']) == 0
     ops = op_types(str(out))
     assert ops <= ALLOWED_OPS and {'Conv', 'Relu', 'MaxPool', 'Gemm'} <= ops
-    assert 'max abs diff' in capsys.readouterr().out
+    captured = capsys.readouterr()
+    assert float(captured.out.split('of the logit scale ')[1].split(',')[0]) > 0.1  # with the initial stats: ~1e-9
+    assert 'The weights are untrained' in captured.err
+    assert sorted(p.name for p in tmp_path.iterdir()) == [out.name]
+    assert main(['export-onnx', '--model', 'diracnet34_1_cifar', '--out', str(out)]) == 2
+    assert 'already exists' in capsys.readouterr().err
+
+
+def test_export_onnx_without_the_extra_names_it(tmp_path, capsys, monkeypatch):
+    import importlib.util
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, 'find_spec', lambda name, *a: None if name == 'onnx' else find_spec(name, *a))
+    assert main(['export-onnx', '--model', 'diracnet34_1_cifar', '--out', str(tmp_path / 'm.onnx')]) == 2
+    err = capsys.readouterr().err
+    assert err.count('\n') == 1 and 'needs onnx, not installed: pip install "timm-dirac[export]"' in err
+
+
+def test_calibrate_batchnorm_gives_untrained_models_real_logits():
+    model = timm.create_model('diracnet34_1_cifar').eval()
+    images, _ = load_images(DATA, model, num=8)
+    with torch.no_grad():
+        assert model(images).abs().max() < 1e-6  # the initial statistics: the signal vanishes over 34 layers
+        calibrate_batchnorm(model, images)
+        assert not model.training and model(images).abs().max() > 0.1
 
 
 def test_verify_catches_a_wrong_model(tmp_path):
@@ -49,6 +75,7 @@ def test_train_form_graph_is_refused(tmp_path):
         check_graph_ops(path)
 
 
+@pytest.mark.slow  # inductor's first compile: ~35 s on 2 cores
 @pytest.mark.parametrize('folded', [False, True], ids=['train', 'folded'])
 def test_torch_compile(folded):
     torch._dynamo.reset()

@@ -114,6 +114,7 @@ def test_refusals_are_one_line(tmp_path, capsys):
     assert not list(tmp_path.iterdir())
 
 
+@pytest.mark.slow  # the shell wrapper runs the whole script in a subprocess: ~12 s
 @pytest.mark.skipif(torch.cuda.is_available(), reason='on a GPU machine the wrapper would start the real run')
 def test_shell_wrapper_runs_the_script_on_cuda():
     """ gpu_check.sh runs gpu_check.py for CUDA: without a GPU that is its one-line refusal, exit 2. """

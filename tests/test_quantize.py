@@ -33,6 +33,7 @@ def _weights(path) -> dict:
     return {i.name: numpy_helper.to_array(i) for i in onnx.load(path).graph.initializer}
 
 
+@pytest.mark.slow  # exports and quantizes with every flow: ~25 s on 2 busy cores
 def test_every_flow_tracks_fp32(tmp_path, small_folded_diracnet):
     model = small_folded_diracnet()
     calib, _ = load_images(DATA, model, 64, split='train')

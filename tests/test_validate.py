@@ -94,6 +94,7 @@ def test_validate_errors(tmp_path, hub_folder):
              '--split', 'test[:20]')
 
 
+@pytest.mark.slow  # the 1,000 sample test images through the published weights: ~55 s on 2 busy cores
 def test_published_weights_on_the_sample_without_split_or_prefix(tmp_path, capsys):
     """ No --split: the dataset's validation split, else its test split, said on stderr; a local `datasets` folder
     works without the hfds/ prefix; the result names where the weights came from. """

@@ -1,7 +1,8 @@
 """ The Dirac tap of a folded DiracNet, split out of the int8 weights.
 
 Folding leaves each Dirac layer as one 3x3 conv whose centre tap on the diagonal (output channel o reading input
-channel o) carries `s * alpha`, 16-52x larger than any learned weight of the filter in our trained models. A
+channel o) carries `s * alpha`, larger than any learned weight of the filter (per-layer medians over channels:
+16-52x in our DiracNet-16-4 weights, 18-110x in our DiracNet-34-2; docs/results.md). A
 per-channel int8 scale is set by the largest weight, so the learned part of the filter gets only a few int8 steps,
 and pre-VNNI x86 kernels (u8 x s8 pairs summed in saturating 16-bit registers) overflow on that tap.
 
