@@ -302,13 +302,15 @@ def test_evaluate_counts_every_sample_once():
     from accelerate import Accelerator
     from torch.utils.data import TensorDataset
 
-    from timm_dirac.data import eval_loader
+    from torch.utils.data import DataLoader
+
     from timm_dirac.train import evaluate
 
     torch.manual_seed(0)
     x, y = torch.randn(37, 3, 8, 8), torch.randint(0, 10, (37,))
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(192, 10))
-    metrics = evaluate(model, eval_loader(TensorDataset(x, y), 8, 0, 0, 1), Accelerator(cpu=True))
+    accelerator = Accelerator(cpu=True)
+    metrics = evaluate(model, accelerator.prepare(DataLoader(TensorDataset(x, y), batch_size=8)), accelerator)
     with torch.no_grad():
         logits = model(x)
     assert metrics['count'] == 37
