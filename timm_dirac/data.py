@@ -188,6 +188,10 @@ def _stream_class_names(reader, prefix: str) -> Optional[List[str]]:
         names = reader.info.get('label_names')
         return list(names) if names else None
     mapping = getattr(reader, 'class_to_idx', None)
+    if not mapping and prefix == 'hfids':  # a folder without a dataset card: the features come with the stream
+        features = reader.builder.as_streaming_dataset(split=reader.split).features or {}
+        names = getattr(features.get(reader.target_key), 'names', None)
+        return list(names) if names else None
     return sorted(mapping, key=mapping.get) if mapping else None
 
 
@@ -295,7 +299,8 @@ def is_test_split(split: str) -> bool:
 def label_names(dataset: str, data_dir: Optional[str] = None, split: str = 'train') -> List[str]:
     """ The class names of a dataset in label order: the ClassLabel names of `hfds/`/`hfids/`, the class folders
     of `data_dir`'s `split` folder (as timm numbers them), a webdataset's `_info.json` `label_names`. """
-    ds = _open(dataset, data_dir, split)
+    # a stream's reader wants its epoch length even when only its class names are read
+    ds = _open(dataset, data_dir, split, **(dict(num_samples=1) if _prefix(dataset) in STREAMS else {}))
     names = _class_names(ds)
     if names is None:
         raise DataError(_unnamed(dataset or data_dir, split))
