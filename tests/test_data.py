@@ -6,14 +6,13 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
-from torch.utils.data import TensorDataset
 from torchvision import transforms
 
 import timm
 import timm_dirac  # noqa: F401
 from timm.data import resolve_data_config
 from timm_dirac.data import (
-    DataError, MissingSplitError, default_workers, eval_transform, holdout_indices, hub_dataset_id, is_test_split,
+    DataError, MissingSplitError, eval_transform, holdout_indices, hub_dataset_id, is_test_split,
     label_names, load_eval_split, load_split, train_transform)
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -16,7 +16,6 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-import torch
 from PIL import Image
 
 import timm_dirac.data as data
@@ -130,7 +129,8 @@ def test_wds_trains_each_sample_once_per_epoch_and_resumes(tmp_path, shards, rec
     first = list(recorded)
     assert sorted(first) == list(range(TRAIN))  # epoch 1: every sample once
     out = capsys.readouterr().out
-    assert f'train: {TRAIN} images per epoch of train (wds/shards, streamed' in out and f'{VAL} images of validation' in out
+    assert f'{TRAIN} train images per epoch of train (wds/shards, streamed' in out
+    assert f'validation on {VAL} images of validation' in out
     assert f'val ({VAL} images)' in out
     recorded.clear()
     train(parse_args(flags + ['--resume', str(tmp_path / 'run')]))
@@ -244,6 +244,6 @@ def test_two_processes_read_every_sample_once(tmp_path, shards, parquet, source)
     assert sorted(counts) == list(range(TRAIN)) and set(counts.values()) == {1}, counts
     ranks = {name.split('-')[1] for name in seen}
     assert ranks == {'0', '1'}  # both ranks read, disjoint shards
-    assert f'2 process(es) on cpu' in out and f'val ({VAL} images)' in out
+    assert '2 process(es) on cpu' in out and f'val ({VAL} images)' in out
     if source == 'wds':
         assert len(seen) == 4 and all(len(v) == PER_SHARD for v in seen.values())  # 4 readers, one shard each

@@ -20,7 +20,6 @@ and resume, and the test split is scored once, at the end.
 """
 import io
 import logging
-import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +27,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset
+from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision import transforms
 
 from timm.data import create_dataset, create_transform
@@ -365,7 +364,7 @@ def _check_classes(names: List[str], ds: Dataset, split: str, train_split: str, 
                     f'folders or labels, or pass another --val-split/--test-split.')
 
 
-def _map_loaders(args, data_config, accelerator, workers: int):
+def _map_loaders(args, data_config, accelerator):
     """ Image folders and `hfds/`: (train, validation, test) datasets, the split validation reads, the names. """
     source = args.dataset or args.data_dir
     train_tf = train_transform(
@@ -479,7 +478,7 @@ def _wds_holdout(args) -> Tuple[str, str]:
     return spec(kept), spec(held)
 
 
-def _stream_sets(args, data_config, accelerator, workers: Optional[int]):
+def _stream_sets(args, data_config, accelerator, default_workers: int):
     """ `wds/`, `hfids/`, `tfds/`: the training stream (each rank and worker reads its own shards; the epoch has
     the split's stated size or --train-num-samples), the evaluation streams (read by rank 0's workers and dealt
     to the ranks by accelerate), the split validation reads, the names and the loader workers. """
@@ -496,7 +495,7 @@ def _stream_sets(args, data_config, accelerator, workers: Optional[int]):
     names = train_set.class_names
     if names is None:
         raise DataError(_unnamed(args.dataset, args.train_split))
-    workers = _stream_workers(train_set.reader, prefix, world, args.workers, workers, accelerator)
+    workers = _stream_workers(train_set.reader, prefix, world, args.workers, default_workers, accelerator)
     train_set.set_loader_cfg(num_workers=workers)
     train_set.transform = train_transform(
         data_config, hflip=args.hflip, scale=args.scale, ratio=args.ratio, color_jitter=args.color_jitter,
@@ -540,14 +539,17 @@ def create_loaders(args, data_config: Dict[str, Any], accelerator) -> TrainData:
     workers = args.workers if args.workers is not None else default_workers(local)
     stream = _prefix(args.dataset) in STREAMS
     with accelerator.main_process_first():
-        if stream:
+        if stream:  # the stream's shards may call for fewer workers
             train_set, val_set, test_set, val_split, names, workers = _stream_sets(
-                args, data_config, accelerator, args.workers if args.workers is not None else workers)
+                args, data_config, accelerator, default_workers(local))
         else:
-            train_set, val_set, test_set, val_split, names = _map_loaders(args, data_config, accelerator, workers)
+            train_set, val_set, test_set, val_split, names = _map_loaders(args, data_config, accelerator)
     if len(names) < 2:
         raise DataError(f'split {args.train_split!r} has {len(names)} class: a classifier needs at least 2 (every '
                         f'prediction would be right); check the dataset\'s label column or class folders.')
+    if getattr(args, 'num_classes', None) is not None and args.num_classes != len(names):
+        raise DataError(f'--num-classes {args.num_classes} disagrees with the dataset, which has {len(names)} '
+                        f'classes; drop --num-classes or fix it.')
     global_batch = args.batch_size * world * args.grad_accum_steps
     epoch_samples = len(train_set) * (world if stream else 1)
     if epoch_samples < global_batch:
@@ -571,10 +573,10 @@ def create_loaders(args, data_config: Dict[str, Any], accelerator) -> TrainData:
     batches = len(train_loader)
     val_what = (f'{len(val_set)} images held out of {args.train_split}' if val_split is None else
                 f'{len(val_set)} images of {val_split}')
-    description = (f'train: {batches * args.batch_size * world} images per epoch of {args.train_split} '
+    description = (f'{batches * args.batch_size * world} train images per epoch of {args.train_split} '
                    f'({args.dataset or args.data_dir}{", streamed" if stream else ""}, {workers} loader workers per '
-                   f'process), validation: {val_what}'
-                   f'{f", test: {len(test_set)} images of {args.test_split} scored at the end" if test_set else ""}')
+                   f'process), validation on {val_what}'
+                   f'{f", {args.test_split} scored at the end" if test_set is not None else ""}')
     return TrainData(train_loader, eval_loader(val_set), eval_loader(test_set), len(names), names,
                      batches * args.batch_size * world, batches, val_split, description)
 

@@ -44,7 +44,7 @@ from timm.scheduler import create_scheduler_v2
 from timm.utils import ModelEmaV3, accuracy, distribute_bn
 
 from .checkpoint_io import file_sha256
-from .data import DataError, create_loaders, is_test_split
+from .data import create_loaders, is_test_split
 from .errors import first_sentence, run_refusing
 from .finite import check_weights
 from .precision import auto_precision
@@ -727,9 +727,6 @@ def build(args: argparse.Namespace) -> Setup:
     data = create_loaders(args, data_config, accelerator)  # prepared loaders, class names checked
     args.val_split = data.val_split or args.val_split  # the split validation reads when the data lacks --val-split
     num_classes, train_loader, val_loader = data.num_classes, data.train_loader, data.val_loader
-    if args.num_classes is not None and args.num_classes != num_classes:
-        raise DataError(f'--num-classes {args.num_classes} disagrees with the dataset, which has {num_classes} '
-                        f'classes; drop --num-classes or fix it.')
     if args.num_classes is None and model.num_classes != num_classes:
         model.reset_classifier(num_classes)
     if args.qat:
