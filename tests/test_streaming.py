@@ -247,3 +247,27 @@ def test_two_processes_read_every_sample_once(tmp_path, shards, parquet, source)
     assert '2 process(es) on cpu' in out and f'val ({VAL} images)' in out
     if source == 'wds':
         assert len(seen) == 4 and all(len(v) == PER_SHARD for v in seen.values())  # 4 readers, one shard each
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_two_processes_resume_a_stream_at_the_epoch_boundary(tmp_path, shards):
+    """ A 2-epoch wds run on 2 ranks x 2 workers, and its epoch-1 checkpoint resumed in a new folder: the resumed
+    epoch 2 reads what the uninterrupted epoch 2 read, reader by reader, in the same order. """
+    import shutil
+
+    flags = FLAGS + ['--epochs', '2', '--dataset', 'wds/shards', '--data-dir', str(shards), '--workers', '2']
+    straight, resumed = tmp_path / 'straight', tmp_path / 'resumed'
+    straight.mkdir()
+    resumed.mkdir()
+    _launch(straight, flags + ['--output', str(tmp_path / 'out'), '--experiment', 'run'])
+    shutil.copytree(tmp_path / 'out' / 'run' / 'checkpoint-1', tmp_path / 'out' / 'again' / 'checkpoint-1')
+    _launch(resumed, flags + ['--resume', str(tmp_path / 'out' / 'again' / 'checkpoint-1')])
+    # loader workers start afresh each epoch: a file per rank, worker and epoch, epoch 1's written first
+    files = sorted(straight.glob('seen-*.txt'), key=lambda f: f.stat().st_mtime)
+    epochs = [{tuple(int(n) for n in f.read_text().split()) for f in part} for part in (files[:4], files[4:])]
+    again = {tuple(numbers) for numbers in _seen(resumed).values()}
+    assert len(files) == 8 and len(again) == 4
+    for epoch in epochs + [again]:
+        assert sorted(n for numbers in epoch for n in numbers) == list(range(TRAIN))
+    assert again == epochs[1] != epochs[0]
