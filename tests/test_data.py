@@ -201,3 +201,23 @@ def test_16_bit_png_keeps_its_grey_levels(tmp_path):
     np.testing.assert_allclose(rgb[..., 0], levels / 257., atol=0.51)
     with Image.open(tmp_path / 'deep.png') as image:  # 8-bit images are unchanged
         assert np.array_equal(np.asarray(to_rgb(image.convert('L'))), np.asarray(image.convert('L').convert('RGB')))
+
+
+def test_unreadable_row_of_a_datasets_split_is_named_and_empty_names_refused(tmp_path):
+    """ timm's reader would return the next row in place of an undecodable one; ours names the row. """
+    import datasets
+
+    features = datasets.Features(image=datasets.Image(), label=datasets.ClassLabel(names=['a', 'b']))
+    good = datasets.Dataset.from_dict(dict(image=[Image.new('RGB', (8, 8))] * 3, label=[0, 1, 0]), features=features)
+    rows = good.cast_column('image', datasets.Image(decode=False)).to_list()
+    rows[1]['image'] = dict(bytes=b'\xff\xd8 truncated', path=None)
+    bad = datasets.Dataset.from_list(rows, features=features)
+    (tmp_path / 'bad').mkdir()
+    bad.to_parquet(str(tmp_path / 'bad' / 'test-00000-of-00001.parquet'))
+    ds, _ = load_split(f'hfds/{tmp_path / "bad"}', None, 'test')
+    assert ds[0][1] == 0
+    with pytest.raises(DataError, match="cannot read image 1 of split 'test' of hfds/.*replace or delete it"):
+        ds[1]
+    for empty in ('hfds/', 'hfids/'):
+        with pytest.raises(DataError, match='names no dataset'):
+            load_eval_split(empty) if empty == 'hfds/' else label_names(empty)

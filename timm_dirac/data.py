@@ -79,6 +79,7 @@ class Images(Dataset):
     def __init__(self, dataset, source: str, split: str, class_names: Optional[List[str]],
                  transform: Optional[Callable] = None):
         dataset.load_bytes = True  # timm hands over the file's bytes, we decode them (to_rgb) and name failures
+        dataset._max_retries = 1  # a file that cannot be read at all fails here too, not as the next one
         self.dataset, self.source, self.split = dataset, source, split
         self.class_names = class_names
         self.transform = transform
