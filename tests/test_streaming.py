@@ -121,33 +121,41 @@ def _summary(run: Path) -> list:
         return list(csv.DictReader(f))
 
 
-def test_wds_trains_each_sample_once_per_epoch_and_resumes(tmp_path, shards, recorded, interrupted, capsys):
-    flags = FLAGS + ['--dataset', 'wds/shards', '--data-dir', str(shards), '--epochs', '2', '--workers', '0',
-                     '--output', str(tmp_path), '--experiment', 'run']
-    with interrupted():
-        train(parse_args(flags))
-    first = list(recorded)
-    assert sorted(first) == list(range(TRAIN))  # epoch 1: every sample once
+@pytest.mark.parametrize('source', ['wds', 'hfids'])
+def test_a_stream_trains_each_sample_once_per_epoch_and_resumes(tmp_path, shards, parquet, source, recorded,
+                                                                interrupted, capsys):
+    """ One process: each epoch reads every sample once, reshuffled; a run stopped after its epoch-1 checkpoint
+    resumes at the epoch boundary and reads epoch 2 as the uninterrupted run did. """
+    flags = FLAGS + ['--epochs', '2', '--workers', '0', '--output', str(tmp_path)]
+    if source == 'wds':
+        dataset = 'wds/shards'
+        flags += ['--dataset', dataset, '--data-dir', str(shards)]
+    else:
+        dataset = f'hfids/{parquet}'
+        flags += ['--dataset', dataset, '--val-num-samples', str(VAL)]
+        with pytest.raises(DataError, match='does not state the size.*--train-num-samples'):
+            train(parse_args(flags + ['--experiment', 'unsized']))
+        flags += ['--train-num-samples', str(TRAIN)]
+    train(parse_args(flags + ['--experiment', 'straight']))
+    straight = list(recorded)
+    epochs = straight[:TRAIN], straight[TRAIN:]
+    assert len(straight) == 2 * TRAIN and epochs[0] != epochs[1]
+    assert sorted(epochs[0]) == sorted(epochs[1]) == list(range(TRAIN))  # every sample once per epoch
     out = capsys.readouterr().out
-    assert f'{TRAIN} train images per epoch of train (wds/shards, streamed' in out
-    assert f'validation on {VAL} images of validation' in out
-    assert f'val ({VAL} images)' in out
+    assert f'{TRAIN} train images per epoch of train ({dataset}, streamed' in out
+    assert f'validation on {VAL} images of validation' in out and f'val ({VAL} images)' in out
+
     recorded.clear()
-    train(parse_args(flags + ['--resume', str(tmp_path / 'run')]))
-    assert sorted(recorded) == list(range(TRAIN)) and recorded != first  # epoch 2: once each, reshuffled
+    with interrupted():
+        train(parse_args(flags + ['--experiment', 'run']))
+    assert recorded == epochs[0]
+    recorded.clear()
+    train(parse_args(flags + ['--experiment', 'run', '--resume', str(tmp_path / 'run')]))
+    assert recorded == epochs[1]  # the resumed epoch 2 reads what the uninterrupted one read, in its order
     assert [row['epoch'] for row in _summary(tmp_path / 'run')] == ['1', '2']
+    assert _summary(tmp_path / 'run')[1]['train_loss'] == _summary(tmp_path / 'straight')[1]['train_loss']
     config = json.loads((tmp_path / 'run' / 'hub-folded' / 'config.json').read_text())
     assert config['label_names'] == CLASSES
-
-
-def test_hfids_epoch_length_and_each_sample_once(tmp_path, parquet, recorded, capsys):
-    flags = FLAGS + ['--dataset', f'hfids/{parquet}', '--epochs', '1', '--workers', '0', '--output', str(tmp_path),
-                     '--experiment', 'run']
-    with pytest.raises(DataError, match='does not state the size.*--train-num-samples'):
-        train(parse_args(flags))
-    train(parse_args(flags + ['--train-num-samples', str(TRAIN), '--val-num-samples', str(VAL)]))
-    assert sorted(recorded) == list(range(TRAIN))
-    assert f'val ({VAL} images)' in capsys.readouterr().out
 
 
 def test_wds_holdout_is_whole_fixed_shards(shards):

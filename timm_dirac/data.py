@@ -27,7 +27,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset
 from torchvision import transforms
 
 from timm.data import create_dataset, create_transform
@@ -167,18 +167,39 @@ def _open(dataset: str, data_dir: Optional[str], split: str, **stream_kwargs) ->
                         f'(a local folder? relative paths count from the working directory, or in a config from '
                         f'the config file\'s folder).') from e
     if prefix in STREAMS:
-        ds.class_names = _stream_class_names(ds.reader, prefix)
-        if prefix == 'hfids':
-            splits = ds.reader.builder.info.splits
+        splits = ds.reader.builder.info.splits if prefix == 'hfids' else None
+        try:
             if splits and split not in splits:
-                raise MissingSplitError(f'dataset {dataset} has no split {split!r} (it has {", ".join(splits)}); '
-                                        f'pass one it has (--train-split/--val-split/--test-split).')
+                raise ValueError(f'it has {", ".join(splits)}')
+            ds.class_names = _stream_class_names(ds.reader, prefix)  # hfids: opens the split
+        except ValueError as e:  # datasets: "Bad split: ..."
+            raise MissingSplitError(f'dataset {dataset} has no split {split!r} ({e}); pass one it has '
+                                    f'(--train-split/--val-split/--test-split).') from e
         return ds
-    names = list(ds.reader.class_to_idx) if ds.reader.class_to_idx else None
+    mapping = ds.reader.class_to_idx
+    names = sorted(mapping, key=mapping.get) if mapping else None
     out = Images(ds, dataset or data_dir, split, names)
     if len(out) == 0:
         raise DataError(f'split {split!r} of {dataset or data_dir} is empty.')
     return out
+
+
+class _EpochStream(IterableDataset):
+    """ timm's training stream, its reader's pipeline rebuilt each epoch: without loader workers timm's reader
+    keeps its sample-shuffle RNG from epoch to epoch, so a resumed epoch would be read in another order. """
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __iter__(self):
+        return iter(self.dataset)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.dataset.set_epoch(epoch)
+        self.dataset.reader.ds = None  # built again, from the seeds and the epoch, at the next iteration
 
 
 def _stream_class_names(reader, prefix: str) -> Optional[List[str]]:
@@ -558,7 +579,7 @@ def create_loaders(args, data_config: Dict[str, Any], accelerator) -> TrainData:
                         f'(batch size {args.batch_size} x {world} processes x {args.grad_accum_steps} accumulation).')
     pin = accelerator.device.type == 'cuda'
     if stream:
-        train_loader = DataLoaderShard(train_set, device=accelerator.device, batch_size=args.batch_size,
+        train_loader = DataLoaderShard(_EpochStream(train_set), device=accelerator.device, batch_size=args.batch_size,
                                        num_workers=workers, pin_memory=pin)
     else:
         train_loader = accelerator.prepare(DataLoader(
