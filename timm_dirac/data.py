@@ -543,6 +543,27 @@ def _stream_sets(args, data_config, accelerator, default_workers: int):
     return train_set, val_set, test_set, val_split, names, workers
 
 
+def _main_first(accelerator, build: Callable[[], Any]) -> Any:
+    """ `build()` on rank 0, then on the other ranks (so that `datasets` caches once). A refusal on rank 0 stops
+    every rank, said once: the others exit with its code 2 quietly instead of failing at a barrier rank 0 never
+    reaches (accelerate's main_process_first would leave them there). """
+    from accelerate.utils import broadcast_object_list
+
+    result, failed, error = None, [False], None
+    if accelerator.is_main_process:
+        try:
+            result = build()
+        except Exception as e:  # noqa: BLE001  re-raised below, after the other ranks know
+            failed, error = [True], e
+    if accelerator.num_processes > 1:
+        broadcast_object_list(failed)  # every rank waits here for rank 0's verdict
+    if failed[0]:
+        if error is not None:
+            raise error
+        raise SystemExit(2)  # rank 0 names the problem
+    return result if accelerator.is_main_process else build()
+
+
 def create_loaders(args, data_config: Dict[str, Any], accelerator) -> TrainData:
     """ The training, validation and test loaders of `args` (timm's data flags: dataset, data_dir, train/val/test
     split, holdout, train/val_num_samples, dataset_download, workers, batch sizes, augmentation), prepared for
@@ -552,7 +573,7 @@ def create_loaders(args, data_config: Dict[str, Any], accelerator) -> TrainData:
     ranks; evaluation padded to whole batches, which `gather_for_metrics` drops). A training stream is not: timm's
     reader already gives each rank and loader worker its own shards (accelerate would read it on every rank or
     on rank 0 alone), so its loader is accelerate's device-placing `DataLoaderShard` around it, and
-    `TrainData.set_epoch` sets the reader's epoch. Built rank 0 first, so that `datasets` caches once.
+    `TrainData.set_epoch` sets the reader's epoch. Built on rank 0 first (`_main_first`).
     """
     from accelerate.data_loader import DataLoaderShard
 
@@ -560,12 +581,12 @@ def create_loaders(args, data_config: Dict[str, Any], accelerator) -> TrainData:
     local = int(os.environ.get('LOCAL_WORLD_SIZE', world))
     workers = args.workers if args.workers is not None else default_workers(local)
     stream = _prefix(args.dataset) in STREAMS
-    with accelerator.main_process_first():
-        if stream:  # the stream's shards may call for fewer workers
-            train_set, val_set, test_set, val_split, names, workers = _stream_sets(
-                args, data_config, accelerator, default_workers(local))
-        else:
-            train_set, val_set, test_set, val_split, names = _map_loaders(args, data_config, accelerator)
+    if stream:  # the stream's shards may call for fewer workers
+        train_set, val_set, test_set, val_split, names, workers = _main_first(
+            accelerator, lambda: _stream_sets(args, data_config, accelerator, default_workers(local)))
+    else:
+        train_set, val_set, test_set, val_split, names = _main_first(
+            accelerator, lambda: _map_loaders(args, data_config, accelerator))
     if len(names) < 2:
         raise DataError(f'split {args.train_split!r} has {len(names)} class: a classifier needs at least 2 (every '
                         f'prediction would be right); check the dataset\'s label column or class folders.')
