@@ -168,6 +168,20 @@ def test_wds_holdout_is_whole_fixed_shards(shards):
     assert data._wds_holdout(args) == (kept, held)  # fixed: the same on every rank, seed and resume
 
 
+def test_webdataset_class_names(tmp_path):
+    """ `.cls` files hold indices: the names come from `_info.json`'s `label_names`, or for ImageNet shards from
+    timm's synsets; without either, training refuses naming the fix. """
+    folder = write_shards(tmp_path / 'plain')
+    info = json.loads((folder / '_info.json').read_text())
+    assert data.label_names('wds/plain', str(folder)) == CLASSES
+    del info['label_names']
+    (folder / '_info.json').write_text(json.dumps(info))
+    from timm.data import ImageNetInfo
+    assert data.label_names('wds/imagenet-1k', str(folder)) == ImageNetInfo('imagenet-1k').label_names()
+    with pytest.raises(DataError, match='integer labels without class names.*label_names.*_info.json'):
+        data.label_names('wds/plain', str(folder))
+
+
 def test_unreadable_image_in_a_shard_stops_the_run(tmp_path):
     folder = write_shards(tmp_path / 'bad', bad=5)
     flags = FLAGS + ['--dataset', 'wds/bad', '--data-dir', str(folder), '--epochs', '1', '--workers', '0',

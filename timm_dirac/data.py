@@ -21,6 +21,7 @@ and resume, and the test split is scored once, at the end.
 import io
 import logging
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
@@ -171,7 +172,7 @@ def _open(dataset: str, data_dir: Optional[str], split: str, **stream_kwargs) ->
         try:
             if splits and split not in splits:
                 raise ValueError(f'it has {", ".join(splits)}')
-            ds.class_names = _stream_class_names(ds.reader, prefix)  # hfids: opens the split
+            ds.class_names = _stream_class_names(ds.reader, prefix, name)  # hfids: opens the split
         except ValueError as e:  # datasets: "Bad split: ..."
             raise MissingSplitError(f'dataset {dataset} has no split {split!r} ({e}); pass one it has '
                                     f'(--train-split/--val-split/--test-split).') from e
@@ -202,12 +203,19 @@ class _EpochStream(IterableDataset):
         self.dataset.reader.ds = None  # built again, from the seeds and the epoch, at the next iteration
 
 
-def _stream_class_names(reader, prefix: str) -> Optional[List[str]]:
-    """ A stream's class names in label order: the ClassLabel of `hfids/`, the `label_names` list of a webdataset's
-    `_info.json` (timm's `.cls` files hold only indices). """
+def _stream_class_names(reader, prefix: str, name: str) -> Optional[List[str]]:
+    """ A stream's class names in label order: the ClassLabel of `hfids/`; for a webdataset (whose `.cls` files
+    hold only indices) the `label_names` list of its `_info.json`, else, for `wds/imagenet-1k` (timm's shards,
+    e.g. the Hub's timm/imagenet-1k-wds) and the other ImageNet subsets timm knows, timm's synsets. """
     if prefix == 'wds':
         names = reader.info.get('label_names')
-        return list(names) if names else None
+        if not names:
+            from timm.data import ImageNetInfo
+            try:
+                names = ImageNetInfo(re.sub(r'[-_\s]|wds$', '', name.lower())).label_names()
+            except AssertionError:  # not an ImageNet subset
+                return None
+        return list(names)
     mapping = getattr(reader, 'class_to_idx', None)
     if not mapping and prefix == 'hfids':  # a folder without a dataset card: the features come with the stream
         features = reader.builder.as_streaming_dataset(split=reader.split).features or {}
@@ -329,8 +337,8 @@ def label_names(dataset: str, data_dir: Optional[str] = None, split: str = 'trai
 
 
 def _unnamed(source: str, split: str) -> str:
-    fix = ('Add "label_names": [...] (in label order) to the shard folder\'s _info.json.'
-           if _prefix(source) == 'wds' else CLASS_LABEL_FIX)
+    fix = ('Add "label_names": [...] (in label order) to the shard folder\'s _info.json (for ImageNet shards: '
+           '--dataset wds/imagenet-1k names them by timm\'s synsets).' if _prefix(source) == 'wds' else CLASS_LABEL_FIX)
     return (f'split {split!r} of {source} has integer labels without class names (no ClassLabel column): training '
             f'needs them for the classifier and the exported config. {fix}')
 
