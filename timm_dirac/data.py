@@ -35,7 +35,8 @@ from timm.data import create_dataset, create_transform
 from timm.data.random_erasing import RandomErasing
 
 __all__ = [
-    'CLASS_LABEL_FIX', 'DataError', 'MissingSplitError', 'TrainData', 'create_loaders', 'default_workers', 'to_rgb',
+    'CLASS_LABEL_FIX', 'DataError', 'MissingSplitError', 'Images', 'TrainData', 'create_loaders', 'default_workers',
+    'to_rgb',
     'load_split', 'load_eval_split', 'is_datasets_folder', 'fixed_subset', 'holdout_indices', 'is_test_split',
     'label_names', 'hub_dataset_id', 'train_transform', 'eval_transform']
 
@@ -280,9 +281,12 @@ def load_eval_split(
         if all(os.path.normpath(_search_split(source, s)) == os.path.normpath(source) for s in ('train', *EVAL_SPLITS)):
             if split and '[' in split:
                 raise DataError(f'split {split!r}: slices apply to hfds/ datasets; an image folder is read whole.')
-            ds = Images(create_dataset('', root=source, search_split=False), source, split or '', None)
-            ds.class_names = list(ds.dataset.reader.class_to_idx)
-            ds.transform = transform
+            try:
+                folder = create_dataset('', root=source, search_split=False)
+            except RuntimeError as e:  # timm: "Found 0 images in subfolders of ..."
+                raise DataError(f'no images in {source}: {e}') from e
+            mapping = folder.reader.class_to_idx
+            ds = Images(folder, source, split or '', sorted(mapping, key=mapping.get), transform)
             return ds, split or os.path.basename(os.path.normpath(source))
     else:
         raise DataError(f'dataset {source} is not a folder: give an image folder (one sub-folder per class, or per '
