@@ -36,9 +36,8 @@ from timm.data.random_erasing import RandomErasing
 
 __all__ = [
     'CLASS_LABEL_FIX', 'DataError', 'MissingSplitError', 'Images', 'TrainData', 'create_loaders', 'default_workers',
-    'to_rgb',
-    'load_split', 'load_eval_split', 'is_datasets_folder', 'fixed_subset', 'holdout_indices', 'is_test_split',
-    'label_names', 'hub_dataset_id', 'train_transform', 'eval_transform']
+    'to_rgb', 'load_split', 'load_eval_split', 'is_datasets_folder', 'fixed_subset', 'holdout_indices',
+    'is_test_split', 'label_names', 'hub_dataset_id', 'train_transform', 'eval_transform']
 
 EVAL_SPLITS = ('validation', 'test')  # an evaluation without a named split reads the first of these the data has
 STREAMS = ('wds', 'hfids', 'tfds')  # timm's iterable readers: shards read in order, no random access
