@@ -482,9 +482,10 @@ def _stream_workers(reader, prefix: str, world: int, requested: Optional[int], d
     readers = world * max(1, workers)
     lengths = set(getattr(reader.split_info, 'shard_lengths', ()) or ()) if prefix == 'wds' else set()
     if prefix == 'wds' and (shards % readers or len(lengths) > 1):
+        uneven = ' and differ in length' if len(lengths) > 1 else ''
         accelerator.print(f'note: the {shards} shards of {reader.split_info.name or "the split"} do not split evenly '
-                          f'over {readers} readers (processes x workers){" and differ in length" if len(lengths) > 1 else ""}'
-                          f': each epoch has {reader.num_samples} samples, some read twice and others not at all.')
+                          f'over {readers} readers (processes x workers){uneven}: each epoch has '
+                          f'{reader.num_samples} samples, some read twice and others not at all.')
     return workers
 
 

@@ -765,8 +765,8 @@ def build(args: argparse.Namespace) -> Setup:
         f'{"" if _selects(args) else " (shown only: best = the last epoch; choose on held-out images with --holdout)"} | '
         f'{world} process(es) on {accelerator.device}, precision {accelerator.mixed_precision} | global batch '
         f'{args.batch_size} x {world} x {args.grad_accum_steps} = {global_batch}, lr {lr:g}')
-    return Setup(accelerator, model, optimizer, scheduler, num_epochs, train_loader, val_loader, data.test_loader, loss_fn,
-                 mixup, ema, data_config, num_classes, lr, updates_per_epoch, description)
+    return Setup(accelerator, model, optimizer, scheduler, num_epochs, train_loader, val_loader, data.test_loader,
+                 loss_fn, mixup, ema, data_config, num_classes, lr, updates_per_epoch, description)
 
 
 def start_or_resume(setup: Setup, args: argparse.Namespace) -> Tuple[Path, Dict[str, Any]]:
