@@ -307,3 +307,23 @@ def test_two_processes_refuse_bad_data_in_one_line(tmp_path, shards):
     errors = [line for line in out.splitlines() if line.startswith('timm-dirac-train: error:')]
     assert len(errors) == 1 and "has no split 'nope'" in errors[0], out[-3000:]
     assert 'gloo' not in out and not (tmp_path / 'out').exists()
+
+
+def test_loader_workers_of_a_stream_give_every_reader_its_shards(capsys):
+    """ The default is lowered to a count that splits the shards evenly; a count that leaves a reader without a
+    shard is refused; an uneven split is said. """
+    from types import SimpleNamespace
+
+    def reader(lengths):
+        info = SimpleNamespace(filenames=[f'{i}.tar' for i in range(len(lengths))], shard_lengths=lengths, name='train')
+        return SimpleNamespace(split_info=info, num_samples=sum(lengths))
+    printer = SimpleNamespace(print=print)
+    assert data._stream_workers(reader([16] * 4), 'wds', 2, None, 4, printer) == 2  # 2 ranks x 2 workers, 1 shard each
+    assert data._stream_workers(reader([16] * 3), 'wds', 1, None, 2, printer) == 1  # 2 workers would split 3 unevenly
+    assert capsys.readouterr().out == ''
+    assert data._stream_workers(reader([16] * 3), 'wds', 1, 2, 4, printer) == 2
+    assert 'the 3 shards of train do not split evenly over 2 readers' in capsys.readouterr().out
+    with pytest.raises(DataError, match='--workers 3: 4 shards over 2 process.* pass --workers 2 or fewer'):
+        data._stream_workers(reader([16] * 4), 'wds', 2, 3, 4, printer)
+    with pytest.raises(DataError, match='1 shard.* each of the 2 processes'):
+        data._stream_workers(reader([16]), 'wds', 2, None, 4, printer)
