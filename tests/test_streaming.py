@@ -327,3 +327,16 @@ def test_loader_workers_of_a_stream_give_every_reader_its_shards(capsys):
         data._stream_workers(reader([16] * 4), 'wds', 2, 3, 4, printer)
     with pytest.raises(DataError, match='1 shard.* each of the 2 processes'):
         data._stream_workers(reader([16]), 'wds', 2, None, 4, printer)
+
+
+def test_wds_trains_as_the_imagenet_config_does(tmp_path, shards, capsys):
+    """ The shape of the ImageNet recipe on shards: --holdout N validates on whole held-out train shards, and the
+    validation split is scored once at the end. """
+    train(parse_args(FLAGS[:-2] + ['--dataset', 'wds/shards', '--data-dir', str(shards), '--holdout', '10',
+                                   '--test-split', 'validation', '--epochs', '1', '--workers', '0',
+                                   '--output', str(tmp_path), '--experiment', 'run']))
+    out = capsys.readouterr().out
+    assert f'{TRAIN - PER_SHARD} train images per epoch' in out
+    assert f'validation on {PER_SHARD} images held out of train, validation scored at the end' in out
+    assert f'val ({PER_SHARD} images)' in out and f'test (validation, {VAL} images' in out
+    assert (tmp_path / 'run' / 'test.csv').is_file()
