@@ -34,7 +34,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import yaml
-from torch.utils.data import Dataset, Subset
 from tqdm import tqdm
 
 import timm
@@ -45,9 +44,7 @@ from timm.scheduler import create_scheduler_v2
 from timm.utils import ModelEmaV3, accuracy, distribute_bn
 
 from .checkpoint_io import file_sha256
-from .data import (
-    CLASS_LABEL_FIX, DataError, eval_loader, eval_transform, fixed_subset, holdout_indices, is_test_split, load_split,
-    train_transform)
+from .data import create_loaders, is_test_split
 from .errors import first_sentence, run_refusing
 from .finite import check_weights
 from .precision import auto_precision
@@ -94,7 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help='split scored once, at the end, with the weights that are exported (e.g. test)')
     g.add_argument('--train-num-samples', type=int, default=None, metavar='N', help='train on a fixed random N')
     g.add_argument('--val-num-samples', type=int, default=None, metavar='N', help='evaluate on a fixed random N')
-    g.add_argument('-j', '--workers', type=int, default=4, metavar='N', help='data loading worker processes')
+    g.add_argument('-j', '--workers', type=int, default=None, metavar='N',
+                   help='data loading worker processes (default: up to 4, no more than the CPUs per process)')
+    g.add_argument('--dataset-download', action='store_true', help='download the dataset (hfids/, tfds/) first')
     g = p.add_argument_group('Model')
     g.add_argument('--model', default=None, metavar='NAME', help='timm model name, e.g. diracnet34')
     g.add_argument('--model-kwargs', nargs='*', default={}, type=_kwarg, metavar='K=V',
@@ -269,7 +268,7 @@ def check_args(args: argparse.Namespace) -> None:
     for name in ('drop', 'smoothing', 'mixup_prob', 'model_ema_decay', 'reprob', 'hflip'):
         if getattr(args, name) > 1:
             raise ConfigError(f'--{name.replace("_", "-")} is a fraction between 0 and 1, got {getattr(args, name)}.')
-    if args.workers < 0:
+    if args.workers is not None and args.workers < 0:
         raise ConfigError(f'--workers must be 0 or more, got {args.workers}.')
     if (args.mixup or args.cutmix) and args.batch_size % 2:
         raise ConfigError(f'mixup/cutmix pair samples within a batch: --batch-size must be even, '
@@ -376,7 +375,9 @@ def train_one_epoch(
 @torch.no_grad()
 def evaluate(model: nn.Module, loader, accelerator, channels_last: bool = False, desc: str = 'eval'
              ) -> Dict[str, float]:
-    """ Loss, top-1 and top-5 over all ranks' shards, summed (not averaged per rank): each sample counts once. """
+    """ Loss, top-1 and top-5 over all ranks' batches of a loader prepared by accelerate: each rank's per-sample
+    results are gathered with `gather_for_metrics`, which drops the samples padded into the last batches, so every
+    sample counts once. """
     model.eval()
     totals = torch.zeros(4, dtype=torch.float64, device=accelerator.device)  # loss sum, top1, top5, samples
     for images, labels in tqdm(loader, desc=desc, disable=not accelerator.is_main_process, leave=False):
@@ -385,11 +386,13 @@ def evaluate(model: nn.Module, loader, accelerator, channels_last: bool = False,
             images = images.contiguous(memory_format=torch.channels_last)
         with accelerator.autocast():
             logits = model(images)
-        n = labels.shape[0]
-        top1, top5 = accuracy(logits, labels, topk=(1, 5))
-        loss = F.cross_entropy(logits.float(), labels, reduction='sum')
-        totals += torch.stack([loss, top1 * n / 100, top5 * n / 100, torch.full_like(loss, n)]).double()
-    loss_sum, top1, top5, count = accelerator.reduce(totals, reduction='sum').tolist()
+        top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
+        hits = top5 == labels[:, None]
+        per_sample = torch.stack([F.cross_entropy(logits.float(), labels, reduction='none'), hits[:, 0].float(),
+                                  hits.any(1).float()], 1)
+        per_sample = accelerator.gather_for_metrics(per_sample)
+        totals += torch.cat([per_sample.sum(0), per_sample.new_tensor([len(per_sample)])]).double()
+    loss_sum, top1, top5, count = totals.tolist()
     return dict(loss=loss_sum / count, top1=100 * round(top1) / count, top5=100 * round(top5) / count,
                 count=int(count))
 
@@ -639,34 +642,6 @@ def export_hub_folders(run_dir: Path, args: argparse.Namespace, num_classes: int
     return written
 
 
-def load_train_val(args: argparse.Namespace, data_config: Dict[str, Any]) -> Tuple[Dataset, Dataset, int]:
-    """ The training and validation sets and the class count: validation is `--holdout` images of the train split
-    (removed from training) or `--val-split`; `--train/val-num-samples` then take fixed subsets. """
-    train_tf = train_transform(
-        data_config, hflip=args.hflip, scale=args.scale, ratio=args.ratio, color_jitter=args.color_jitter,
-        auto_augment=args.aa, interpolation=args.train_interpolation, re_prob=args.reprob)
-    train_set, num_classes = load_split(args.dataset, args.data_dir, args.train_split, None, train_tf)
-    if num_classes is None:
-        raise DataError(f'split {args.train_split!r} of {args.dataset} has integer labels without class names (no '
-                        f'ClassLabel column): training needs them for the classifier and the exported config. '
-                        f'{CLASS_LABEL_FIX}')
-    if args.holdout:
-        kept, held = holdout_indices(len(train_set), args.holdout)
-        same_split = load_split(args.dataset, args.data_dir, args.train_split, None, eval_transform(data_config))[0]
-        train_set, val_set = Subset(train_set, kept), Subset(same_split, held)
-    else:
-        val_set, val_classes = load_split(args.dataset, args.data_dir, args.val_split, None,
-                                          eval_transform(data_config))
-        if val_classes != num_classes:
-            raise DataError(f'split {args.train_split!r} has {num_classes} classes but {args.val_split!r} has '
-                            f'{val_classes}; the splits must share one label set.')
-    if args.train_num_samples is not None:
-        train_set = fixed_subset(train_set, args.train_num_samples, args.train_split)
-    if args.val_num_samples is not None:
-        val_set = fixed_subset(val_set, args.val_num_samples, _val_name(args))
-    return train_set, val_set, num_classes
-
-
 def _val_name(args: argparse.Namespace) -> str:
     """ What the per-epoch validation runs on, e.g. '1000 images held out of train' or 'validation'. """
     if not args.holdout:
@@ -735,7 +710,7 @@ def build(args: argparse.Namespace) -> Setup:
 
     check_args(args)
     accelerator = make_accelerator(args)
-    rank, world = accelerator.process_index, accelerator.num_processes
+    world = accelerator.num_processes
 
     # model first (same seed on every rank), so that its cfg gives the data transforms
     set_seed(args.seed)
@@ -749,30 +724,14 @@ def build(args: argparse.Namespace) -> Setup:
         model = _diracify(model, args, verbose=accelerator.is_main_process)
     data_config = resolve_data_config(dict(img_size=args.img_size, input_size=args.input_size), model=model)
 
-    # data: rank 0 first, so that `datasets` builds its cache once
-    with accelerator.main_process_first():
-        train_set, val_set, num_classes = load_train_val(args, data_config)
-        test_set = load_split(args.dataset, args.data_dir, args.test_split, None, eval_transform(data_config))[0] \
-            if args.test_split else None
-    if num_classes < 2:
-        raise DataError(f'split {args.train_split!r} has {num_classes} class: a classifier needs at least 2 (every '
-                        f'prediction would be right); check the dataset\'s label column or class folders.')
-    if args.num_classes is not None and args.num_classes != num_classes:
-        raise DataError(f'--num-classes {args.num_classes} disagrees with the dataset, which has {num_classes} '
-                        f'classes; drop --num-classes or fix it.')
+    data = create_loaders(args, data_config, accelerator)  # prepared loaders, class names checked
+    args.val_split = data.val_split or args.val_split  # the split validation reads when the data lacks --val-split
+    num_classes, train_loader, val_loader = data.num_classes, data.train_loader, data.val_loader
     if args.num_classes is None and model.num_classes != num_classes:
         model.reset_classifier(num_classes)
     if args.qat:
         model = _prepare_qat(model)
     global_batch = args.batch_size * world * args.grad_accum_steps
-    if len(train_set) < global_batch:
-        raise DataError(f'{len(train_set)} training samples do not fill one global batch of {global_batch} '
-                        f'(batch size {args.batch_size} x {world} processes x {args.grad_accum_steps} accumulation).')
-    pin = accelerator.device.type == 'cuda'
-    train_loader = torch.utils.data.DataLoader(
-        train_set, batch_size=args.batch_size, shuffle=True, drop_last=True, num_workers=args.workers,
-        pin_memory=pin)
-    val_loader = eval_loader(val_set, args.validation_batch_size or args.batch_size, args.workers, rank, world, pin)
 
     # optimizer, schedule, loss, EMA (from the same initial weights on every rank)
     if args.channels_last:
@@ -792,7 +751,7 @@ def build(args: argparse.Namespace) -> Setup:
     ema = ModelEmaV3(model, decay=args.model_ema_decay, use_warmup=args.model_ema_warmup) if args.model_ema else None
     if ema is not None:
         ema.to(accelerator.device)
-    model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
+    model, optimizer = accelerator.prepare(model, optimizer)
     updates_per_epoch = math.ceil(len(train_loader) / args.grad_accum_steps)
     scheduler, num_epochs = create_scheduler_v2(
         optimizer, sched=args.sched, num_epochs=args.epochs, decay_epochs=args.decay_epochs,
@@ -802,16 +761,12 @@ def build(args: argparse.Namespace) -> Setup:
     set_seed(args.seed, device_specific=True)  # different augmentation per rank
     description = (
         f'{args.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, {num_classes} classes, '
-        f'input {tuple(data_config["input_size"])} | {len(train_set)} train images, validation on '
-        f'{_val_name(args) if args.holdout else f"{len(val_set)} images of {args.val_split}"}'
-        f'{"" if _selects(args) else " (shown only: best = the last epoch; choose on held-out images with --holdout)"}'
-        f'{f", {args.test_split} scored at the end" if test_set is not None else ""} | '
+        f'input {tuple(data_config["input_size"])} | {data.description}'
+        f'{"" if _selects(args) else " (shown only: best = the last epoch; choose on held-out images with --holdout)"} | '
         f'{world} process(es) on {accelerator.device}, precision {accelerator.mixed_precision} | global batch '
         f'{args.batch_size} x {world} x {args.grad_accum_steps} = {global_batch}, lr {lr:g}')
-    test_loader = None if test_set is None else eval_loader(
-        test_set, args.validation_batch_size or args.batch_size, args.workers, rank, world)
-    return Setup(accelerator, model, optimizer, scheduler, num_epochs, train_loader, val_loader, test_loader, loss_fn,
-                 mixup, ema, data_config, num_classes, lr, updates_per_epoch, description)
+    return Setup(accelerator, model, optimizer, scheduler, num_epochs, train_loader, val_loader, data.test_loader,
+                 loss_fn, mixup, ema, data_config, num_classes, lr, updates_per_epoch, description)
 
 
 def start_or_resume(setup: Setup, args: argparse.Namespace) -> Tuple[Path, Dict[str, Any]]:
