@@ -19,7 +19,7 @@ from PIL import Image
 
 import timm_dirac  # noqa: F401  registers the models
 import timm_dirac.train as train_module
-from timm_dirac.train import ConfigError, main, parse_args, train
+from timm_dirac.train import CheckpointError, ConfigError, main, parse_args, train
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -61,7 +61,7 @@ def test_train_learns_checkpoints_and_resumes_exactly(tmp_path, interrupted, cap
     with open(run / 'test.csv') as f:
         (test,) = list(csv.DictReader(f))
     assert test['split'] == 'test' and test['count'] == '1000' and float(test['top1']) > 15
-    assert f'test (test, 1000 images, best checkpoint EMA): loss {float(test["loss"]):.4f}' in out
+    assert f'test (test, 1000 images, best checkpoint EMA, fp32): loss {float(test["loss"]):.4f}' in out
     card = (run / 'hub-folded' / 'README.md').read_text()
     assert f'{round(float(test["top1"]), 4)}' in card and 'scored once on test' in card
     for form in ('train', 'folded'):
@@ -169,7 +169,7 @@ def test_configs_claiming_the_authors_recipe_decay_every_parameter(config):
 @pytest.mark.parametrize('val', [['--holdout', '64'], ['--holdout', '0', '--val-split', 'test']], ids=['holdout', 'test'])
 def test_best_is_never_chosen_on_a_test_split(tmp_path, monkeypatch, capsys, val):
     """ Validation scores that fall after epoch 1: a held-out set chooses epoch 1, a test split is only shown. """
-    scores = iter([50., 40.])
+    scores = iter([50., 40., 45.])  # two epochs, then the best checkpoint scored in fp32
     monkeypatch.setattr(train_module, 'evaluate', lambda *a, **k: dict(loss=1., top1=next(scores), top5=90., count=8))
     train(parse_args(TINY + val + ['--train-num-samples', '64', '-b', '32', '--epochs', '2', '--output', str(tmp_path),
                                    '--experiment', 'run']))
@@ -254,7 +254,7 @@ def test_bad_input_one_error_line_nothing_written(tmp_path, capsys):
            'not a file')
     _fails(capsys, TINY + out + ['--dataset', f'hfds/{tmp_path}/missing'], 'does not exist')
     _fails(capsys, TINY + out + ['--dataset', '', '--data-dir', str(tmp_path / 'nowhere')], 'does not exist')
-    _fails(capsys, TINY + out + ['--num-classes', '100', '--train-num-samples', '64', '--val-num-samples', '8'],
+    _fails(capsys, TINY + out + ['--num-classes', '100', '--train-num-samples', '64', '--val-num-samples', '8', '-b', '32'],
            '--num-classes 100', '10 classes')
     assert not (tmp_path / 'out').exists()
 
@@ -302,13 +302,15 @@ def test_evaluate_counts_every_sample_once():
     from accelerate import Accelerator
     from torch.utils.data import TensorDataset
 
-    from timm_dirac.data import eval_loader
+    from torch.utils.data import DataLoader
+
     from timm_dirac.train import evaluate
 
     torch.manual_seed(0)
     x, y = torch.randn(37, 3, 8, 8), torch.randint(0, 10, (37,))
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(192, 10))
-    metrics = evaluate(model, eval_loader(TensorDataset(x, y), 8, 0, 0, 1), Accelerator(cpu=True))
+    accelerator = Accelerator(cpu=True)
+    metrics = evaluate(model, accelerator.prepare(DataLoader(TensorDataset(x, y), batch_size=8)), accelerator)
     with torch.no_grad():
         logits = model(x)
     assert metrics['count'] == 37
@@ -468,11 +470,11 @@ def test_kill_at_any_checkpoint_step_resumes_bit_identically(tmp_path, monkeypat
         [{k: v for k, v in r.items() if k not in timing} for r in rows]
 
 
-@pytest.mark.parametrize('damage', ['garbage', 'foreign', 'garbage_without_manifest'])
+@pytest.mark.parametrize('damage', ['garbage', 'foreign', 'garbage_with_its_sha256'])
 def test_resume_restores_everything_or_says_what_it_could_not(tmp_path, interrupted, damage):
     """ A corrupt or foreign random_states_0.pkl (accelerate skips an unreadable one silently and the run would
-    drift from the uninterrupted one) is refused by name, from the checkpoint's SHA-256 list or, for a checkpoint
-    without one, by checking the restored RNG state. """
+    drift from the uninterrupted one) is refused by name, from the checkpoint's SHA-256 list or, where the list was
+    rewritten to match, by checking the restored RNG state. """
     args = KILL_ARGS + ['--output', str(tmp_path), '--epochs', '2']
     for name, seed in (('run', '42'), ('other', '7')):
         with interrupted():
@@ -483,12 +485,12 @@ def test_resume_restores_everything_or_says_what_it_could_not(tmp_path, interrup
         rng.write_bytes(other.read_bytes())
     else:
         rng.write_bytes(b'\x80\x04not a pickle')
-    if damage == 'garbage_without_manifest':  # a checkpoint written before the SHA-256 list existed
-        state_file = tmp_path / 'run' / 'checkpoint-1' / 'train_state.pt'
-        state = torch.load(state_file, weights_only=True)
-        del state['files']
-        torch.save(state, state_file)
-    with pytest.raises(ConfigError, match='random_states_0.pkl'):
+    if damage == 'garbage_with_its_sha256':
+        from timm_dirac.checkpoint_io import file_sha256
+        sums = tmp_path / 'run' / 'checkpoint-1' / 'checkpoint.sha256'
+        sums.write_text(''.join(f'{file_sha256(rng)}  {rng.name}\n' if line.endswith(rng.name) else f'{line}\n'
+                                for line in sums.read_text().splitlines()))
+    with pytest.raises(CheckpointError, match='random_states_0.pkl'):
         train(parse_args(args + ['--resume', str(tmp_path / 'run')]))
 
 

@@ -16,7 +16,9 @@ validation (the same on every rank, seed and resume), and the test split is scor
 Evaluation is sharded without padding (rank r takes samples r, r + world, ...), so summed metrics count every
 sample exactly once, whatever the batch size and the number of ranks.
 """
+import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -31,7 +33,7 @@ from timm.data.random_erasing import RandomErasing
 __all__ = [
     'CLASS_LABEL_FIX', 'DataError', 'MissingSplitError', 'to_rgb', 'load_split', 'load_eval_split', 'is_datasets_folder',
     'fixed_subset', 'holdout_indices', 'is_test_split', 'label_names', 'hub_dataset_id', 'train_transform',
-    'eval_transform', 'eval_loader', 'eval_indices']
+    'eval_transform', 'eval_loader', 'eval_indices', 'TrainData', 'create_loaders']
 
 SPLIT_ALIASES = {
     'train': ('train', 'training'),
@@ -352,3 +354,73 @@ def eval_loader(dataset: Dataset, batch_size: int, workers: int, rank: int, worl
     shard = Subset(dataset, eval_indices(len(dataset), rank, world_size))
     return DataLoader(shard, batch_size=batch_size, shuffle=False, drop_last=False, num_workers=workers,
                       pin_memory=pin_memory)
+
+
+@dataclass
+class TrainData:
+    """ What a training run reads: its loaders (prepared by the accelerator), classes and epoch size. """
+    train_loader: Any
+    val_loader: Optional[Any]
+    test_loader: Optional[Any]
+    num_classes: int
+    class_names: List[str]
+    train_samples: int  # per epoch, all ranks
+    batches_per_epoch: int  # per rank
+    description: str
+
+    def set_epoch(self, epoch: int) -> None:
+        self.train_loader.set_epoch(epoch)
+
+
+def create_loaders(args, data_config: Dict[str, Any], accelerator) -> TrainData:
+    """ The train, validation and test loaders of a run: validation is `--holdout` images of the train split
+    (removed from training) or `--val-split`; `--train/val-num-samples` then take fixed subsets. """
+    train_tf = train_transform(
+        data_config, hflip=args.hflip, scale=args.scale, ratio=args.ratio, color_jitter=args.color_jitter,
+        auto_augment=args.aa, interpolation=args.train_interpolation, re_prob=args.reprob)
+    with accelerator.main_process_first():  # `datasets` builds its cache once
+        train_set, num_classes = load_split(args.dataset, args.data_dir, args.train_split, None, train_tf)
+        if num_classes is None:
+            raise DataError(f'split {args.train_split!r} of {args.dataset} has integer labels without class names (no '
+                            f'ClassLabel column): training needs them for the classifier and the exported config. '
+                            f'{CLASS_LABEL_FIX}')
+        if args.holdout:
+            kept, held = holdout_indices(len(train_set), args.holdout)
+            same_split = load_split(args.dataset, args.data_dir, args.train_split, None, eval_transform(data_config))[0]
+            train_set, val_set = Subset(train_set, kept), Subset(same_split, held)
+            val_name = f'{min(args.holdout, args.val_num_samples or args.holdout)} images held out of {args.train_split}'
+        else:
+            val_set, val_classes = load_split(args.dataset, args.data_dir, args.val_split, None,
+                                              eval_transform(data_config))
+            if val_classes != num_classes:
+                raise DataError(f'split {args.train_split!r} has {num_classes} classes but {args.val_split!r} has '
+                                f'{val_classes}; the splits must share one label set.')
+            val_name = None
+        test_set = load_split(args.dataset, args.data_dir, args.test_split, None, eval_transform(data_config))[0] \
+            if args.test_split else None
+    if num_classes < 2:
+        raise DataError(f'split {args.train_split!r} has {num_classes} class: a classifier needs at least 2 (every '
+                        f'prediction would be right); check the dataset\'s label column or class folders.')
+    if args.train_num_samples is not None:
+        train_set = fixed_subset(train_set, args.train_num_samples, args.train_split)
+    if args.val_num_samples is not None:
+        val_set = fixed_subset(val_set, args.val_num_samples, val_name or args.val_split)
+    global_batch = args.batch_size * accelerator.num_processes * args.grad_accum_steps
+    if len(train_set) < global_batch:
+        raise DataError(f'{len(train_set)} training samples do not fill one global batch of {global_batch} '
+                        f'(batch size {args.batch_size} x {accelerator.num_processes} processes x '
+                        f'{args.grad_accum_steps} accumulation).')
+    workers = args.workers if args.workers is not None else min(4, len(os.sched_getaffinity(0)))
+    pin = accelerator.device.type == 'cuda'
+    loader = lambda ds, train: DataLoader(  # noqa: E731
+        ds, batch_size=args.batch_size if train else args.validation_batch_size or args.batch_size, shuffle=train,
+        drop_last=train, num_workers=workers, pin_memory=pin)
+    train_loader = accelerator.prepare(loader(train_set, True))
+    shown = '' if val_name or not is_test_split(args.val_split) else \
+        ' (shown only: best = the last epoch; choose on held-out images with --holdout)'
+    description = (f'{len(train_set)} train images, validation on {val_name or f"{len(val_set)} images of {args.val_split}"}'
+                   f'{shown}{f", {args.test_split} scored at the end" if test_set is not None else ""}')
+    names = label_names(args.dataset, args.data_dir, args.train_split)
+    return TrainData(train_loader, accelerator.prepare(loader(val_set, False)),
+                     None if test_set is None else accelerator.prepare(loader(test_set, False)), num_classes, names,
+                     len(train_set), len(train_loader), description)
