@@ -45,8 +45,8 @@ from .checkpoints import (
     load_checkpoint, lock_run_folder, publish, rank_best, save_checkpoint, to_csv, verify_checkpoint, write_atomic)
 from .loop import build_optimizer, evaluate, make_accelerator, pick_precision, train_one_epoch, young_batchnorm
 
-__all__ = ['main', 'parse_args', 'build_parser', 'train', 'build', 'start_or_resume', 'fit', 'export', 'evaluate',
-           'train_one_epoch', 'build_optimizer', 'pick_precision', 'young_batchnorm', 'save_checkpoint',
+__all__ = ['main', 'parse_args', 'build_parser', 'train', 'build', 'run_folder', 'start_or_resume', 'fit', 'export',
+           'evaluate', 'train_one_epoch', 'build_optimizer', 'pick_precision', 'young_batchnorm', 'save_checkpoint',
            'ConfigError', 'CheckpointError', 'TrainingError', 'Interrupted']
 
 # flags that define what a run trains on: a resume with other values would silently train another run
@@ -159,17 +159,14 @@ def build(args: argparse.Namespace) -> Setup:
 
 
 # -------------------------------------------------------------------------------------------- start or resume
-def _args_yaml(args: argparse.Namespace) -> Dict[str, Any]:
-    return yaml.safe_load(yaml.safe_dump(vars(args), sort_keys=False))
-
-
 def _check_same_run(run_dir: Path, args: argparse.Namespace) -> None:
     """ Refuse a resume whose flags would train another run than the one in `run_dir` (its args.yaml). """
     try:
         saved = yaml.safe_load((run_dir / 'args.yaml').read_text(encoding='utf-8'))
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
-        raise CheckpointError(f'cannot read {run_dir / "args.yaml"} ({type(e).__name__}); restore it from a copy.') from e
-    now = _args_yaml(args)
+        raise CheckpointError(f'cannot read {run_dir / "args.yaml"} ({type(e).__name__}); restore it from a copy, '
+                              f'or delete it to resume with the flags given.') from e
+    now = yaml.safe_load(yaml.safe_dump(vars(args)))  # tuples as lists, as in the file
     changed = [k for k in RUN_FLAGS if isinstance(saved, dict) and k in saved and saved[k] != now[k]]
     if changed:
         flags = ', '.join(f'--{k.replace("_", "-")} {saved[k]!r} (now {now[k]!r})' for k in changed)
@@ -181,49 +178,45 @@ def _scored_metric(row: Dict[str, Any], args: argparse.Namespace) -> float:
     return row[f'{"ema_" if args.model_ema else ""}val_{args.eval_metric}']
 
 
-def start_or_resume(setup: Setup, args: argparse.Namespace) -> Tuple[Path, Dict[str, Any], Optional[int]]:
-    """ The run folder, the training state to go on from, and the folder's lock (rank 0; None elsewhere): a new
-    folder (made whole, with args.yaml, so an unwritable --output fails before any training), or `--resume`'s run
-    restored from its newest checkpoint, every kept checkpoint verified, `last`, `best` and summary.csv repaired. """
+def run_folder(setup: Setup, args: argparse.Namespace) -> Tuple[Path, Optional[Path]]:
+    """ The run folder and the checkpoint to continue from: `--resume`'s (its flags checked against args.yaml), or
+    a new folder, made whole with its args.yaml now, so that an unwritable --output fails before any training. """
     from accelerate.utils import broadcast_object_list
 
-    accelerator = setup.accelerator
-    state: Dict[str, Any] = dict(epoch=0, num_updates=0, best=[], summary=[])
     if args.resume:
         run_dir, checkpoint = find_resume_checkpoint(args.resume)
         if (run_dir / 'args.yaml').is_file():
             _check_same_run(run_dir, args)
-    else:
-        name = [args.experiment or f'{datetime.now():%Y%m%d-%H%M%S}-{args.model.replace("/", "_")}-'
-                f'{setup.data_config["input_size"][-1]}']
-        broadcast_object_list(name)  # every rank writes its RNG state into the same folder
-        run_dir, checkpoint = Path(args.output) / name[0], None
-    accelerator.wait_for_everyone()  # every rank has looked at the folder before rank 0 creates it
-    lock = None
-    if accelerator.is_main_process:
-        if not (run_dir / 'args.yaml').is_file():
-            create_run_folder(run_dir, yaml.safe_dump(vars(args), sort_keys=False))
-        lock = lock_run_folder(run_dir)
-    accelerator.wait_for_everyone()
+        return run_dir, checkpoint
+    name = [args.experiment or f'{datetime.now():%Y%m%d-%H%M%S}-{args.model.replace("/", "_")}-'
+            f'{setup.data_config["input_size"][-1]}']
+    broadcast_object_list(name)  # every rank writes its RNG state into the same folder
+    run_dir = Path(args.output) / name[0]
+    setup.accelerator.wait_for_everyone()  # every rank has looked for the folder before rank 0 creates it
+    if setup.accelerator.is_main_process:
+        create_run_folder(run_dir, yaml.safe_dump(vars(args), sort_keys=False))
+    setup.accelerator.wait_for_everyone()
+    return run_dir, None
+
+
+def start_or_resume(setup: Setup, args: argparse.Namespace, run_dir: Path, checkpoint: Optional[Path]
+                    ) -> Dict[str, Any]:
+    """ The training state to go on from: epoch 0, or `checkpoint`'s, every kept checkpoint of the run verified
+    (the export reads the best), and the folder's `last`, `best` and summary.csv repaired from it. """
+    accelerator = setup.accelerator
+    if accelerator.is_main_process and not (run_dir / 'args.yaml').is_file():  # left empty by a kill, or copied
+        write_atomic(run_dir / 'args.yaml', yaml.safe_dump(vars(args), sort_keys=False))
     if checkpoint is None:
         if args.resume:
             accelerator.print(f'resume: {run_dir} has no checkpoint yet; the run starts from epoch 1.')
-        return run_dir, state, lock
-    try:
-        if accelerator.is_main_process:  # the best ones too: the export reads them
-            for kept in complete_checkpoints(run_dir):
-                if checkpoint_epoch(kept) < checkpoint_epoch(checkpoint):
-                    verify_checkpoint(kept)
-        state = load_checkpoint(accelerator, checkpoint)
-    except BaseException:
-        if lock is not None:
-            import os
-            os.close(lock)
-        raise
-    kept = [b for b in state['best'] if (run_dir / f'checkpoint-{b[1]}').is_dir()]
-    if kept != state['best']:  # a damaged best checkpoint moved out: choose among those left
-        row = state['summary'][-1]
-        state['best'] = kept or [(_scored_metric(row, args), state['epoch'])]
+        return dict(epoch=0, num_updates=0, best=[], summary=[])
+    if accelerator.is_main_process:
+        for kept in complete_checkpoints(run_dir)[:-1]:
+            verify_checkpoint(kept)
+    state = load_checkpoint(accelerator, checkpoint)
+    best = [b for b in state['best'] if (run_dir / f'checkpoint-{b[1]}').is_dir()]
+    if best != state['best']:  # a damaged best checkpoint was moved out: choose among those left
+        state['best'] = best or [(_scored_metric(state['summary'][-1], args), state['epoch'])]
         accelerator.print(f'resume: best checkpoint(s) gone; best is now checkpoint-{state["best"][0][1]}.')
     schedule = _schedule_flags(args, setup.lr, setup.updates_per_epoch)
     if state['schedule'] == schedule:
@@ -237,7 +230,7 @@ def start_or_resume(setup: Setup, args: argparse.Namespace) -> Tuple[Path, Dict[
     if accelerator.is_main_process:
         publish(run_dir, state)
     setup.scheduler.step(state['epoch'])
-    return run_dir, state, lock
+    return state
 
 
 def _schedule_flags(args: argparse.Namespace, lr: float, updates_per_epoch: int) -> Dict[str, Any]:
@@ -396,19 +389,19 @@ def export(setup: Setup, args: argparse.Namespace, run_dir: Path, state: Dict[st
 # ------------------------------------------------------------------------------------------------------- main
 def train(args: argparse.Namespace) -> nn.Module:
     """ Run training as `args` say; returns the trained model (unwrapped; identical on every rank). """
-    import os
-
     setup = build(args)
     accelerator = setup.accelerator
-    run_dir, state, lock = start_or_resume(setup, args)
-    try:
+    run_dir, checkpoint = run_folder(setup, args)
+    with lock_run_folder(run_dir, accelerator.is_main_process):
+        state = start_or_resume(setup, args, run_dir, checkpoint)
         accelerator.print(f'{setup.description} | run folder {run_dir}')
         trained = state['epoch'] < setup.num_epochs
         try:
             fit(setup, args, run_dir, state)
         except KeyboardInterrupt:
-            raise Interrupted(f'interrupted; {run_dir} keeps its checkpoints up to epoch {state["epoch"]}: continue '
-                              f'with --resume {run_dir} and the same flags.') from None
+            kept = f'keeps its checkpoints up to epoch {state["epoch"]}' if state['epoch'] else 'has no checkpoint yet'
+            raise Interrupted(f'interrupted; {run_dir} {kept}: continue with --resume {run_dir} and the same '
+                              f'flags.') from None
         except Exception:
             if not args.resume and accelerator.is_main_process and not complete_checkpoints(run_dir):
                 shutil.rmtree(run_dir, ignore_errors=True)  # a new run that failed before its first checkpoint
@@ -418,9 +411,6 @@ def train(args: argparse.Namespace) -> nn.Module:
                           if _selects(args) else
                           f'best = the last epoch (not chosen on {args.val_split}): {run_dir / "best"}')
         export(setup, args, run_dir, state, trained)
-    finally:
-        if lock is not None:
-            os.close(lock)
     return accelerator.unwrap_model(setup.model)
 
 

@@ -8,7 +8,7 @@ import argparse
 import math
 import os
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, Optional, Sequence
 
 import yaml
 from timm.utils import ParseKwargs
@@ -86,8 +86,8 @@ def build_parser() -> _Parser:
     g.add_argument('--momentum', type=float, default=0.9, metavar='M')
     g.add_argument('--weight-decay', type=float, default=2e-5)
     g.add_argument('--weight-decay-1d', action=argparse.BooleanOptionalAction, default=False,
-                   help="decay 1-d parameters too (biases, BatchNorm, Dirac alpha/beta), as the authors' train.py does; "
-                   "default: timm's grouping, which exempts them")
+                   help="decay 1-d parameters too (biases, BatchNorm, Dirac alpha/beta), as the authors' train.py "
+                   "does; default: timm's grouping, which exempts them")
     g.add_argument('--clip-grad', type=float, default=None, metavar='NORM', help='clip the gradient norm')
     g.add_argument('--grad-accum-steps', type=int, default=1, metavar='N', help='batches per optimizer step')
     g = p.add_argument_group('Schedule')

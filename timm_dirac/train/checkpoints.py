@@ -12,6 +12,7 @@ The newest checkpoint is the folder's one source of truth: `last`, `best`, the p
 it (`publish`), after each save and again on resume, which repairs a run killed between any two steps of a save.
 timm's `CheckpointSaver` keeps its top-k list with its own torch.save files and links, so we keep ours (`rank_best`).
 """
+import contextlib
 import csv
 import errno
 import fcntl
@@ -20,7 +21,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import torch
 
@@ -68,7 +69,7 @@ def create_run_folder(run_dir: Path, args_yaml: str) -> None:
         tmp = Path(tempfile.mkdtemp(prefix=f'.{run_dir.name}.', suffix='.new', dir=run_dir.parent))
         try:
             (tmp / 'args.yaml').write_text(args_yaml, encoding='utf-8')
-            os.rename(tmp, run_dir)
+            os.replace(tmp, run_dir)  # over an empty folder only (rename(2)); EEXIST or ENOTEMPTY else
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     except OSError as e:
@@ -80,17 +81,22 @@ def create_run_folder(run_dir: Path, args_yaml: str) -> None:
                               f'write to.') from e
 
 
-def lock_run_folder(run_dir: Path) -> int:
-    """ An exclusive lock on `run_dir` for as long as the returned descriptor is open (the kernel drops it when the
-    process ends, however it ends); a second process training in the same folder is refused. """
-    fd = os.open(run_dir, os.O_RDONLY)
+@contextlib.contextmanager
+def lock_run_folder(run_dir: Path, lock: bool = True) -> Iterator[None]:
+    """ Hold an exclusive lock on `run_dir` (with `lock`: rank 0) for the block; the kernel drops it when the process
+    ends, however it ends. A second process that would train in the same folder is refused. """
+    fd = os.open(run_dir, os.O_RDONLY) if lock else None
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise CheckpointError(f'another process is training in {run_dir} (it holds the folder\'s lock); wait for it to '
-                              f'end or stop it, then --resume {run_dir}.') from None
-    return fd
+        if fd is not None:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise CheckpointError(f'another process is training in {run_dir} (it holds the folder\'s lock); wait '
+                                      f'for it to end or stop it, then --resume {run_dir}.') from None
+        yield
+    finally:
+        if fd is not None:
+            os.close(fd)
 
 
 def checkpoint_epoch(path: Path) -> Optional[int]:
