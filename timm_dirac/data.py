@@ -372,6 +372,13 @@ class TrainData:
         self.train_loader.set_epoch(epoch)
 
 
+def _ignore_sigint(worker_id: int) -> None:
+    """ Ctrl-C stops the main process, which ends its workers: a worker stopped by it first breaks the transfer of
+    a batch and prints a multiprocessing traceback. """
+    import signal
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def create_loaders(args, data_config: Dict[str, Any], accelerator) -> TrainData:
     """ The train, validation and test loaders of a run: validation is `--holdout` images of the train split
     (removed from training) or `--val-split`; `--train/val-num-samples` then take fixed subsets. """
@@ -414,7 +421,7 @@ def create_loaders(args, data_config: Dict[str, Any], accelerator) -> TrainData:
     pin = accelerator.device.type == 'cuda'
     loader = lambda ds, train: DataLoader(  # noqa: E731
         ds, batch_size=args.batch_size if train else args.validation_batch_size or args.batch_size, shuffle=train,
-        drop_last=train, num_workers=workers, pin_memory=pin)
+        drop_last=train, num_workers=workers, pin_memory=pin, worker_init_fn=_ignore_sigint)
     train_loader = accelerator.prepare(loader(train_set, True))
     shown = '' if val_name or not is_test_split(args.val_split) else \
         ' (shown only: best = the last epoch; choose on held-out images with --holdout)'

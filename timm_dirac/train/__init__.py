@@ -52,7 +52,7 @@ __all__ = ['main', 'parse_args', 'build_parser', 'train', 'build', 'run_folder',
 # flags that define what a run trains on: a resume with other values would silently train another run
 RUN_FLAGS = ('model', 'model_kwargs', 'num_classes', 'img_size', 'input_size', 'diracify', 'diracify_layers', 'qat',
              'dataset', 'data_dir', 'train_split', 'val_split', 'holdout', 'train_num_samples', 'val_num_samples',
-             'test_split', 'seed', 'model_ema', 'eval_metric')
+             'seed', 'model_ema', 'eval_metric')
 
 
 class TrainingError(RuntimeError):
@@ -112,6 +112,9 @@ def build(args: argparse.Namespace) -> Setup:
     model = create_model(args, args.num_classes, verbose=accelerator.is_main_process)
     data_config = resolve_data_config(dict(img_size=args.img_size, input_size=args.input_size), model=model)
     data = create_loaders(args, data_config, accelerator)
+    if data.val_loader is None:
+        raise ConfigError(f'no validation images: pass --holdout N to validate on N images held out of '
+                          f'{args.train_split}, or a --val-split the data has.')
     if args.num_classes is not None and args.num_classes != data.num_classes:
         raise ConfigError(f'--num-classes {args.num_classes} disagrees with the dataset, which has '
                           f'{data.num_classes} classes; drop --num-classes or fix it.')
@@ -338,14 +341,15 @@ def export(setup: Setup, args: argparse.Namespace, run_dir: Path, state: Dict[st
     accelerator, data = setup.accelerator, setup.data
     epoch = state['best'][0][1]
     model = create_model(args, data.num_classes, start=False)
+    dirac = isinstance(model, DiracNet)  # the model card and the folding are DiracNet's
     model = prepare_qat(model) if args.qat else model
-    dirac = isinstance(model, DiracNet) or args.qat  # the model card and the folding are DiracNet's
     outputs = [run_dir / 'test.csv'] if data.test_loader is not None else []
     outputs += [run_dir / f'hub-{form}' for form in (('folded',) if args.qat else ('train', 'folded'))] if dirac else []
     outputs = [_new_name(p) for p in outputs] if trained else [p for p in outputs if not p.exists()]
     if not outputs:
-        accelerator.print(f'{run_dir} is finished (epoch {state["epoch"]} of {setup.num_epochs}) and exported; nothing '
-                          f'to do (pass more --epochs to train on).')
+        if not trained:
+            accelerator.print(f'{run_dir} is finished (epoch {state["epoch"]} of {setup.num_epochs}) and exported; '
+                              f'nothing to do (pass more --epochs to train on).')
         return []
     best_dir = run_dir / f'checkpoint-{epoch}'
     verify_checkpoint(best_dir)
@@ -398,6 +402,11 @@ def train(args: argparse.Namespace) -> nn.Module:
         trained = state['epoch'] < setup.num_epochs
         try:
             fit(setup, args, run_dir, state)
+            metric, best_epoch = state['best'][0]
+            accelerator.print(f'best {args.eval_metric} {metric:.4f} at epoch {best_epoch}: {run_dir / "best"}'
+                              if _selects(args) else
+                              f'best = the last epoch (not chosen on {args.val_split}): {run_dir / "best"}')
+            export(setup, args, run_dir, state, trained)
         except KeyboardInterrupt:
             kept = f'keeps its checkpoints up to epoch {state["epoch"]}' if state['epoch'] else 'has no checkpoint yet'
             raise Interrupted(f'interrupted; {run_dir} {kept}: continue with --resume {run_dir} and the same '
@@ -406,11 +415,6 @@ def train(args: argparse.Namespace) -> nn.Module:
             if not args.resume and accelerator.is_main_process and not complete_checkpoints(run_dir):
                 shutil.rmtree(run_dir, ignore_errors=True)  # a new run that failed before its first checkpoint
             raise
-        metric, best_epoch = state['best'][0]
-        accelerator.print(f'best {args.eval_metric} {metric:.4f} at epoch {best_epoch}: {run_dir / "best"}'
-                          if _selects(args) else
-                          f'best = the last epoch (not chosen on {args.val_split}): {run_dir / "best"}')
-        export(setup, args, run_dir, state, trained)
     return accelerator.unwrap_model(setup.model)
 
 

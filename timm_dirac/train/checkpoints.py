@@ -19,7 +19,6 @@ import fcntl
 import io
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
@@ -66,7 +65,9 @@ def create_run_folder(run_dir: Path, args_yaml: str) -> None:
     kill during an earlier start can leave); a folder with anything in it is never reused. """
     try:
         run_dir.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f'.{run_dir.name}.', suffix='.new', dir=run_dir.parent))
+        tmp = run_dir.with_name(f'.{run_dir.name}.{os.getpid()}.new')  # mkdir, not mkdtemp: the umask's mode
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
         try:
             (tmp / 'args.yaml').write_text(args_yaml, encoding='utf-8')
             os.replace(tmp, run_dir)  # over an empty folder only (rename(2)); EEXIST or ENOTEMPTY else
