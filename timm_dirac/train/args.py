@@ -22,6 +22,15 @@ class ConfigError(ValueError):
     """ Bad flags or config file; the message names the fix. """
 
 
+class _Kwargs(ParseKwargs):
+    """ timm's key=value parser, refusing a word without `=` in one line (timm's raises a ValueError). """
+    def __call__(self, parser, namespace, values, option_string=None):
+        bad = [v for v in values if v and '=' not in v]
+        if bad:
+            parser.error(f'argument {option_string}: expected key=value, got {bad[0]!r}')
+        super().__call__(parser, namespace, values, option_string)
+
+
 class _Parser(argparse.ArgumentParser):
     """ Refuses in one line; for a config file (`source`), by raising ConfigError naming the file. """
     source = ''
@@ -56,7 +65,7 @@ def build_parser() -> _Parser:
                    help='data loading worker processes (default: chosen by the data layer, at most the CPU count)')
     g = p.add_argument_group('Model')
     g.add_argument('--model', default=None, metavar='NAME', help='timm model name, e.g. diracnet34')
-    g.add_argument('--model-kwargs', nargs='*', default={}, action=ParseKwargs, metavar='K=V',
+    g.add_argument('--model-kwargs', nargs='*', default={}, action=_Kwargs, metavar='K=V',
                    help='extra model arguments, e.g. depth=16 width=2')
     g.add_argument('--pretrained', action='store_true', help='start from the pretrained weights')
     g.add_argument('--initial-checkpoint', default=None, metavar='PATH',
@@ -220,17 +229,13 @@ def check_args(args: argparse.Namespace) -> None:
     if not args.model.startswith(('hf-hub:', 'local-dir:')) and not timm.is_model(args.model):
         dirac = ', '.join(timm.list_models('diracnet*'))
         raise ConfigError(f'unknown model {args.model!r}; DiracNets are {dirac} (any timm model name works too).')
-    for name in ('batch_size', 'epochs', 'grad_accum_steps', 'log_interval', 'checkpoint_hist', 'lr_base_size'):
-        if getattr(args, name) < 1:
-            raise ConfigError(f'--{name.replace("_", "-")} must be at least 1, got {getattr(args, name)}.')
-    for name in ('validation_batch_size', 'train_num_samples', 'val_num_samples'):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            raise ConfigError(f'--{name.replace("_", "-")} must be at least 1, got {getattr(args, name)}.')
-    for name in ('workers', 'warmup_epochs', 'holdout'):
-        if getattr(args, name) is not None and getattr(args, name) < 0:
-            raise ConfigError(f'--{name.replace("_", "-")} must be 0 or more, got {getattr(args, name)}.')
-    if min(args.decay_milestones) < 1:
-        raise ConfigError(f'--decay-milestones are epochs (1 or more), got {args.decay_milestones}.')
+    for low, names in ((1, ('batch_size', 'epochs', 'grad_accum_steps', 'log_interval', 'checkpoint_hist',
+                            'lr_base_size', 'validation_batch_size', 'train_num_samples', 'val_num_samples',
+                            'decay_milestones')), (0, ('workers', 'warmup_epochs', 'holdout'))):
+        for name in names:
+            value = getattr(args, name)
+            if value is not None and min(value if isinstance(value, list) else [value]) < low:
+                raise ConfigError(f'--{name.replace("_", "-")} must be at least {low}, got {value}.')
     for name in ('lr', 'lr_base', 'momentum', 'weight_decay', 'warmup_lr', 'min_lr', 'decay_rate', 'decay_epochs',
                  'clip_grad', 'drop', 'smoothing', 'mixup', 'cutmix', 'mixup_prob', 'model_ema_decay', 'reprob',
                  'color_jitter', 'hflip'):
