@@ -10,7 +10,9 @@ read (to resume, or the best one to export) is checked against its SHA-256 list 
 
 The newest checkpoint is the folder's one source of truth: `last`, `best`, the pruning and summary.csv follow from
 it (`publish`), after each save and again on resume, which repairs a run killed between any two steps of a save.
-timm's `CheckpointSaver` keeps its top-k list with its own torch.save files and links, so we keep ours (`rank_best`).
+timm's `CheckpointSaver` ranks its top-k in single torch.save files it writes in place (not atomically; with `args`
+they hold a Namespace that weights_only=True refuses) and `resume_checkpoint` reads one such file, without RNG or
+per-rank state: our folders are accelerate's, so the top-k list is ours (`rank_best`) and the restore accelerate's.
 """
 import contextlib
 import csv
