@@ -625,7 +625,7 @@ def test_a_changed_byte_in_any_checkpoint_file_is_refused(tmp_path):
     """ verify_checkpoint: every file of a checkpoint is listed in checkpoint.sha256 with its hash; a flipped bit,
     a missing file or an extra one is refused naming the file. """
     from timm_dirac.checkpoint_io import file_sha256
-    from timm_dirac.train.checkpoints import verify_checkpoint
+    from timm_dirac.train.checkpoints import find_resume_checkpoint, verify_checkpoint
 
     ckpt = tmp_path / 'checkpoint-3'
     ckpt.mkdir()
@@ -644,6 +644,9 @@ def test_a_changed_byte_in_any_checkpoint_file_is_refused(tmp_path):
     (ckpt / 'extra.bin').write_bytes(b'')
     with pytest.raises(CheckpointError, match='extra.bin is not in checkpoint.sha256'):
         verify_checkpoint(ckpt)
+    (ckpt / 'checkpoint.sha256').unlink()  # a checkpoint folder no save made: never resumed, never pruned
+    with pytest.raises(CheckpointError, match='checkpoint-3 has no checkpoint.sha256'):
+        find_resume_checkpoint(str(tmp_path))
 
 
 @pytest.mark.slow

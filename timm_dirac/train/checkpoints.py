@@ -125,6 +125,10 @@ def find_resume_checkpoint(resume: str) -> Tuple[Path, Optional[Path]]:
         raise CheckpointError(f'--resume {resume}: {run_dir} does not exist; pass a run folder or one of its '
                               f'checkpoint folders.')
     done = complete_checkpoints(run_dir)
+    odd = [p.name for p in run_dir.glob('checkpoint-*') if checkpoint_epoch(p) is not None and p not in done]
+    if odd:  # never made by a save (each appears whole, by a rename): a copy, or an older version's
+        raise CheckpointError(f'{run_dir / odd[0]} has no {MANIFEST}, so it cannot be verified: move it out of the run '
+                              f'folder (a checkpoint of an earlier timm-dirac: resume it with that version).')
     if run_dir == path or path.name == 'last':
         ours = not any(p for p in run_dir.iterdir() if not p.name.startswith('.'))  # empty: a kill at its creation
         if not done and not ours and not (run_dir / 'args.yaml').is_file():
