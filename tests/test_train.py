@@ -280,6 +280,7 @@ def test_unreadable_image_one_error_line(tmp_path, capsys):
     assert not (tmp_path / 'out' / 'run').exists()  # a new run that failed before its first checkpoint
 
 
+@pytest.mark.slow
 def test_imagenet_path_mixup_accumulation_ema(tmp_path):
     """ Image folders, timm's transforms (RandAugment) at 96 px, mixup/cutmix, gradient accumulation, clipping, EMA. """
     for split in ('train', 'val'):
