@@ -16,7 +16,6 @@ validation (the same on every rank, seed and resume), and the test split is scor
 Evaluation is sharded without padding (rank r takes samples r, r + world, ...), so summed metrics count every
 sample exactly once, whatever the batch size and the number of ranks.
 """
-import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
