@@ -143,7 +143,7 @@ def test_a_stream_trains_each_sample_once_per_epoch_and_resumes(tmp_path, shards
     assert len(straight) == 2 * TRAIN and epochs[0] != epochs[1]
     assert sorted(epochs[0]) == sorted(epochs[1]) == list(range(TRAIN))  # every sample once per epoch
     out = capsys.readouterr().out
-    assert f'{TRAIN} train images per epoch of train ({dataset}, streamed' in out
+    assert f'| {TRAIN} train images, validation on ' in out and f'| train of {dataset}, streamed, ' in out
     assert f'validation on {VAL} images of validation' in out and f'val ({VAL} images)' in out
 
     recorded.clear()
@@ -336,7 +336,7 @@ def test_wds_trains_as_the_imagenet_config_does(tmp_path, shards, capsys):
                                    '--test-split', 'validation', '--epochs', '1', '--workers', '0',
                                    '--output', str(tmp_path), '--experiment', 'run']))
     out = capsys.readouterr().out
-    assert f'{TRAIN - PER_SHARD} train images per epoch' in out
+    assert f'| {TRAIN - PER_SHARD} train images, validation on' in out
     assert f'validation on {PER_SHARD} images held out of train, validation scored at the end' in out
     assert f'val ({PER_SHARD} images)' in out and f'test (validation, {VAL} images' in out
     assert (tmp_path / 'run' / 'test.csv').is_file()

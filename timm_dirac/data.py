@@ -22,6 +22,7 @@ import io
 import logging
 import os
 import re
+import signal
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
@@ -375,6 +376,12 @@ class TrainData:
         self.train_loader.set_epoch(epoch)
 
 
+def _ignore_sigint(worker_id: int) -> None:
+    """ Loader workers leave Ctrl-C to the training process, which ends them: a worker stopped by it first breaks
+    a batch in transfer and prints a multiprocessing traceback after the run's one line. """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def default_workers(processes_per_machine: int = 1) -> int:
     """ Loader workers per process when --workers is not given: up to 4, never more than this machine's CPUs
     shared by its processes (0, i.e. loading in the training process, where they are fewer than the processes). """
@@ -610,28 +617,24 @@ def create_loaders(args, data_config: Dict[str, Any], accelerator) -> TrainData:
     if epoch_samples < global_batch:
         raise DataError(f'{epoch_samples} training samples do not fill one global batch of {global_batch} '
                         f'(batch size {args.batch_size} x {world} processes x {args.grad_accum_steps} accumulation).')
-    pin = accelerator.device.type == 'cuda'
+    common = dict(num_workers=workers, pin_memory=accelerator.device.type == 'cuda', worker_init_fn=_ignore_sigint)
     if stream:
         train_loader = DataLoaderShard(_EpochStream(train_set), device=accelerator.device, batch_size=args.batch_size,
-                                       num_workers=workers, pin_memory=pin)
+                                       **common)
     else:
-        train_loader = accelerator.prepare(DataLoader(
-            train_set, batch_size=args.batch_size, shuffle=True, drop_last=True, num_workers=workers, pin_memory=pin))
-    eval_batch = args.validation_batch_size or args.batch_size
-
-    def eval_loader(ds: Optional[Dataset]):
-        if ds is None:
-            return None
-        return accelerator.prepare(DataLoader(ds, batch_size=eval_batch, shuffle=False, drop_last=False,
-                                              num_workers=workers, pin_memory=pin))
-
+        train_loader = accelerator.prepare(DataLoader(train_set, batch_size=args.batch_size, shuffle=True,
+                                                      drop_last=True, **common))
+    eval_loader = lambda ds: None if ds is None else accelerator.prepare(DataLoader(  # noqa: E731
+        ds, batch_size=args.validation_batch_size or args.batch_size, shuffle=False, drop_last=False, **common))
     batches = len(train_loader)
     val_what = (f'{len(val_set)} images held out of {args.train_split}' if val_split is None else
                 f'{len(val_set)} images of {val_split}')
-    description = (f'{batches * args.batch_size * world} train images per epoch of {args.train_split} '
-                   f'({args.dataset or args.data_dir}{", streamed" if stream else ""}, {workers} loader workers per '
-                   f'process), validation on {val_what}'
-                   f'{f", {args.test_split} scored at the end" if test_set is not None else ""}')
+    if val_split is not None and is_test_split(val_split):
+        val_what += ' (shown only: best = the last epoch; choose on held-out images with --holdout)'
+    description = (f'{batches * args.batch_size * world} train images, validation on {val_what}'
+                   f'{f", {args.test_split} scored at the end" if test_set is not None else ""} | {args.train_split} '
+                   f'of {args.dataset or args.data_dir}{", streamed" if stream else ""}, {workers} loader workers per '
+                   f'process')
     return TrainData(train_loader, eval_loader(val_set), eval_loader(test_set), len(names), names,
                      batches * args.batch_size * world, batches, val_split, description)
 
