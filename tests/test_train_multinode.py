@@ -118,13 +118,14 @@ def test_two_machines_four_ranks_train_and_resume(tmp_path):
     train_set, val_set = list(fixed_subset(kept, TRAIN, 'train')), list(fixed_subset(held, VAL, 'holdout'))
     assert not set(train_set) & set(val_set)
     train_shards = [_per_epoch(d['seen'], 'train', EPOCHS) for d in ranks]
-    val_shards = [_per_epoch(d['seen'], 'eval', EPOCHS) for d in ranks]
+    val_shards = [_per_epoch(d['seen'], 'eval', EPOCHS + 1) for d in ranks]  # and the final fp32 score
     for epoch in range(EPOCHS):
         train_epoch = [shards[epoch] for shards in train_shards]
         assert [len(s) for s in train_epoch] == [TRAIN // WORLD] * WORLD
         assert sorted(i for s in train_epoch for i in s) == sorted(train_set)
         val_epoch = [shards[epoch] for shards in val_shards]  # accelerate pads the last batches; the metrics drop them
         assert sorted(set(i for s in val_epoch for i in s)) == sorted(val_set)
+    assert [s[EPOCHS] for s in val_shards] == [s[0] for s in val_shards]  # the score reads the validation images
     assert train_shards[0][0] != train_shards[0][1]  # reshuffled each epoch
     assert log0.count(f'val ({VAL} images)') == EPOCHS
 
