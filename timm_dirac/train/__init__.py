@@ -35,7 +35,7 @@ from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.scheduler import create_scheduler_v2
 from timm.utils import ModelEmaV3, distribute_bn
 
-from ..data import TrainData, create_loaders, hub_dataset_id
+from ..data import TrainData, create_loaders, hub_dataset_id, is_test_split
 from ..errors import run_refusing
 from ..finite import check_weights
 from ..qat import merge_qat, prepare_qat
@@ -310,7 +310,7 @@ def _val_name(args: argparse.Namespace) -> str:
 
 def _selects(args: argparse.Namespace) -> bool:
     """ Whether `best` is chosen on the validation metric; never on a test split, where `best` is the last epoch. """
-    return bool(args.holdout) or args.val_split.split('[')[0].strip().lower() not in ('test', 'testing')
+    return bool(args.holdout) or not is_test_split(args.val_split)
 
 
 # ----------------------------------------------------------------------------------------------------- export
@@ -371,14 +371,14 @@ def export(setup: Setup, args: argparse.Namespace, run_dir: Path, state: Dict[st
         for out in outputs:
             if out.name.startswith('test'):
                 write_atomic(out, to_csv([dict(split=split, epoch=epoch, **metrics)]))
-            elif out.name.startswith('hub-folded') and args.qat:  # the fake-quantized split model merges into int8's
-                written.append(save_hub_folder(merge_qat(model), out, train_info=info, label_names=data.class_names))
+                continue
+            net = model
+            if out.name.startswith('hub-folded') and args.qat:  # the fake-quantized split model merges into int8's
+                net = merge_qat(model)
             elif out.name.startswith('hub-folded'):
-                folded = copy.deepcopy(model).eval()
-                folded.reparameterize()
-                written.append(save_hub_folder(folded, out, train_info=info, label_names=data.class_names))
-            else:
-                written.append(save_hub_folder(model, out, train_info=info, label_names=data.class_names))
+                net = copy.deepcopy(model).eval()
+                net.reparameterize()
+            written.append(save_hub_folder(net, out, train_info=info, label_names=data.class_names))
         for folder in written:
             accelerator.print(f'Hub folder: {folder}')
     accelerator.wait_for_everyone()

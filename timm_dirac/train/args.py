@@ -43,14 +43,13 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> _Parser:
     p = _Parser(prog='timm-dirac-train', description='Train DiracNets (or any timm model) with accelerate.')
-    p.add_argument('-c', '--config', default='', metavar='FILE', help='YAML file of flag values (keys: flag names '
-                   'with _ for -); the command line overrides it')
+    p.add_argument('-c', '--config', default='', metavar='FILE', help='YAML of flag: value (the command line wins)')
     g = p.add_argument_group('Data')
     g.add_argument('--data-dir', default=None, metavar='DIR', help='root of the dataset (image folders '
                    'DIR/<split>/<class>/<image>, or the shards of a streaming dataset)')
     g.add_argument('--dataset', '-d', default='', metavar='NAME', help="timm's dataset name: '' (image folders), "
                    'hfds/<Hub id or folder>, hfids/..., wds/..., tfds/...')
-    g.add_argument('--dataset-download', action='store_true', help='let the dataset reader download the dataset')
+    g.add_argument('--dataset-download', action='store_true')
     g.add_argument('--train-split', default='train', metavar='NAME')
     g.add_argument('--val-split', default='validation', metavar='NAME',
                    help='split evaluated every epoch to choose `best`; a test split is only shown, and `best` is then '
@@ -61,13 +60,12 @@ def build_parser() -> _Parser:
                    help='split scored once (in fp32), at the end, with the weights that are exported (e.g. test)')
     g.add_argument('--train-num-samples', type=int, default=None, metavar='N', help='train on a fixed random N')
     g.add_argument('--val-num-samples', type=int, default=None, metavar='N', help='evaluate on a fixed random N')
-    g.add_argument('-j', '--workers', type=int, default=None, metavar='N',
-                   help='data loading worker processes (default: chosen by the data layer, at most the CPU count)')
+    g.add_argument('-j', '--workers', type=int, default=None, metavar='N', help='default: up to 4, the CPUs allowing')
     g = p.add_argument_group('Model')
-    g.add_argument('--model', default=None, metavar='NAME', help='timm model name, e.g. diracnet34')
+    g.add_argument('--model', default=None, metavar='NAME', help='e.g. diracnet34')
     g.add_argument('--model-kwargs', nargs='*', default={}, action=_Kwargs, metavar='K=V',
                    help='extra model arguments, e.g. depth=16 width=2')
-    g.add_argument('--pretrained', action='store_true', help='start from the pretrained weights')
+    g.add_argument('--pretrained', action='store_true')
     g.add_argument('--initial-checkpoint', default=None, metavar='PATH',
                    help='start from these weights (e.g. <run>/last/model.safetensors; train or folded form)')
     g.add_argument('--qat', action='store_true', help='quantization-aware fine-tuning for `timm-dirac quantize --flow '
@@ -80,16 +78,16 @@ def build_parser() -> _Parser:
     g.add_argument('--diracify-layers', nargs='+', default=None, metavar='GLOB',
                    help="with --diracify: only the convs whose module names match, e.g. 'features.*'")
     g.add_argument('--num-classes', type=int, default=None, metavar='N', help="default: the dataset's class count")
-    g.add_argument('--img-size', type=int, default=None, metavar='N', help='input size (default: the model cfg)')
+    g.add_argument('--img-size', type=int, default=None, metavar='N', help="default: the model cfg's")
     g.add_argument('--input-size', type=int, nargs=3, default=None, metavar=('C', 'H', 'W'))
     g.add_argument('--drop', type=float, default=0., metavar='PCT', help='dropout before the classifier')
-    g.add_argument('--channels-last', action='store_true', help='channels_last memory layout')
+    g.add_argument('--channels-last', action='store_true')
     g.add_argument('-b', '--batch-size', type=int, default=128, metavar='N', help='batch size per process')
     g.add_argument('-vb', '--validation-batch-size', type=int, default=None, metavar='N')
     g = p.add_argument_group('Optimizer')
     g.add_argument('--opt', default='sgd', metavar='NAME', help="timm optimizer ('sgd' is Nesterov SGD, "
                    "'momentum' plain SGD with momentum)")
-    g.add_argument('--lr', type=float, default=None, metavar='LR', help='learning rate (default: lr-base scaled)')
+    g.add_argument('--lr', type=float, default=None, metavar='LR', help='default: lr-base scaled')
     g.add_argument('--lr-base', type=float, default=0.1, metavar='LR', help='lr at the global batch lr-base-size')
     g.add_argument('--lr-base-size', type=int, default=256, metavar='N', help='global batch of lr-base')
     g.add_argument('--momentum', type=float, default=0.9, metavar='M')
@@ -97,7 +95,7 @@ def build_parser() -> _Parser:
     g.add_argument('--weight-decay-1d', action=argparse.BooleanOptionalAction, default=False,
                    help="decay 1-d parameters too (biases, BatchNorm, Dirac alpha/beta), as the authors' train.py "
                    "does; default: timm's grouping, which exempts them")
-    g.add_argument('--clip-grad', type=float, default=None, metavar='NORM', help='clip the gradient norm')
+    g.add_argument('--clip-grad', type=float, default=None, metavar='NORM')
     g.add_argument('--grad-accum-steps', type=int, default=1, metavar='N', help='batches per optimizer step')
     g = p.add_argument_group('Schedule')
     g.add_argument('--sched', default='cosine', metavar='NAME', help='timm scheduler: cosine, step, multistep, ...')
@@ -123,11 +121,11 @@ def build_parser() -> _Parser:
     g.add_argument('--mixup-prob', type=float, default=1.0)
     g.add_argument('--mixup-switch-prob', type=float, default=0.5)
     g.add_argument('--mixup-mode', default='batch')
-    g.add_argument('--smoothing', type=float, default=0.1, help='label smoothing')
+    g.add_argument('--smoothing', type=float, default=0.1)
     g = p.add_argument_group('EMA, precision, output')
     g.add_argument('--model-ema', action='store_true', help='keep and evaluate an EMA of the weights')
     g.add_argument('--model-ema-decay', type=float, default=0.9998)
-    g.add_argument('--model-ema-warmup', action='store_true', help='EMA decay warm-up')
+    g.add_argument('--model-ema-warmup', action='store_true')
     g.add_argument('--amp', action=argparse.BooleanOptionalAction, default=False,
                    help='mixed precision (--no-amp overrides a config: fp32 unless the accelerate launch sets one)')
     g.add_argument('--amp-dtype', default='auto', choices=['auto', 'float16', 'bfloat16'],
@@ -141,8 +139,7 @@ def build_parser() -> _Parser:
     g.add_argument('--resume', default='', metavar='DIR', help='run folder to continue (or its last checkpoint)')
     g.add_argument('--checkpoint-hist', type=int, default=3, metavar='N', help='best checkpoints to keep')
     g.add_argument('--eval-metric', default='top1', choices=['top1', 'top5', 'loss'])
-    g.add_argument('--debug', action='store_true', help='show the Python traceback of an error (default: one line '
-                   'naming the problem, exit code 2)')
+    g.add_argument('--debug', action='store_true', help='tracebacks instead of one-line refusals')
     return p
 
 
