@@ -15,6 +15,7 @@ A run folder holds `args.yaml`, `summary.csv`, `checkpoint-<epoch>/` folders (th
 `hub-train/` and `hub-folded/` (reparameterized). A run killed at any moment resumes exactly (see `checkpoints`).
 """
 import argparse
+import contextlib
 import copy
 import math
 import shutil
@@ -338,7 +339,8 @@ def export(setup: Setup, args: argparse.Namespace, run_dir: Path, state: Dict[st
     model = create_model(args, data.num_classes, start=False)
     dirac = isinstance(model, DiracNet)  # the model card and the folding are DiracNet's
     model = prepare_qat(model) if args.qat else model
-    outputs = [run_dir / 'test.csv'] if data.test_loader is not None else []
+    test = data.test_loader is not None
+    outputs = [run_dir / 'test.csv'] if test else []
     outputs += [run_dir / f'hub-{form}' for form in (('folded',) if args.qat else ('train', 'folded'))] if dirac else []
     outputs = [_new_name(p) for p in outputs] if trained else [p for p in outputs if not p.exists()]
     if not outputs:
@@ -351,11 +353,10 @@ def export(setup: Setup, args: argparse.Namespace, run_dir: Path, state: Dict[st
     model.load_state_dict(torch.load(best_dir / 'train_state.pt', map_location='cpu', weights_only=True)['ema']
                           if args.model_ema else load_file(best_dir / 'model.safetensors'))
     model.to(accelerator.device)
-    loader, split = (data.test_loader, args.test_split) if data.test_loader is not None else (data.val_loader,
-                                                                                              _val_name(args))
+    loader, split = (data.test_loader, args.test_split) if test else (data.val_loader, _val_name(args))
     metrics = evaluate(model, loader, accelerator, args.channels_last, desc='score', fp32=True)
     accelerator.print(
-        f'{"test" if data.test_loader is not None else "best"} ({split}, {metrics["count"]} images, best checkpoint'
+        f'{"test" if test else "best"} ({split}, {metrics["count"]} images, best checkpoint'
         f'{" EMA" if setup.ema else ""}, fp32): loss {metrics["loss"]:.4f} top1 {metrics["top1"]:.2f} '
         f'top5 {metrics["top5"]:.2f}')
     written = []
@@ -363,7 +364,7 @@ def export(setup: Setup, args: argparse.Namespace, run_dir: Path, state: Dict[st
         model.cpu()
         chosen = (f'timm-dirac-train, epoch {epoch} of {args.epochs}{" (EMA weights)" if args.model_ema else ""}, '
                   f'{f"chosen on {_val_name(args)}" if _selects(args) else "the last epoch"}, scored '
-                  f'{f"once on {split}" if data.test_loader is not None else f"on {split}"} in fp32')
+                  f'{f"once on {split}" if test else f"on {split}"} in fp32')
         info = dict(  # this run's own facts: the model's default tag describes other weights (see hub.published_cfg)
             dataset=hub_dataset_id(args.dataset), license='apache-2.0',
             metrics={k: round(metrics[k], 4) for k in ('top1', 'top5', 'loss')},
@@ -391,7 +392,7 @@ def train(args: argparse.Namespace) -> nn.Module:
     setup = build(args)
     accelerator = setup.accelerator
     run_dir, checkpoint = run_folder(setup, args)
-    with lock_run_folder(run_dir, accelerator.is_main_process):
+    with lock_run_folder(run_dir) if accelerator.is_main_process else contextlib.nullcontext():  # rank 0 holds it
         state = start_or_resume(setup, args, run_dir, checkpoint)
         accelerator.print(f'{setup.description} | run folder {run_dir}')
         trained = state['epoch'] < setup.num_epochs

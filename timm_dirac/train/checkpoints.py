@@ -85,21 +85,19 @@ def create_run_folder(run_dir: Path, args_yaml: str) -> None:
 
 
 @contextlib.contextmanager
-def lock_run_folder(run_dir: Path, lock: bool = True) -> Iterator[None]:
-    """ Hold an exclusive lock on `run_dir` (with `lock`: rank 0) for the block; the kernel drops it when the process
-    ends, however it ends. A second process that would train in the same folder is refused. """
-    fd = os.open(run_dir, os.O_RDONLY) if lock else None
+def lock_run_folder(run_dir: Path) -> Iterator[None]:
+    """ Hold an exclusive lock on `run_dir` for the block; the kernel drops it when the process ends, however it
+    ends. A second process that would train in the same folder is refused. """
+    fd = os.open(run_dir, os.O_RDONLY)
     try:
-        if fd is not None:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                raise CheckpointError(f'another process is training in {run_dir} (it holds the folder\'s lock); wait '
-                                      f'for it to end or stop it, then --resume {run_dir}.') from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise CheckpointError(f'another process is training in {run_dir} (it holds the folder\'s lock); wait for '
+                                  f'it to end or stop it, then --resume {run_dir}.') from None
         yield
     finally:
-        if fd is not None:
-            os.close(fd)
+        os.close(fd)
 
 
 def checkpoint_epoch(path: Path) -> Optional[int]:
