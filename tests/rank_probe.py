@@ -17,7 +17,7 @@ from timm_dirac.train import parse_args, train
 dump_dir, tag, argv = sys.argv[1], sys.argv[2], sys.argv[3:]
 seen, replaced = [], []
 
-load_sample = data.HFImageDataset.__getitem__
+load_sample = data.Images.__getitem__
 
 
 def record_sample(self, index):
@@ -34,7 +34,7 @@ def record_move(src, dst, *args, **kwargs):
     return move(src, dst, *args, **kwargs)
 
 
-data.HFImageDataset.__getitem__ = record_sample
+data.Images.__getitem__ = record_sample
 os.replace = record_move
 model = train(parse_args(argv))
 os.replace = move

@@ -1,19 +1,19 @@
-""" timm_dirac.data: the shipped CIFAR-10 sample, image folders, transforms and exact sharded evaluation. """
+""" timm_dirac.data: the shipped CIFAR-10 sample, image folders and transforms through timm's `create_dataset`, the
+class check, unreadable images, and the loaders training gets (`create_loaders`). """
 import random
 from pathlib import Path
 
 import pytest
 import torch
 from PIL import Image
-from torch.utils.data import TensorDataset
 from torchvision import transforms
 
 import timm
 import timm_dirac  # noqa: F401
 from timm.data import resolve_data_config
 from timm_dirac.data import (
-    DataError, MissingSplitError, eval_indices, eval_loader, eval_transform, holdout_indices, hub_dataset_id,
-    is_test_split, label_names, load_eval_split, load_split, train_transform)
+    DataError, MissingSplitError, eval_transform, holdout_indices, hub_dataset_id, is_test_split,
+    label_names, load_eval_split, load_split, train_transform)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -33,7 +33,7 @@ def test_shipped_sample_loads_balanced():
     assert classes == 10 and len(train) == 10000 and len(test) == 1000
     image, label = test[0]
     assert isinstance(image, Image.Image) and image.size == (32, 32) and 0 <= label < 10
-    counts = torch.bincount(torch.tensor(test.data['label']), minlength=10)
+    counts = torch.bincount(torch.tensor(test.dataset.reader.dataset['label']), minlength=10)
     assert counts.tolist() == [100] * 10
 
 
@@ -41,7 +41,8 @@ def test_sample_limit_is_a_fixed_subset():
     a, _ = load_split(SAMPLE, None, 'train', num_samples=500)
     b, _ = load_split(SAMPLE, None, 'train', num_samples=500)
     assert len(a) == 500 and list(a.indices) == list(b.indices) and len(set(a.indices)) == 500
-    labels = torch.bincount(torch.tensor([a.dataset.data[i]['label'] for i in a.indices]), minlength=10)
+    column = a.dataset.dataset.reader.dataset['label']
+    labels = torch.bincount(torch.tensor([column[i] for i in a.indices]), minlength=10)
     assert labels.min() > 25  # a random subset of a balanced set stays roughly balanced
 
 
@@ -51,7 +52,8 @@ def test_holdout_is_disjoint_fixed_and_covers_the_split():
     assert sorted(train + held) == list(range(10000)) and train == sorted(train) and held == sorted(held)
     assert holdout_indices(10000, 1000) == (train, held)  # the same on every rank, seed and resume
     ds, _ = load_split(SAMPLE, None, 'train')
-    labels = torch.bincount(torch.tensor([ds.data[i]['label'] for i in held]), minlength=10)
+    column = ds.dataset.reader.dataset['label']
+    labels = torch.bincount(torch.tensor([column[i] for i in held]), minlength=10)
     assert labels.min() > 70  # a random 10% of a balanced set stays roughly balanced, unlike the split's tail
     for bad in (0, 10000, -5):
         with pytest.raises(DataError, match='--holdout'):
@@ -74,7 +76,8 @@ def test_label_names_from_features_or_class_folders(tmp_path):
                                    'truck']
     for cls in ('zebra', 'ant', 'cat'):
         (tmp_path / 'val' / cls).mkdir(parents=True)
-    assert label_names('', str(tmp_path), 'validation') == ['ant', 'cat', 'zebra']  # as FolderDataset numbers them
+        Image.new('RGB', (8, 8)).save(tmp_path / 'val' / cls / 'x.png')
+    assert label_names('', str(tmp_path), 'validation') == ['ant', 'cat', 'zebra']  # as timm's reader numbers them
     assert hub_dataset_id('hfds/uoft-cs/cifar10') == 'uoft-cs/cifar10'
     assert hub_dataset_id(SAMPLE) is None and hub_dataset_id('') is None  # a local path names nothing public
 
@@ -121,12 +124,14 @@ def test_eval_split_of_image_folders(tmp_path):
             Image.new('RGB', (40, 30), (10, 20, 30)).save(tmp_path / split / cls / f'{split}.jpg')
     ds, split = load_eval_split(str(tmp_path))  # validation, found as val/
     assert split == 'validation' and [ds[i][1] for i in range(len(ds))] == [0, 1, 2]
-    assert load_eval_split(str(tmp_path), 'train')[0].samples == load_split('', str(tmp_path), 'train')[0].samples
+    def files(ds):
+        return [ds.where(i) for i in range(len(ds))]
+    assert files(load_eval_split(str(tmp_path), 'train')[0]) == files(load_split('', str(tmp_path), 'train')[0])
     with pytest.raises(MissingSplitError, match="no folder for split 'test'"):
         load_eval_split(str(tmp_path), 'test')
     # a folder of class folders (e.g. ImageNet's val/) is the split itself, named after the folder
     ds, split = load_eval_split(str(tmp_path / 'val'))
-    assert split == 'val' and len(ds) == 3 and ds.samples == load_split('', str(tmp_path), 'validation')[0].samples
+    assert split == 'val' and len(ds) == 3 and files(ds) == files(load_split('', str(tmp_path), 'validation')[0])
     with pytest.raises(DataError, match='slices apply to hfds/ datasets'):
         load_eval_split(str(tmp_path / 'val'), 'test[:2]')
     (tmp_path / 'val').rename(tmp_path / 'holdout')
@@ -183,23 +188,6 @@ def test_imagenet_transform_is_timms():
     assert eval_transform(cfg)(Image.new('RGB', (300, 250))).shape == (3, 224, 224)
 
 
-@pytest.mark.parametrize('n,world', [(37, 1), (37, 2), (37, 3), (2, 4), (100, 8)])
-def test_eval_shards_partition_the_set(n, world):
-    shards = [list(eval_indices(n, r, world)) for r in range(world)]
-    flat = sorted(i for s in shards for i in s)
-    assert flat == list(range(n))
-
-
-def test_eval_loader_keeps_the_partial_last_batch_once():
-    data = TensorDataset(torch.arange(37))
-    seen = []
-    for rank in range(2):
-        batches = [b[0] for b in eval_loader(data, batch_size=8, workers=0, rank=rank, world_size=2)]
-        assert [len(b) for b in batches][-1] < 8  # a partial last batch, not dropped or padded
-        seen += torch.cat(batches).tolist()
-    assert sorted(seen) == list(range(37))
-
-
 def test_16_bit_png_keeps_its_grey_levels(tmp_path):
     """ PIL's convert('RGB') clips a 16-bit PNG to white; to_rgb scales it to 8 bits. """
     import numpy as np
@@ -213,3 +201,23 @@ def test_16_bit_png_keeps_its_grey_levels(tmp_path):
     np.testing.assert_allclose(rgb[..., 0], levels / 257., atol=0.51)
     with Image.open(tmp_path / 'deep.png') as image:  # 8-bit images are unchanged
         assert np.array_equal(np.asarray(to_rgb(image.convert('L'))), np.asarray(image.convert('L').convert('RGB')))
+
+
+def test_unreadable_row_of_a_datasets_split_is_named_and_empty_names_refused(tmp_path):
+    """ timm's reader would return the next row in place of an undecodable one; ours names the row. """
+    import datasets
+
+    features = datasets.Features(image=datasets.Image(), label=datasets.ClassLabel(names=['a', 'b']))
+    good = datasets.Dataset.from_dict(dict(image=[Image.new('RGB', (8, 8))] * 3, label=[0, 1, 0]), features=features)
+    rows = good.cast_column('image', datasets.Image(decode=False)).to_list()
+    rows[1]['image'] = dict(bytes=b'\xff\xd8 truncated', path=None)
+    bad = datasets.Dataset.from_list(rows, features=features)
+    (tmp_path / 'bad').mkdir()
+    bad.to_parquet(str(tmp_path / 'bad' / 'test-00000-of-00001.parquet'))
+    ds, _ = load_split(f'hfds/{tmp_path / "bad"}', None, 'test')
+    assert ds[0][1] == 0
+    with pytest.raises(DataError, match="cannot read image 1 of split 'test' of hfds/.*replace or delete it"):
+        ds[1]
+    for empty in ('hfds/', 'hfids/'):
+        with pytest.raises(DataError, match='names no dataset'):
+            load_eval_split(empty) if empty == 'hfds/' else label_names(empty)

@@ -32,7 +32,7 @@ def test_cuda_gets_bf16_or_fp16_with_a_scaler(monkeypatch, bf16, expected):
 
 def test_train_amp_auto_follows_the_rule_and_flags_override_it(monkeypatch):
     monkeypatch.setattr(torch.cuda, 'is_available', lambda: False)
-    monkeypatch.setattr('timm_dirac.train._has_accelerator', lambda: False)
+    monkeypatch.setattr('timm_dirac.train.loop._has_accelerator', lambda: False)
     monkeypatch.setattr(precision, 'cpu_flags', lambda: {'avx512f'})
     assert parse_args([]).amp_dtype == 'auto'
     chosen, why = pick_precision(parse_args(['--amp']))

@@ -70,6 +70,7 @@ def test_merged_model_computes_the_qat_model_and_is_a_folded_diracnet():
     assert is_folded(merged) and merged.inference_mode
 
 
+@pytest.mark.slow
 def test_split_flow_stores_exactly_the_trained_weights(tmp_path):
     """ The contract between QAT and `quantize --flow split`: ONNX Runtime's 7-bit weights are the QAT grid. """
     qat = prepare_qat(_trained_like())
@@ -90,6 +91,7 @@ def test_split_flow_stores_exactly_the_trained_weights(tmp_path):
     assert checked == 6
 
 
+@pytest.mark.slow
 def test_train_qat_fine_tunes_and_exports_the_folded_model(tmp_path, capsys):
     from safetensors.torch import save_file
     save_file(_trained_like().state_dict(), tmp_path / 'start.safetensors')
@@ -107,6 +109,7 @@ def test_train_qat_fine_tunes_and_exports_the_folded_model(tmp_path, capsys):
     assert not (tmp_path / 'no-start').exists()
 
 
+@pytest.mark.slow
 def test_qat_resumes_exactly(tmp_path, interrupted):
     """ 2 QAT epochs straight vs 1 epoch, interrupted, then --resume: the same fake-quantized weights. """
     from safetensors.torch import save_file

@@ -3,7 +3,9 @@
 One process: loss falls, accuracy beats chance, checkpoints/links/summary/Hub folders appear, and 1 epoch + resume
 gives bit-identical weights to 2 straight epochs. Two processes (`accelerate launch --multi_gpu`, gloo on CPU):
 distinct samples per rank, identical weights, global batch = 2 x per-rank batch, every val sample counted once.
-Config precedence and the one-line errors for bad input.
+Config precedence and the one-line errors for bad input; kills at every step of a checkpoint save resume bit for
+bit; and the hostile cases: a damaged checkpoint file, a finished or empty run folder, a resume with other data
+flags or into a folder another process trains in, Ctrl-C, run folders outside --output.
 """
 import csv
 import os
@@ -19,7 +21,7 @@ from PIL import Image
 
 import timm_dirac  # noqa: F401  registers the models
 import timm_dirac.train as train_module
-from timm_dirac.train import ConfigError, main, parse_args, train
+from timm_dirac.train import CheckpointError, ConfigError, main, parse_args, train
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -38,6 +40,7 @@ def _summary(run_dir: Path):
         return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
 
 
+@pytest.mark.slow
 def test_train_learns_checkpoints_and_resumes_exactly(tmp_path, interrupted, capsys):
     """ 2 epochs straight vs interrupted after epoch 1 + --resume: same weights, EMA and metrics, bit for bit. """
     args = TINY + ['--train-num-samples', '1024', '--val-num-samples', '200', '-b', '32', '--output', str(tmp_path),
@@ -61,9 +64,9 @@ def test_train_learns_checkpoints_and_resumes_exactly(tmp_path, interrupted, cap
     with open(run / 'test.csv') as f:
         (test,) = list(csv.DictReader(f))
     assert test['split'] == 'test' and test['count'] == '1000' and float(test['top1']) > 15
-    assert f'test (test, 1000 images, best checkpoint EMA): loss {float(test["loss"]):.4f}' in out
+    assert f'test (test, 1000 images, best checkpoint EMA, fp32): loss {float(test["loss"]):.4f}' in out
     card = (run / 'hub-folded' / 'README.md').read_text()
-    assert f'{round(float(test["top1"]), 4)}' in card and 'scored once on test' in card
+    assert f'{round(float(test["top1"]), 4)}' in card and 'scored once on test in fp32' in card  # not in bf16
     for form in ('train', 'folded'):
         assert {'model.safetensors', 'config.json', 'README.md'} <= {p.name for p in (run / f'hub-{form}').iterdir()}
 
@@ -127,7 +130,9 @@ def test_two_process_launch(tmp_path):
     assert not set(train0) & set(train1)
     val0 = [i for s, i in r0['seen'] if s == 'eval']
     val1 = [i for s, i in r1['seen'] if s == 'eval']
-    assert not set(val0) & set(val1) and len(val0) + len(val1) == 101
+    # every validation image is read, in the epoch's validation and in the final fp32 score; accelerate pads the
+    # ranks' last batches with repeats, which gather_for_metrics drops (the log's 'val (101 images)' above)
+    assert len(set(val0 + val1)) == 101 and len(val0) + len(val1) < 2 * (101 + 2 * 16)
     assert not set(val0 + val1) & set(train0 + train1)  # validation images are held out of training
     state = torch.load(tmp_path / 'ddp' / 'last' / 'train_state.pt', weights_only=True)
     assert state['num_updates'] == 256 // (2 * 16)  # one update per global batch of 2 x 16
@@ -148,7 +153,8 @@ def test_initial_checkpoint_sets_the_starting_weights(tmp_path, capsys):
         '--train-num-samples', '64', '--val-num-samples', '8', '--output', str(tmp_path), '--experiment', 'init']))
     for name, p in start.named_parameters():
         torch.testing.assert_close(model.get_parameter(name), p, rtol=0, atol=0, msg=name)
-    assert capsys.readouterr().out.startswith('precision: fp32 (no --amp')
+    out = capsys.readouterr().out
+    assert out.startswith('precision: fp32 (no --amp') and out.count('precision') == 1  # one line says it
 
 
 @pytest.mark.parametrize('config', sorted((ROOT / 'train_configs').glob('*.yaml')), ids=lambda p: p.stem)
@@ -166,10 +172,11 @@ def test_configs_claiming_the_authors_recipe_decay_every_parameter(config):
     assert (decay[id(alpha)], decay[id(bn)]) == ((args.weight_decay,) * 2 if authors else (0., 0.))
 
 
-@pytest.mark.parametrize('val', [['--holdout', '64'], ['--holdout', '0', '--val-split', 'test']], ids=['holdout', 'test'])
+@pytest.mark.parametrize('val', [['--holdout', '64'], ['--holdout', '0', '--val-split', 'test']],
+                         ids=['holdout', 'test'])
 def test_best_is_never_chosen_on_a_test_split(tmp_path, monkeypatch, capsys, val):
     """ Validation scores that fall after epoch 1: a held-out set chooses epoch 1, a test split is only shown. """
-    scores = iter([50., 40.])
+    scores = iter([50., 40., 45.])  # two epochs, then the best checkpoint scored in fp32
     monkeypatch.setattr(train_module, 'evaluate', lambda *a, **k: dict(loss=1., top1=next(scores), top5=90., count=8))
     train(parse_args(TINY + val + ['--train-num-samples', '64', '-b', '32', '--epochs', '2', '--output', str(tmp_path),
                                    '--experiment', 'run']))
@@ -254,7 +261,8 @@ def test_bad_input_one_error_line_nothing_written(tmp_path, capsys):
            'not a file')
     _fails(capsys, TINY + out + ['--dataset', f'hfds/{tmp_path}/missing'], 'does not exist')
     _fails(capsys, TINY + out + ['--dataset', '', '--data-dir', str(tmp_path / 'nowhere')], 'does not exist')
-    _fails(capsys, TINY + out + ['--num-classes', '100', '--train-num-samples', '64', '--val-num-samples', '8'],
+    _fails(capsys, TINY + out + ['--num-classes', '100', '--train-num-samples', '64', '--val-num-samples', '8',
+                                 '-b', '32'],
            '--num-classes 100', '10 classes')
     assert not (tmp_path / 'out').exists()
 
@@ -267,12 +275,14 @@ def test_unreadable_image_one_error_line(tmp_path, capsys):
                 Image.new('RGB', (32, 32), (60 * i, 0, 200 if cls == 'cat' else 0)).save(
                     tmp_path / 'imgs' / split / cls / f'{i}.png')
     (tmp_path / 'imgs' / 'train' / 'cat' / 'broken.png').write_bytes(b'not an image at all')
-    argv = TINY + ['--dataset', '', '--data-dir', str(tmp_path / 'imgs'), '--holdout', '0', '--val-split', 'val', '-b', '9',
+    argv = TINY + ['--dataset', '', '--data-dir', str(tmp_path / 'imgs'), '--holdout', '0', '--val-split', 'val',
+                   '-b', '9',
                    '--epochs', '1', '--output', str(tmp_path / 'out'), '--experiment', 'run']
     _fails(capsys, argv, 'broken.png', 'cannot read image')
     assert not (tmp_path / 'out' / 'run').exists()  # a new run that failed before its first checkpoint
 
 
+@pytest.mark.slow
 def test_imagenet_path_mixup_accumulation_ema(tmp_path):
     """ Image folders, timm's transforms (RandAugment) at 96 px, mixup/cutmix, gradient accumulation, clipping, EMA. """
     for split in ('train', 'val'):
@@ -302,13 +312,15 @@ def test_evaluate_counts_every_sample_once():
     from accelerate import Accelerator
     from torch.utils.data import TensorDataset
 
-    from timm_dirac.data import eval_loader
+    from torch.utils.data import DataLoader
+
     from timm_dirac.train import evaluate
 
     torch.manual_seed(0)
     x, y = torch.randn(37, 3, 8, 8), torch.randint(0, 10, (37,))
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(192, 10))
-    metrics = evaluate(model, eval_loader(TensorDataset(x, y), 8, 0, 0, 1), Accelerator(cpu=True))
+    accelerator = Accelerator(cpu=True)
+    metrics = evaluate(model, accelerator.prepare(DataLoader(TensorDataset(x, y), batch_size=8)), accelerator)
     with torch.no_grad():
         logits = model(x)
     assert metrics['count'] == 37
@@ -446,6 +458,7 @@ def _assert_consistent(run: Path, epochs: int):
     assert [r['epoch'] for r in _summary(run)] == list(range(1, epochs + 1))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('point,epoch', KILLS, ids=[f'{p}-epoch{e}' for p, e in KILLS])
 def test_kill_at_any_checkpoint_step_resumes_bit_identically(tmp_path, monkeypatch, straight_run, point, epoch):
     """ A run killed at any step of any checkpoint save, resumed with `--resume <run>/last`, repairs its run
@@ -468,11 +481,12 @@ def test_kill_at_any_checkpoint_step_resumes_bit_identically(tmp_path, monkeypat
         [{k: v for k, v in r.items() if k not in timing} for r in rows]
 
 
-@pytest.mark.parametrize('damage', ['garbage', 'foreign', 'garbage_without_manifest'])
+@pytest.mark.slow
+@pytest.mark.parametrize('damage', ['garbage', 'foreign', 'garbage_with_its_sha256'])
 def test_resume_restores_everything_or_says_what_it_could_not(tmp_path, interrupted, damage):
     """ A corrupt or foreign random_states_0.pkl (accelerate skips an unreadable one silently and the run would
-    drift from the uninterrupted one) is refused by name, from the checkpoint's SHA-256 list or, for a checkpoint
-    without one, by checking the restored RNG state. """
+    drift from the uninterrupted one) is refused by name, from the checkpoint's SHA-256 list or, where the list was
+    rewritten to match, by checking the restored RNG state. """
     args = KILL_ARGS + ['--output', str(tmp_path), '--epochs', '2']
     for name, seed in (('run', '42'), ('other', '7')):
         with interrupted():
@@ -483,12 +497,12 @@ def test_resume_restores_everything_or_says_what_it_could_not(tmp_path, interrup
         rng.write_bytes(other.read_bytes())
     else:
         rng.write_bytes(b'\x80\x04not a pickle')
-    if damage == 'garbage_without_manifest':  # a checkpoint written before the SHA-256 list existed
-        state_file = tmp_path / 'run' / 'checkpoint-1' / 'train_state.pt'
-        state = torch.load(state_file, weights_only=True)
-        del state['files']
-        torch.save(state, state_file)
-    with pytest.raises(ConfigError, match='random_states_0.pkl'):
+    if damage == 'garbage_with_its_sha256':
+        from timm_dirac.checkpoint_io import file_sha256
+        sums = tmp_path / 'run' / 'checkpoint-1' / 'checkpoint.sha256'
+        sums.write_text(''.join(f'{file_sha256(rng)}  {rng.name}\n' if line.endswith(rng.name) else f'{line}\n'
+                                for line in sums.read_text().splitlines()))
+    with pytest.raises(CheckpointError, match='random_states_0.pkl'):
         train(parse_args(args + ['--resume', str(tmp_path / 'run')]))
 
 
@@ -572,3 +586,139 @@ def test_diverging_training_stops_with_the_last_good_checkpoint(tmp_path, interr
 def test_debug_shows_the_traceback(tmp_path):
     with pytest.raises(ConfigError, match='--batch-size'):
         main(TINY + ['--output', str(tmp_path), '-b', '0', '--debug'])
+
+
+# ------------------------------------------------------------------------------------------- the hostile cases
+SHORT = TINY + ['--train-num-samples', '64', '--val-num-samples', '8', '-b', '32', '--epochs', '1', '--workers', '0']
+
+
+def test_config_values_go_through_their_flags(tmp_path, capsys):
+    """ A YAML value is parsed by its flag's own parser: wrong types are refused in one line naming the key, a
+    switch takes true/false only, and `debug: true` acts (the traceback instead of the one line). """
+    out = ['--output', str(tmp_path / 'out'), '--experiment', 'run']
+    for text, words in (('epochs: true\n', "'epochs'"), ('lr: true\n', "'lr'"), ('amp: 1\n', 'true or false'),
+                        ('decay_milestones: {a: 1}\n', 'one value'), ('model: [a, b]\n', 'one value')):
+        cfg = tmp_path / 'c.yaml'
+        cfg.write_text('model: diracnet18\n' + text)
+        _fails(capsys, ['--config', str(cfg)] + out, str(cfg), words)
+    cfg.write_text('model: diracnet18\ndebug: true\nbatch_size: 0\n')
+    with pytest.raises(ConfigError, match='--batch-size'):
+        main(['--config', str(cfg)] + out)
+    assert not (tmp_path / 'out').exists()
+
+
+@pytest.mark.parametrize('flags,words', [
+    (['--warmup-epochs', '-1'], ['--warmup-epochs', 'at least 0']),
+    (['--decay-milestones', '-5'], ['--decay-milestones', 'at least 1']),
+    (['--model-kwargs', 'layers'], ['--model-kwargs', 'key=value']),
+    (['--experiment', '../../x'], ['--experiment', 'inside --output']),
+    (['--experiment', '/tmp/x'], ['--experiment', 'inside --output']),
+    (['--dataset', 'hfds/'], []),
+])
+def test_impossible_flags_refused_in_one_line(tmp_path, capsys, flags, words):
+    _fails(capsys, SHORT + ['--output', str(tmp_path / 'out')] + flags, *words)
+    assert not (tmp_path / 'out').exists() and not (tmp_path / 'x').exists()
+
+
+def test_checkpoint_errors_are_not_flag_errors():
+    assert not issubclass(CheckpointError, ConfigError)  # a full disk is not a bad flag
+
+
+def test_a_changed_byte_in_any_checkpoint_file_is_refused(tmp_path):
+    """ verify_checkpoint: every file of a checkpoint is listed in checkpoint.sha256 with its hash; a flipped bit,
+    a missing file or an extra one is refused naming the file. """
+    from timm_dirac.checkpoint_io import file_sha256
+    from timm_dirac.train.checkpoints import find_resume_checkpoint, verify_checkpoint
+
+    ckpt = tmp_path / 'checkpoint-3'
+    ckpt.mkdir()
+    for name in ('model.safetensors', 'train_state.pt'):
+        (ckpt / name).write_bytes(bytes(range(256)))
+    (ckpt / 'checkpoint.sha256').write_text(''.join(f'{file_sha256(p)}  {p.name}\n' for p in sorted(ckpt.iterdir())))
+    verify_checkpoint(ckpt)
+    data = bytearray((ckpt / 'model.safetensors').read_bytes())
+    data[100] ^= 1
+    (ckpt / 'model.safetensors').write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match='model.safetensors is not the file this checkpoint saved'):
+        verify_checkpoint(ckpt)
+    (ckpt / 'model.safetensors').unlink()
+    with pytest.raises(CheckpointError, match='model.safetensors is missing'):
+        verify_checkpoint(ckpt)
+    (ckpt / 'extra.bin').write_bytes(b'')
+    with pytest.raises(CheckpointError, match='extra.bin is not in checkpoint.sha256'):
+        verify_checkpoint(ckpt)
+    (ckpt / 'checkpoint.sha256').unlink()  # a checkpoint folder no save made: never resumed, never pruned
+    with pytest.raises(CheckpointError, match='checkpoint-3 has no checkpoint.sha256'):
+        find_resume_checkpoint(str(tmp_path))
+
+
+@pytest.mark.slow
+def test_a_finished_run_resumed_exports_only_what_is_missing_and_never_from_a_damaged_best(tmp_path, capsys):
+    """ A finished run resumed says so and writes nothing new (no hub-train-1); with its Hub folders deleted it
+    writes them again, and a bit flipped in the best checkpoint's weights is refused before anything is written. """
+    args = SHORT + ['--output', str(tmp_path), '--experiment', 'run', '--test-split', 'test[:16]']
+    train(parse_args(args))
+    run = tmp_path / 'run'
+    before = sorted(p.name for p in run.iterdir())
+    assert {'hub-train', 'hub-folded', 'test.csv'} <= set(before)
+    capsys.readouterr()
+    main(args + ['--resume', str(run)])
+    assert 'is finished (epoch 1 of 1) and exported; nothing to do' in capsys.readouterr().out
+    assert sorted(p.name for p in run.iterdir()) == before
+
+    import shutil
+    shutil.rmtree(run / 'hub-folded')
+    main(args + ['--resume', str(run)])
+    assert sorted(p.name for p in run.iterdir()) == before
+
+    for form in ('train', 'folded'):
+        shutil.rmtree(run / f'hub-{form}')
+    weights = run / 'best' / 'model.safetensors'
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1
+    weights.write_bytes(bytes(data))
+    _fails(capsys, args + ['--resume', str(run)], 'model.safetensors', 'not the file this checkpoint saved')
+    assert not list(run.glob('hub-*'))
+
+
+@pytest.mark.slow
+def test_a_run_folder_left_empty_by_a_kill_starts_over_either_way(tmp_path):
+    """ A kill between the run folder's mkdir and its args.yaml (what an older version could leave): a fresh start
+    with that --experiment and a --resume of it both train, neither is refused. """
+    for how in ('fresh', 'resume'):
+        (tmp_path / how).mkdir()
+        flags = ['--experiment', how] if how == 'fresh' else ['--resume', str(tmp_path / how)]
+        train(parse_args(SHORT + ['--output', str(tmp_path)] + flags))
+        assert os.readlink(tmp_path / how / 'last') == 'checkpoint-1' and (tmp_path / how / 'args.yaml').is_file()
+        from accelerate.state import AcceleratorState
+        AcceleratorState._reset_state(reset_partial_state=True)
+
+
+@pytest.mark.parametrize('flag,value', [('--train-num-samples', '96'), ('--holdout', '500'), ('--seed', '7')])
+def test_resume_with_other_data_flags_is_refused(tmp_path, capsys, flag, value):
+    from timm_dirac.train.checkpoints import create_run_folder
+
+    create_run_folder(tmp_path / 'run', yaml.safe_dump(vars(parse_args(SHORT)), sort_keys=False))
+    _fails(capsys, SHORT + ['--output', str(tmp_path), '--resume', str(tmp_path / 'run'), flag, value], flag,
+           'args.yaml')
+
+
+def test_a_resume_into_a_folder_another_process_trains_in_is_refused(tmp_path, capsys):
+    from timm_dirac.train.checkpoints import create_run_folder, lock_run_folder
+
+    create_run_folder(tmp_path / 'run', yaml.safe_dump(vars(parse_args(SHORT)), sort_keys=False))
+    with lock_run_folder(tmp_path / 'run'):
+        line = _fails(capsys, SHORT + ['--resume', str(tmp_path / 'run')], 'another process is training in')
+    assert 'free space' not in line
+
+
+def test_ctrl_c_prints_one_line_naming_the_run_to_resume(tmp_path, monkeypatch, capsys):
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(train_module, 'train_one_epoch', interrupt)
+    with pytest.raises(SystemExit) as exc:
+        main(SHORT + ['--output', str(tmp_path), '--experiment', 'run'])
+    err = capsys.readouterr().err
+    assert exc.value.code == 130 and 'Traceback' not in err
+    (line,) = [l for l in err.splitlines() if l.startswith('timm-dirac-train')]
+    assert f'--resume {tmp_path / "run"}' in line
