@@ -136,3 +136,18 @@ def test_fold_bn_matches_eval_batchnorm():
     x = torch.randn(2, 3, 8, 8)
     weight, bias = fold_bn(conv.weight, conv.bias, bn)
     torch.testing.assert_close(F.conv2d(x, weight, bias, padding=1), bn(conv(x)), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_compiled_training_step_matches_eager():
+    torch._dynamo.reset()
+    conv = DiracConv2d(4, 6, 3).to(memory_format=torch.channels_last)
+    x = torch.randn(2, 4, 8, 8).contiguous(memory_format=torch.channels_last)
+    grads = []
+    for fn in (conv, torch.compile(conv)):
+        conv.zero_grad()
+        out = fn(x)
+        out.square().sum().backward()
+        grads.append([out] + [p.grad.clone() for p in (conv.weight, conv.alpha, conv.beta, conv.bias)])
+    for got, want in zip(grads[1], grads[0]):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
