@@ -7,7 +7,10 @@ round (median and best round), with the CPU and the load average:
 
     python benchmarks/train_step.py                      # diracnet18 vs resnet18, batch 32 at 112 px
     python benchmarks/train_step.py --compile            # the same through torch.compile
-    python benchmarks/train_step.py --profile            # where the time goes (torch.profiler, 3 steps each)
+    python benchmarks/train_step.py --profile 20         # where the time goes (torch.profiler, 3 steps each)
+
+On a machine that other jobs load, `--threads 1` gives far steadier rounds: with more runnable threads than cores,
+torch's OpenMP threads wait on each other and single rounds swing by 3x.
 """
 import argparse
 import os
