@@ -23,10 +23,11 @@ _size_any = Union[int, Tuple[int, ...]]
 def dirac_kernel(weight: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
     """ Compute `alpha * delta + beta * normalize(weight)` for a conv weight of shape (C_out, C_in, *kernel).
 
-    `delta` carries the identity on the first min(C_out, C_in) channels at the kernel's center tap. Built in one
-    pass over the weight, in its dtype and memory format (a channels_last weight gives a channels_last kernel, which
-    the conv takes without a copy): each filter is scaled by beta / ||W[o]||, then alpha is added in place on the
-    center-tap diagonal, so no delta tensor is materialized and the backward pass adds no copies either.
+    `delta` carries the identity on the first min(C_out, C_in) channels at the kernel's center tap. Built in two
+    passes over the weight (the norms, then the scaling), in its dtype and memory format (a channels_last weight
+    gives a channels_last kernel, which the conv takes without a copy): each filter is scaled by beta / ||W[o]||,
+    then alpha is added in place on the center-tap diagonal, so no delta tensor is materialized or copied, forward
+    or backward.
     """
     dims = weight.dim()
     norm = torch.linalg.vector_norm(weight, dim=list(range(1, dims)), keepdim=True)
