@@ -92,6 +92,40 @@ def test_dirac_kernel_matches_torch_dirac_init_delta():
     torch.testing.assert_close(dirac_kernel(weight, ones, zeros), nn.init.dirac_(torch.empty_like(weight)))
 
 
+@pytest.mark.parametrize('shape,memory_format', [((6, 4, 3, 3), torch.channels_last),
+                                                 ((4, 6, 3, 3, 3), torch.channels_last_3d), ((6, 4, 5), None)])
+def test_dirac_kernel_and_its_gradients_match_the_reference_in_the_weights_layout(shape, memory_format):
+    weight = torch.randn(shape)
+    if memory_format is not None:
+        weight = weight.contiguous(memory_format=memory_format)
+    weight.requires_grad_()
+    alpha, beta = torch.randn(shape[0], requires_grad=True), torch.randn(shape[0], requires_grad=True)
+    kernel, expected = dirac_kernel(weight, alpha, beta), reference_kernel(weight, alpha, beta)
+    torch.testing.assert_close(kernel, expected)
+    assert kernel.stride() == weight.stride()  # the conv takes it without a layout copy
+    grad = torch.randn(shape)
+    for got, want in zip(torch.autograd.grad(kernel, (weight, alpha, beta), grad),
+                         torch.autograd.grad(expected, (weight, alpha, beta), grad)):
+        torch.testing.assert_close(got, want)
+
+
+def test_dirac_kernel_keeps_the_weights_dtype():
+    weight = torch.randn(6, 4, 3, 3, dtype=torch.bfloat16)
+    ones = torch.ones(6, dtype=torch.bfloat16)
+    kernel = dirac_kernel(weight, ones, ones)
+    assert kernel.dtype == torch.bfloat16
+    torch.testing.assert_close(kernel, reference_kernel(weight.float(), ones.float(), ones.float()).bfloat16())
+
+
+def test_state_dict_holds_only_the_parameters():
+    assert sorted(DiracConv2d(3, 4, 3).state_dict()) == ['alpha', 'beta', 'bias', 'weight']
+
+
+def test_dirac_kernel_is_one_leaf_node_for_torch_fx():
+    graph = torch.fx.symbolic_trace(DiracConv2d(3, 4, 3)).graph
+    assert [n.target for n in graph.nodes if n.op == 'call_function'].count(dirac_kernel) == 1
+
+
 def test_fold_bn_matches_eval_batchnorm():
     conv = nn.Conv2d(3, 5, 3, padding=1)
     bn = nn.BatchNorm2d(5).eval()
@@ -102,3 +136,18 @@ def test_fold_bn_matches_eval_batchnorm():
     x = torch.randn(2, 3, 8, 8)
     weight, bias = fold_bn(conv.weight, conv.bias, bn)
     torch.testing.assert_close(F.conv2d(x, weight, bias, padding=1), bn(conv(x)), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_compiled_training_step_matches_eager():
+    torch._dynamo.reset()
+    conv = DiracConv2d(4, 6, 3).to(memory_format=torch.channels_last)
+    x = torch.randn(2, 4, 8, 8).contiguous(memory_format=torch.channels_last)
+    grads = []
+    for fn in (conv, torch.compile(conv)):
+        conv.zero_grad()
+        out = fn(x)
+        out.square().sum().backward()
+        grads.append([out] + [p.grad.clone() for p in (conv.weight, conv.alpha, conv.beta, conv.bias)])
+    for got, want in zip(grads[1], grads[0]):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)

@@ -14,27 +14,30 @@ from typing import Optional, Tuple, Union
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.layers import register_notrace_function
 
 __all__ = ['DiracConv1d', 'DiracConv2d', 'DiracConv3d', 'dirac_kernel', 'fold_bn', 'fold_bn_stats', 'is_folded']
 
 _size_any = Union[int, Tuple[int, ...]]
 
 
-@register_notrace_function
 def dirac_kernel(weight: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
     """ Compute `alpha * delta + beta * normalize(weight)` for a conv weight of shape (C_out, C_in, *kernel).
 
-    `delta` carries the identity on the first min(C_out, C_in) channels at the kernel's center tap.
+    `delta` carries the identity on the first min(C_out, C_in) channels at the kernel's center tap. Built in two
+    passes over the weight (the norms, then the scaling), in its dtype and memory format (a channels_last weight
+    gives a channels_last kernel, which the conv takes without a copy): each filter is scaled by beta / ||W[o]||,
+    then alpha is added in place on the center-tap diagonal, so no delta tensor is materialized or copied, forward
+    or backward.
     """
-    flat = weight.flatten(2)
-    delta = torch.zeros_like(flat)
-    delta[:, :, flat.shape[2] // 2] = torch.eye(flat.shape[0], flat.shape[1], dtype=flat.dtype, device=flat.device)
-    normalized = F.normalize(flat.flatten(1), dim=1).view_as(flat)
-    return (alpha[:, None, None] * delta + beta[:, None, None] * normalized).view_as(weight)
+    dims = weight.dim()
+    norm = torch.linalg.vector_norm(weight, dim=list(range(1, dims)), keepdim=True)
+    kernel = weight * (beta.view([-1] + [1] * (dims - 1)) / norm.clamp_min(1e-12))  # F.normalize's eps
+    shared = torch.arange(min(weight.shape[0], weight.shape[1]), device=weight.device)
+    center = [torch.full_like(shared, k // 2) for k in weight.shape[2:]]
+    return kernel.index_put_([shared, shared] + center, alpha[:shared.shape[0]], accumulate=True)
 
 
-torch.fx.wrap('dirac_kernel')  # a leaf for torch.fx: its in-place delta fill is not symbolically traceable
+torch.fx.wrap('dirac_kernel')  # a leaf for torch.fx (timm's tracer included): shape-dependent indexing
 
 
 @torch.no_grad()
