@@ -14,7 +14,7 @@ import timm_dirac  # noqa: F401  registers the models
 from timm_dirac.backends.onnxruntime import check_graph_ops, export_onnx, op_types, ort_session, quantize_onnxruntime
 from timm_dirac.backends.pt2e import quantize_pt2e
 from timm_dirac.cli import main
-from timm_dirac.dirac_tap import split_dirac_taps
+from timm_dirac.dirac_tap import chain_dirac_taps, split_dirac_taps
 from timm_dirac.loading import default_data, load_images
 from timm_dirac.quantize import run_quantize, top1
 
@@ -40,7 +40,8 @@ def test_every_flow_tracks_fp32(tmp_path, small_folded_diracnet):
     with torch.no_grad():
         reference = model(images)
 
-    for name, source_model, bits in [('plain', model, 8), ('split', split_dirac_taps(model), 7)]:
+    for name, source_model, bits in [('plain', model, 8), ('split', split_dirac_taps(model), 7),
+                                     ('chain', chain_dirac_taps(model), 7)]:
         fp32_path, int8_path = str(tmp_path / f'{name}.onnx'), str(tmp_path / f'{name}-int8.onnx')
         export_onnx(source_model, fp32_path, (3, 32, 32))
         quantize_onnxruntime(fp32_path, int8_path, calib, weight_bits=bits)
@@ -73,6 +74,24 @@ def test_split_graph_is_conv_pairs_added_and_its_weights_are_7_bit(tmp_path, sma
             taps = split_dirac_taps(model).get_submodule(name.rsplit('.weight', 1)[0]).weight.detach().numpy()
             np.testing.assert_allclose(q.reshape(len(q), -1).sum(1) * scale, taps.reshape(len(q), -1).sum(1),
                                        rtol=1e-6)
+
+
+def test_chain_graph_adds_each_conv_to_its_own_input_and_its_weights_are_7_bit(tmp_path, small_folded_diracnet):
+    model = small_folded_diracnet((2, 2, 2))
+    calib, _ = load_images(DATA, model, 32, split='train')
+    fp32_path, int8_path = str(tmp_path / 'chain.onnx'), str(tmp_path / 'chain-int8.onnx')
+    export_onnx(chain_dirac_taps(model), fp32_path, (3, 32, 32))
+    with pytest.raises(RuntimeError, match='not folded'):
+        check_graph_ops(fp32_path)
+    check_graph_ops(fp32_path, split_taps=True)
+    graph = onnx.load(fp32_path).graph
+    producers = {out: node for node in graph.node for out in node.output}
+    adds = [[producers[name] for name in node.input] for node in graph.node if node.op_type == 'Add']
+    identity = [a for a in adds if sorted(n.op_type for n in a) != ['Conv', 'Conv']]
+    assert len(identity) == 3 and len(adds) == 6  # 16-16 twice and 32-32 chained; the rest split
+    quantize_onnxruntime(fp32_path, int8_path, calib, weight_bits=7)
+    conv_weights = [v for k, v in _weights(int8_path).items() if k.endswith('weight_quantized') and v.ndim == 4]
+    assert conv_weights and all(np.abs(v.astype(int)).max() <= 64 for v in conv_weights)
 
 
 def test_top1_pads_the_last_batch():
