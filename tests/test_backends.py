@@ -45,15 +45,16 @@ def test_every_backend_runs_the_folded_model(name, tmp_path, small_folded_diracn
         assert (runner.weight_bits is not None) == backend.int8
         if runner.file:
             assert Path(runner.file).parent == tmp_path and Path(runner.file).is_file()
-    expected = {'onnxruntime': ['model_fp32.onnx'], 'split': ['model_int8_split.onnx'],
-                'plain': ['model_int8_plain.onnx'], 'onnxruntime-int8': ['model_int8_split.onnx'],  # a DiracNet
+    expected = {'onnxruntime': ['model_fp32.onnx'], 'chain': ['model_int8_chain.onnx'],
+                'split': ['model_int8_split.onnx'], 'plain': ['model_int8_plain.onnx'],
+                'onnxruntime-int8': ['model_int8_chain.onnx'],  # a DiracNet
                 'pt2e': ['model_int8_pt2e.pt2']}
     assert sorted(p.name for p in tmp_path.iterdir()) == expected.get(name, [])
 
 
 def test_the_builtin_backends_and_what_they_run():
-    assert backend_names() == ['eager', 'compile', 'onnxruntime', 'split', 'plain', 'onnxruntime-int8', 'pt2e']
-    assert backend_names(int8=True) == ['split', 'plain', 'onnxruntime-int8', 'pt2e']
+    assert backend_names() == ['eager', 'compile', 'onnxruntime', 'chain', 'split', 'plain', 'onnxruntime-int8', 'pt2e']
+    assert backend_names(int8=True) == ['chain', 'split', 'plain', 'onnxruntime-int8', 'pt2e']
     assert BACKENDS['eager'].run_precisions(['bf16']) == ['bf16']
     assert BACKENDS['onnxruntime'].run_precisions(['fp32', 'bf16']) == ['fp32']
     assert BACKENDS['onnxruntime'].run_precisions(['bf16']) == ['fp32']  # ONNX Runtime runs fp32 whatever is asked
@@ -68,7 +69,7 @@ def test_names_are_unique():
 
 def test_unknown_names_and_missing_packages_are_refused(registered):
     registered('needs-a-package', ('fp32',), _eager_fp32, requires=('a_package_nobody_installed',))
-    with pytest.raises(ValueError, match=r"unknown flow \['eager'\]: choose from split, plain"):
+    with pytest.raises(ValueError, match=r"unknown flow \['eager'\]: choose from chain, split, plain"):
         get_backends(['eager'], int8=True, what='flow')
     with pytest.raises(ValueError, match='the needs-a-package backend needs a_package_nobody_installed, not installed'):
         get_backends(['eager', 'needs-a-package'])
