@@ -1,4 +1,5 @@
-""" The folded Dirac tap: how large it is in trained weights, and its split into a learned conv plus an exact identity. """
+""" The folded Dirac tap: how large it is in trained weights, its split into a learned conv plus an exact identity,
+and the chained form where it is an identity add in per-channel units. """
 from pathlib import Path
 
 import pytest

@@ -36,7 +36,8 @@ import torch.nn as nn
 
 from .diracnet import DiracBlock
 
-__all__ = ['SplitDiracConv', 'IdentityDiracConv', 'split_dirac_taps', 'chain_dirac_taps', 'centre_tap_ratio', 'diagonal_centre']
+__all__ = ['SplitDiracConv', 'IdentityDiracConv', 'split_dirac_taps', 'chain_dirac_taps', 'centre_tap_ratio',
+           'diagonal_centre']
 
 
 def diagonal_centre(weight: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, int, int]:
@@ -135,7 +136,8 @@ def chain_dirac_taps(model: nn.Module, chain: int = 2) -> nn.Module:
     _folded_blocks(model)
     out = copy.deepcopy(model).eval()
     blocks = [m for m in out.modules() if isinstance(m, DiracBlock)]
-    units = torch.ones(blocks[0].conv.in_channels, dtype=torch.float64)
+    dd = dict(dtype=torch.float64, device=blocks[0].conv.weight.device)
+    units = torch.ones(blocks[0].conv.in_channels, **dd)
     run = 0
     for i, block in enumerate(blocks):
         conv = block.conv
@@ -144,7 +146,7 @@ def chain_dirac_taps(model: nn.Module, chain: int = 2) -> nn.Module:
         if not same_width or run == chain or i == len(blocks) - 1:
             conv.weight.copy_(weight)
             block.conv = SplitDiracConv(conv)
-            units, run = torch.ones(conv.out_channels, dtype=torch.float64), 0
+            units, run = torch.ones(conv.out_channels, **dd), 0
             continue
         where = diagonal_centre(weight)
         taps = conv.weight[where].double()
