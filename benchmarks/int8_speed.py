@@ -3,7 +3,9 @@
 Writes (or reuses) each model's ONNX files in `--workdir` through the registered backends (the same export and
 calibration as `timm-dirac benchmark` and `timm-dirac quantize`), times every file at each batch size in
 interleaved rounds (`timing.time_interleaved`), and prints img/s medians with the ratios the int8 bar asks for:
-each DiracNet int8 file against ResNet int8 (`onnxruntime-int8`, static QDQ) and against its own ONNX Runtime fp32.
+each DiracNet int8 file against ResNet int8 (`onnxruntime-int8`, static QDQ) and against its own ONNX Runtime fp32,
+as the median of the per-round ratios (a round's neighbours share its load, so the pairs are robust to the load
+moving between rounds on a shared machine).
 
     python benchmarks/int8_speed.py --models diracnet18 diracnet34 --flows split plain --batch-sizes 1 32
 """
@@ -53,17 +55,19 @@ def main():
         calls = {key: runner.bind(torch.randn(batch_size, *sizes[key[0]])) for key, runner in runners.items()}
         times, _ = time_interleaved(calls, args.repeats, min_time=args.min_time)
         speed = {k: batch_size / statistics.median(t) for k, t in times.items()}
-        best = {k: batch_size / min(t) for k, t in times.items()}
         report['img_per_s'][str(batch_size)] = {f'{m} {b}': v for (m, b), v in speed.items()}
+        report.setdefault('seconds_per_round', {})[str(batch_size)] = {f'{m} {b}': t for (m, b), t in times.items()}
+
+        def paired(key, base):  # median over rounds of the speed ratio within each round
+            return statistics.median(b / t for t, b in zip(times[key], times[base]))
         print(f'batch {batch_size}:')
         for (model_name, backend), v in speed.items():
-            line = f'  {model_name:12s} {backend:18s} {v:8.1f} img/s (best round {best[(model_name, backend)]:.1f})'
+            line = f'  {model_name:12s} {backend:18s} {v:8.1f} img/s'
             peer = _depth_baseline(model_name)
             if peer and backend != 'onnxruntime':
-                line += (f'  x ResNet int8 {v / speed[(peer, "onnxruntime-int8")]:.3f}'
-                         f' (best {best[(model_name, backend)] / best[(peer, "onnxruntime-int8")]:.3f})')
+                line += f'  x ResNet int8 {paired((model_name, backend), (peer, "onnxruntime-int8")):.3f}'
             if backend != 'onnxruntime':
-                line += f'  x own fp32 {v / speed[(model_name, "onnxruntime")]:.2f}'
+                line += f'  x own fp32 {paired((model_name, backend), (model_name, "onnxruntime")):.2f}'
             print(line, flush=True)
     load.append(os.getloadavg())
     report['load_before_after'] = load
