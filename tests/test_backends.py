@@ -45,17 +45,18 @@ def test_every_backend_runs_the_folded_model(name, tmp_path, small_folded_diracn
         assert (runner.weight_bits is not None) == backend.int8
         if runner.file:
             assert Path(runner.file).parent == tmp_path and Path(runner.file).is_file()
-    expected = {'onnxruntime': ['model_fp32.onnx'], 'split': ['model_int8_split.onnx'],
-                'plain': ['model_int8_plain.onnx'], 'onnxruntime-int8': ['model_int8_split.onnx'],  # a DiracNet
+    expected = {'onnxruntime': ['model_fp32.onnx'], 'chain': ['model_int8_chain.onnx'],
+                'split': ['model_int8_split.onnx'], 'plain': ['model_int8_plain.onnx'],
+                'onnxruntime-int8': ['model_int8_chain.onnx'],  # a DiracNet
                 'pt2e': ['model_int8_pt2e.pt2']}
     assert sorted(p.name for p in tmp_path.iterdir()) == expected.get(name, [])
 
 
 def test_the_names_the_commands_rely_on_are_registered():
-    """ benchmark's default (eager), quantize's default flow (split) and fp32 baseline (onnxruntime), and the int8
-    file benchmark times for any model (onnxruntime-int8). """
+    """ benchmark's default (eager), quantize's default flow (chain), its flow for QAT files (split) and its fp32
+    baseline (onnxruntime), and the int8 file benchmark times for any model (onnxruntime-int8). """
     assert {'eager', 'onnxruntime'} <= set(backend_names(int8=False))
-    assert {'split', 'onnxruntime-int8'} <= set(backend_names(int8=True))
+    assert {'chain', 'split', 'onnxruntime-int8'} <= set(backend_names(int8=True))
 
 
 def test_listing_follows_registration_and_precisions(registered):
@@ -84,7 +85,7 @@ def test_names_are_unique():
 
 def test_unknown_names_and_missing_packages_are_refused(registered):
     registered('needs-a-package', ('fp32',), _eager_fp32, requires=('a_package_nobody_installed',))
-    with pytest.raises(ValueError, match=r"unknown flow \['eager'\]: choose from split, plain"):
+    with pytest.raises(ValueError, match=r"unknown flow \['eager'\]: choose from chain, split, plain"):
         get_backends(['eager'], int8=True, what='flow')
     with pytest.raises(ValueError, match='the needs-a-package backend needs a_package_nobody_installed, not installed'):
         get_backends(['eager', 'needs-a-package'])

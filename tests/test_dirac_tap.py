@@ -1,4 +1,5 @@
-""" The folded Dirac tap: how large it is in trained weights, and its split into a learned conv plus an exact identity. """
+""" The folded Dirac tap: how large it is in trained weights, its split into a learned conv plus an exact identity,
+and the chained form where it is an identity add in per-channel units. """
 from pathlib import Path
 
 import pytest
@@ -7,7 +8,8 @@ import torch.nn as nn
 
 import timm
 import timm_dirac  # noqa: F401  registers the models
-from timm_dirac.dirac_tap import SplitDiracConv, centre_tap_ratio, split_dirac_taps
+from timm_dirac.dirac_tap import IdentityDiracConv, SplitDiracConv, centre_tap_ratio, chain_dirac_taps, \
+    split_dirac_taps
 from timm_dirac.loading import fold
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,6 +37,41 @@ def test_split_model_computes_the_folded_function():
     assert not any(isinstance(m, SplitDiracConv) for m in model.modules()), 'the original is left unchanged'
 
 
+@pytest.mark.parametrize('chain, identities', [(3, 3), (1, 2), (0, 0)])
+def test_chained_model_computes_the_folded_function(chain, identities):
+    """ Widths 16-32-64, two layers a stage: the layers that keep the width (all but the last) take the identity form,
+    at most `chain` in a row; negative and small taps stay in the conv. """
+    model = _trained_like()
+    blocks = [m for m in model.modules() if isinstance(m, timm_dirac.diracnet.DiracBlock)]
+    with torch.no_grad():
+        blocks[1].conv.weight[2, 2, 1, 1] = -0.3  # a negative tap
+    chained = chain_dirac_taps(model, chain)
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(chained(x), model(x), rtol=1e-4, atol=1e-4)
+    kinds = [type(b.conv) for b in chained.modules() if isinstance(b, timm_dirac.diracnet.DiracBlock)]
+    assert kinds.count(IdentityDiracConv) == identities and kinds[-1] is SplitDiracConv
+    assert all(isinstance(b.conv, nn.Conv2d) for b in blocks), 'the original is left unchanged'
+
+
+def test_chain_carries_taps_at_or_above_the_median_exactly():
+    """ In the identity form the conv keeps no part of a tap at or above its layer's median, and less than 1 (in the
+    layer's units) of the others, so the learned weights set the int8 scale. """
+    model = _trained_like()
+    chained = chain_dirac_taps(model)
+    pairs = [(b.conv, c.conv.conv) for b, c in zip(
+        [m for m in model.modules() if isinstance(m, timm_dirac.diracnet.DiracBlock)],
+        [m for m in chained.modules() if isinstance(m, timm_dirac.diracnet.DiracBlock)])
+        if isinstance(c.conv, IdentityDiracConv)]
+    assert pairs
+    for folded, conv in pairs:
+        index = torch.arange(conv.out_channels)
+        taps, kept = folded.weight[index, index, 1, 1], conv.weight[index, index, 1, 1]
+        large = taps >= taps[taps > 0].median()
+        assert torch.all(kept[large].abs() < 1e-6)
+        assert torch.all(kept[~large].abs() < 1)
+
+
 def test_split_leaves_the_learned_conv_without_its_diagonal_centre_taps():
     conv = nn.Conv2d(4, 8, 3, padding=1)  # widens: the identity covers the first 4 output channels
     split = SplitDiracConv(conv)
@@ -56,6 +93,8 @@ def test_split_refuses_what_it_cannot_split_exactly():
         split_dirac_taps(timm.create_model('diracnet34_1_cifar', layers=(1, 1, 1)))
     with pytest.raises(ValueError, match='--flow plain'):
         split_dirac_taps(nn.Sequential(nn.Conv2d(3, 3, 3, padding=1)))
+    with pytest.raises(ValueError, match='train form'):
+        chain_dirac_taps(timm.create_model('diracnet34_1_cifar', layers=(1, 1, 1)))
 
 
 def test_trained_weights_have_a_dominant_centre_tap():

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from timm_dirac.backends.onnxruntime import export_onnx, ort_session, quantize_onnxruntime
-from timm_dirac.dirac_tap import split_dirac_taps
+from timm_dirac.dirac_tap import chain_dirac_taps, split_dirac_taps
 from timm_dirac.int8_reference import QdqReference, _int_conv, saturation_risk
 from timm_dirac.loading import default_data, load_images
 
@@ -31,12 +31,13 @@ def test_saturation_risk_pairs_input_channels_of_one_tap():
     assert not saturation_risk(np.clip(w, -64, 64)).any()
 
 
-def test_reference_agrees_with_onnxruntime_on_a_split_model(tmp_path, small_folded_diracnet):
+@pytest.mark.parametrize('rewrite', [split_dirac_taps, chain_dirac_taps])
+def test_reference_agrees_with_onnxruntime_on_a_split_model(tmp_path, small_folded_diracnet, rewrite):
     model = small_folded_diracnet((2, 2, 2))
     calib, _ = load_images(DATA, model, 64, split='train')
     images, _ = load_images(DATA, model, 32, split='test')
     fp32_path, int8_path = str(tmp_path / 'split.onnx'), str(tmp_path / 'split-int8.onnx')
-    export_onnx(split_dirac_taps(model), fp32_path, (3, 32, 32))
+    export_onnx(rewrite(model), fp32_path, (3, 32, 32))
     quantize_onnxruntime(fp32_path, int8_path, calib, weight_bits=7)
     ort_logits = ort_session(int8_path).run(None, {'input': images.numpy()})[0]
     reference = QdqReference(int8_path, saturate_pairs=True)

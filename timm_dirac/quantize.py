@@ -2,10 +2,13 @@
 
 Flows (`--flow`, one or more: the int8 backends of `timm_dirac.backends`; each is scored on the evaluation images,
 timed against ONNX Runtime fp32 of the same model, and the fastest within `--max-drop` is chosen):
-- `split` (default): ONNX Runtime QDQ with the folded Dirac taps split out of the int8 weights (exact 1x1 int8
-  convs carry them), 7-bit weights that no CPU's int8 kernels can saturate (`backends/onnxruntime.py`);
+- `chain` (default): ONNX Runtime QDQ with the folded Dirac taps out of the int8 weights, most of them as identity
+  adds in per-channel activation units and the rest in exact 1x1 int8 convs (`dirac_tap.chain_dirac_taps`), 7-bit
+  weights that no CPU's int8 kernels can saturate (`backends/onnxruntime.py`);
+- `split`: the same with every tap in an exact 1x1 int8 conv (one more conv per layer; what `train.py --qat`
+  trains for);
 - `plain`: ONNX Runtime QDQ of the folded model as it is, per-channel 8-bit weights;
-- `onnxruntime-int8`: `split` for a DiracNet, `plain` for other models;
+- `onnxruntime-int8`: `chain` for a DiracNet, `plain` for other models;
 - `pt2e`: PyTorch 2 export quantization lowered to oneDNN (`backends/pt2e.py`).
 Activations are uint8 per tensor in every flow, calibrated with `--method` (ONNX Runtime's calibrators; `pt2e`
 keeps torchao's).
@@ -58,7 +61,7 @@ def run_quantize(
         calib_data: str,
         out: str,
         eval_data: Optional[str] = None,
-        flows: Sequence[str] = ('split',),
+        flows: Sequence[str] = ('chain',),
         num_calib: int = 512,
         num_eval: Optional[int] = None,
         calib_split: str = 'train',
@@ -164,8 +167,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--eval-data', default=None, help='dataset for the accuracy check (default: --calib)')
     parser.add_argument('--eval-split', default='test')
     parser.add_argument('--num-eval', type=int, default=None, help='evaluation images (default: the whole split)')
-    parser.add_argument('--flow', nargs='+', default=['split'], metavar='FLOW',
-                        help=f'one or more int8 backends: {", ".join(backend_names(int8=True))} (default: split)')
+    parser.add_argument('--flow', nargs='+', default=['chain'], metavar='FLOW',
+                        help=f'one or more int8 backends: {", ".join(backend_names(int8=True))} (default: chain)')
     parser.add_argument('--method', default='minmax', metavar='METHOD',
                         help=f'activation calibration: {", ".join(METHODS)} (default: minmax)')
     parser.add_argument('--max-drop', type=float, default=0.5, help='top-1 points an int8 flow may lose')

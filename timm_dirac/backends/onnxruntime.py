@@ -3,7 +3,10 @@
 A folded DiracNet is a plain conv-ReLU chain, so its ONNX graph must hold only Conv, Relu, MaxPool, the global
 pool, a reshape and the classifier GEMM; `check_graph_ops` enforces that, and `verify_onnx` compares ONNX Runtime
 with PyTorch on real images at two batch sizes (the batch axis is dynamic). Backends: `onnxruntime` (fp32), the int8
-flows of `ONNX_FLOWS`, and `onnxruntime-int8` (`split` for a folded DiracNet, `plain` for other models):
+flows of `ONNX_FLOWS`, and `onnxruntime-int8` (`chain` for a folded DiracNet, `plain` for other models):
+- `chain`: the taps out of the int8 weights as `split` does, but most layers as one int8 conv plus an identity add
+  of its own input (QLinearAdd), with the activations in per-channel units (`dirac_tap.chain_dirac_taps`); a split
+  layer returns to the model's units every few layers, at width changes and at the end. 7-bit weights.
 - `split`: the folded Dirac taps split out of the int8 weights (`dirac_tap`): the learned 3x3 weights get their
   own per-channel scale and the identity rides in an exact 1x1 int8 conv, added by QLinearAdd. Weights are 7-bit
   (+-64), so no pair of u8 x s8 products can exceed int16: the same file is exact on CPUs without VNNI, whose int8
@@ -17,19 +20,19 @@ import io
 import os
 import tempfile
 from dataclasses import dataclass
-from typing import Any, Dict, Optional, Sequence, Set
+from typing import Any, Callable, Dict, Optional, Sequence, Set
 
 import torch
 import torch.nn as nn
 
-from ..dirac_tap import split_dirac_taps
+from ..dirac_tap import chain_dirac_taps, split_dirac_taps
 from ..diracnet import DiracBlock
 from ..layers import is_folded
 from ._registry import Runner, Setup, register_backend
 
 __all__ = ['ALLOWED_OPS', 'DEFAULT_TOLERANCE', 'ONNX_FLOWS', 'export_onnx', 'relu_before_maxpool', 'op_types',
            'check_graph_ops', 'ort_session', 'verify_onnx', 'quantize_onnxruntime', 'write_int8_onnx', 'prepare_fp32',
-           'prepare_split', 'prepare_plain', 'prepare_int8']
+           'prepare_chain', 'prepare_split', 'prepare_plain', 'prepare_int8']
 
 ALLOWED_OPS = {'Conv', 'Relu', 'MaxPool', 'GlobalAveragePool', 'ReduceMean', 'Flatten', 'Reshape', 'Gemm', 'MatMul'}
 DEFAULT_TOLERANCE = 1e-4  # max |ONNX Runtime - PyTorch| relative to max |PyTorch logit|
@@ -38,12 +41,14 @@ REQUIRES = ('onnx', 'onnxscript', 'onnxruntime')  # the exporter and the runtime
 
 @dataclass(frozen=True)
 class OnnxFlow:
-    """ An int8 flow: whether the Dirac taps are split out, and the weights' bit width. """
-    split_taps: bool
+    """ An int8 flow: how the Dirac taps leave the int8 weights (a `dirac_tap` rewrite of the folded model; None:
+    they stay in them), and the weights' bit width. """
+    taps: Optional[Callable[[nn.Module], nn.Module]]
     weight_bits: int
 
 
-ONNX_FLOWS = {'split': OnnxFlow(split_taps=True, weight_bits=7), 'plain': OnnxFlow(split_taps=False, weight_bits=8)}
+ONNX_FLOWS = {'chain': OnnxFlow(chain_dirac_taps, weight_bits=7), 'split': OnnxFlow(split_dirac_taps, weight_bits=7),
+              'plain': OnnxFlow(None, weight_bits=8)}
 
 
 def export_onnx(model: nn.Module, path: str, input_size: Sequence[int], opset: int = 18) -> None:
@@ -106,14 +111,22 @@ def op_types(path: str) -> Set[str]:
 
 def check_graph_ops(path: str, split_taps: bool = False) -> Set[str]:
     """ Raise unless the graph is a plain chain: only ALLOWED_OPS, plus Add right after a MatMul (a split GEMM)
-    and, with `split_taps`, Add of two Conv outputs (a Dirac layer with its taps split out, `dirac_tap`). """
+    and, with `split_taps`, the Add of a Dirac layer with its taps out of the conv (`dirac_tap`): of two Conv outputs
+    (`SplitDiracConv`) or of a Conv output and that Conv's own input (`IdentityDiracConv`). """
     import onnx
     graph = onnx.load(path, load_external_data=False).graph
-    producers = {out: node.op_type for node in graph.node for out in node.output}
+    producers = {out: node for node in graph.node for out in node.output}
 
     def allowed_add(node) -> bool:
         inputs = [producers.get(name) for name in node.input]
-        return 'MatMul' in inputs or (split_taps and inputs == ['Conv', 'Conv'])
+        kinds = [n.op_type if n is not None else None for n in inputs]
+        if 'MatMul' in kinds:
+            return True
+        if not split_taps or 'Conv' not in kinds:
+            return False
+        conv = inputs[kinds.index('Conv')]
+        other = node.input[1 - kinds.index('Conv')]
+        return kinds == ['Conv', 'Conv'] or other == conv.input[0]
     bad = sorted({
         node.op_type for node in graph.node
         if node.op_type not in ALLOWED_OPS and not (node.op_type == 'Add' and allowed_add(node))})
@@ -196,8 +209,8 @@ def write_int8_onnx(model: nn.Module, flow: str, path: str, calib: torch.Tensor,
     input_size = tuple(calib.shape[1:])
     with tempfile.TemporaryDirectory() as tmp:
         source = os.path.join(tmp, 'fp32.onnx')
-        export_onnx(split_dirac_taps(model) if spec.split_taps else model, source, input_size)
-        if spec.split_taps:
+        export_onnx(spec.taps(model) if spec.taps else model, source, input_size)
+        if spec.taps:
             check_graph_ops(source, split_taps=True)
         verify_onnx(source, model, calib[:32])
         quantize_onnxruntime(source, path, calib, method=method, weight_bits=spec.weight_bits)
@@ -231,6 +244,13 @@ def prepare_fp32(model: nn.Module, setup: Setup) -> Runner:
     return _prepare(model, setup)
 
 
+@register_backend('chain', precisions=('int8',), requires=REQUIRES)
+def prepare_chain(model: nn.Module, setup: Setup) -> Runner:
+    """ ONNX Runtime static int8 with the Dirac taps as identity adds in per-channel units (7-bit weights); folded
+    DiracNets only. """
+    return _prepare(model, setup, 'chain')
+
+
 @register_backend('split', precisions=('int8',), requires=REQUIRES)
 def prepare_split(model: nn.Module, setup: Setup) -> Runner:
     """ ONNX Runtime static int8 with the Dirac taps split out (7-bit weights); folded DiracNets only. """
@@ -245,7 +265,7 @@ def prepare_plain(model: nn.Module, setup: Setup) -> Runner:
 
 @register_backend('onnxruntime-int8', precisions=('int8',), requires=REQUIRES)
 def prepare_int8(model: nn.Module, setup: Setup) -> Runner:
-    """ ONNX Runtime static int8 as `timm-dirac quantize` writes it by default: the `split` flow for a folded
+    """ ONNX Runtime static int8 as `timm-dirac quantize` writes it by default: the `chain` flow for a folded
     DiracNet, `plain` for any other model. """
     dirac = any(isinstance(m, DiracBlock) for m in model.modules()) and is_folded(model)
-    return _prepare(model, setup, 'split' if dirac else 'plain')
+    return _prepare(model, setup, 'chain' if dirac else 'plain')
