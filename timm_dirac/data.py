@@ -404,17 +404,21 @@ def _check_classes(names: List[str], ds: Dataset, split: str, train_split: str, 
                     f'folders or labels, or pass another --val-split/--test-split.')
 
 
+def _train_transform_of(args, data_config: Dict[str, Any]) -> Callable:
+    """ `train_transform` with training's augmentation flags. """
+    return train_transform(
+        data_config, hflip=args.hflip, scale=args.scale, ratio=args.ratio, color_jitter=args.color_jitter,
+        auto_augment=args.aa, interpolation=args.train_interpolation, re_prob=args.reprob)
+
+
 def _map_loaders(args, data_config, accelerator):
     """ Image folders and `hfds/`: (train, validation, test) datasets, the split validation reads, the names. """
     source = args.dataset or args.data_dir
-    train_tf = train_transform(
-        data_config, hflip=args.hflip, scale=args.scale, ratio=args.ratio, color_jitter=args.color_jitter,
-        auto_augment=args.aa, interpolation=args.train_interpolation, re_prob=args.reprob)
     train_set = _open(args.dataset, args.data_dir, args.train_split)
     names = train_set.class_names
     if names is None:
         raise DataError(_unnamed(source, args.train_split))
-    train_set.transform = train_tf
+    train_set.transform = _train_transform_of(args, data_config)
     val_split = None
     if args.holdout:
         kept, held = holdout_indices(len(train_set), args.holdout)
@@ -538,9 +542,7 @@ def _stream_sets(args, data_config, accelerator, default_workers: int):
         raise DataError(_unnamed(args.dataset, args.train_split))
     workers = _stream_workers(train_set.reader, prefix, world, args.workers, default_workers, accelerator)
     train_set.set_loader_cfg(num_workers=workers)
-    train_set.transform = train_transform(
-        data_config, hflip=args.hflip, scale=args.scale, ratio=args.ratio, color_jitter=args.color_jitter,
-        auto_augment=args.aa, interpolation=args.train_interpolation, re_prob=args.reprob)
+    train_set.transform = _train_transform_of(args, data_config)
 
     def open_eval(split: str, num_samples: Optional[int] = None) -> Dataset:
         ds = _open(args.dataset, args.data_dir, split, is_training=False, num_samples=num_samples, **kwargs)
@@ -627,16 +629,17 @@ def create_loaders(args, data_config: Dict[str, Any], accelerator) -> TrainData:
     eval_loader = lambda ds: None if ds is None else accelerator.prepare(DataLoader(  # noqa: E731
         ds, batch_size=args.validation_batch_size or args.batch_size, shuffle=False, drop_last=False, **common))
     batches = len(train_loader)
+    train_samples = batches * args.batch_size * world
     val_what = (f'{len(val_set)} images held out of {args.train_split}' if val_split is None else
                 f'{len(val_set)} images of {val_split}')
     if val_split is not None and is_test_split(val_split):
         val_what += ' (shown only: best = the last epoch; choose on held-out images with --holdout)'
-    description = (f'{batches * args.batch_size * world} train images, validation on {val_what}'
+    description = (f'{train_samples} train images, validation on {val_what}'
                    f'{f", {args.test_split} scored at the end" if test_set is not None else ""} | {args.train_split} '
                    f'of {args.dataset or args.data_dir}{", streamed" if stream else ""}, {workers} loader workers per '
                    f'process')
     return TrainData(train_loader, eval_loader(val_set), eval_loader(test_set), len(names), names,
-                     batches * args.batch_size * world, batches, val_split, description)
+                     train_samples, batches, val_split, description)
 
 
 # ------------------------------------------------------------------------------------------------ transforms
