@@ -2,9 +2,9 @@
 
 Flows (`--flow`, one or more: the int8 backends of `timm_dirac.backends`; each is scored on the evaluation images,
 timed against ONNX Runtime fp32 of the same model, and the fastest within `--max-drop` is chosen):
-- `chain` (default): ONNX Runtime QDQ with the folded Dirac taps out of the int8 weights, most of them as identity
-  adds in per-channel activation units and the rest in exact 1x1 int8 convs (`dirac_tap.chain_dirac_taps`), 7-bit
-  weights that no CPU's int8 kernels can saturate (`backends/onnxruntime.py`);
+- `chain` (default): ONNX Runtime QDQ with the folded Dirac taps out of the int8 weights: every same-width layer's
+  tap an identity add in per-channel activation units, a width-changing layer's in an exact 1x1 int8 conv
+  (`dirac_tap.chain_dirac_taps`), 7-bit weights that no CPU's int8 kernels can saturate (`backends/onnxruntime.py`);
 - `split`: the same with every tap in an exact 1x1 int8 conv (one more conv per layer; what `train.py --qat`
   trains for);
 - `plain`: ONNX Runtime QDQ of the folded model as it is, per-channel 8-bit weights;

@@ -4,9 +4,9 @@ A folded DiracNet is a plain conv-ReLU chain, so its ONNX graph must hold only C
 pool, a reshape and the classifier GEMM; `check_graph_ops` enforces that, and `verify_onnx` compares ONNX Runtime
 with PyTorch on real images at two batch sizes (the batch axis is dynamic). Backends: `onnxruntime` (fp32), the int8
 flows of `ONNX_FLOWS`, and `onnxruntime-int8` (`chain` for a folded DiracNet, `plain` for other models):
-- `chain`: the taps out of the int8 weights as `split` does, but most layers as one int8 conv plus an identity add
-  of its own input (QLinearAdd), with the activations in per-channel units (`dirac_tap.chain_dirac_taps`); a split
-  layer returns to the model's units every few layers, at width changes and at the end. 7-bit weights.
+- `chain`: the taps out of the int8 weights as `split` does, but every same-width layer as one int8 conv plus an
+  identity add of its own input (QLinearAdd), with the activations in per-channel units
+  (`dirac_tap.chain_dirac_taps`); only width-changing layers keep the split form. 7-bit weights.
 - `split`: the folded Dirac taps split out of the int8 weights (`dirac_tap`): the learned 3x3 weights get their
   own per-channel scale and the identity rides in an exact 1x1 int8 conv, added by QLinearAdd. Weights are 7-bit
   (+-64), so no pair of u8 x s8 products can exceed int16: the same file is exact on CPUs without VNNI, whose int8
