@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 import timm_dirac
 from timm.optim import param_groups_weight_decay
-from timm_dirac.dirac_tap import centre_tap_ratio
+from timm_dirac.deploy.dirac_tap import centre_tap_ratio
 from timm_dirac.diracnet import CIFAR_MEAN, CIFAR_STD
 
 NETWORKS = ('dirac', 'plain', 'resnet')

@@ -40,9 +40,9 @@ import torch.nn as nn
 
 import timm
 import timm_dirac  # noqa: F401  registers the DiracNets
-from timm_dirac.benchmark import Case, build_forms, count_flops, machine_info, measure, summarize
-from timm_dirac.precision import auto_precision
-from timm_dirac.timing import time_interleaved
+from timm_dirac.deploy.benchmark import Case, build_forms, count_flops, machine_info, measure, summarize
+from timm_dirac.machine import auto_precision
+from timm_dirac.deploy.timing import time_interleaved
 from timm_dirac.train import build_optimizer, parse_args
 
 ROOT = Path(__file__).resolve().parents[1]

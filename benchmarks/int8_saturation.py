@@ -14,8 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from timm_dirac.benchmark import machine_info
-from timm_dirac.backends.onnxruntime import ort_session
+from timm_dirac.deploy.benchmark import machine_info
+from timm_dirac.deploy.backends.onnxruntime import ort_session
 from timm_dirac.loading import load_images, load_model
 from timm_dirac.int8_reference import QdqReference
 

@@ -22,9 +22,9 @@ import torch
 import torch.nn as nn
 
 import timm_dirac  # noqa: F401  registers the models
-from timm_dirac.benchmark import machine_info
+from timm_dirac.deploy.benchmark import machine_info
 from timm_dirac.diracnet import DiracBlock
-from timm_dirac.dirac_tap import centre_tap_ratio, diagonal_centre
+from timm_dirac.deploy.dirac_tap import centre_tap_ratio, diagonal_centre
 from timm_dirac.loading import fold, load_images, load_model
 
 SCHEMES = {'plain 8-bit': (False, 127), 'split 7-bit': (True, 64)}

@@ -17,9 +17,9 @@ import subprocess
 
 import torch
 
-from timm_dirac.backends import BACKENDS, Setup
-from timm_dirac.benchmark import _calibration_images, _depth_baseline, build_forms, machine_info
-from timm_dirac.timing import time_interleaved
+from timm_dirac.deploy.backends import BACKENDS, Setup
+from timm_dirac.deploy.benchmark import _calibration_images, _depth_baseline, build_forms, machine_info
+from timm_dirac.deploy.timing import time_interleaved
 
 
 def main():

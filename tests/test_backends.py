@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 
 import timm
-from timm_dirac.backends import BACKENDS, Runner, Setup, backend_names, get_backends, register_backend
+from timm_dirac.deploy.backends import BACKENDS, Runner, Setup, backend_names, get_backends, register_backend
 from timm_dirac.cli import main
 from timm_dirac.loading import default_data, load_images
 

@@ -8,7 +8,7 @@ import torch
 pytest.importorskip('onnxruntime')
 
 import timm_dirac  # noqa: F401  registers the models
-from timm_dirac.benchmark import Case, build_forms, format_table, has_reparameterization, peaks, summarize
+from timm_dirac.deploy.benchmark import Case, build_forms, format_table, has_reparameterization, peaks, summarize
 from timm_dirac.cli import main
 
 ROW_KEYS = {'model', 'form', 'backend', 'precision', 'batch_size', 'img_per_s', 'latency_ms', 'latency_ms_min',

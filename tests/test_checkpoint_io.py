@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from timm_dirac.checkpoint_io import file_sha256, is_release, load_checkpoint_file
+from timm_dirac.loading import file_sha256, is_release, load_checkpoint_file
 
 
 def test_training_containers_give_the_ema_weights_with_clean_keys(tmp_path):

@@ -75,7 +75,7 @@ def test_debug_reraises(tmp_path, bad_weights):
 
 def test_nan_comparison_fails_the_onnx_check():
     """ `nan > tolerance` is False: the check must treat a NaN difference as a failure. """
-    from timm_dirac.backends import onnxruntime as ort_backend
+    from timm_dirac.deploy.backends import onnxruntime as ort_backend
     pytest.importorskip('onnxruntime')
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten()).eval()
     images = torch.rand(2, 3, 8, 8)

@@ -10,7 +10,7 @@ import torch
 
 import timm_dirac  # noqa: F401
 from timm_dirac.cli import main as cli_main
-from timm_dirac.checkpoint_io import is_release
+from timm_dirac.loading import is_release
 
 from authors_format import (
     authors_checkpoint, functional_forward, make_functional_params, params_epoch_optimizer_layout, params_stats_layout,

@@ -8,7 +8,7 @@ import torch.nn as nn
 
 import timm
 import timm_dirac  # noqa: F401  registers the models
-from timm_dirac.dirac_tap import IdentityDiracConv, SplitDiracConv, centre_tap_ratio, chain_dirac_taps, \
+from timm_dirac.deploy.dirac_tap import IdentityDiracConv, SplitDiracConv, centre_tap_ratio, chain_dirac_taps, \
     split_dirac_taps
 from timm_dirac.loading import fold
 

@@ -11,8 +11,8 @@ import timm_dirac
 from timm_dirac import DiracNet, checkpoint_filter_fn, fold_state_dict, unfold_state_dict
 from timm_dirac.diracnet import STYLES, DiracStyle, dirac_layers
 
-from timm_dirac.checkpoint_io import load_checkpoint_file
-from timm_dirac.state_dict import detect_format
+from timm_dirac.loading import load_checkpoint_file
+from timm_dirac.diracnet import detect_format
 
 from authors_format import (
     NETS, authors_checkpoint, functional_forward, make_functional_params, params_epoch_optimizer_layout,

@@ -5,8 +5,8 @@ import torch
 import timm
 import timm_dirac  # noqa: F401  registers the models
 from timm_dirac.cli import main
-from timm_dirac.export import calibrate_batchnorm
-from timm_dirac.backends.onnxruntime import ALLOWED_OPS, check_graph_ops, export_onnx, op_types, verify_onnx
+from timm_dirac.deploy.export import calibrate_batchnorm
+from timm_dirac.deploy.backends.onnxruntime import ALLOWED_OPS, check_graph_ops, export_onnx, op_types, verify_onnx
 from timm_dirac.loading import default_data, fold, load_images
 
 pytest.importorskip('onnxruntime')

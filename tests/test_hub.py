@@ -14,7 +14,7 @@ from timm.utils import reparameterize_model
 
 import timm_dirac  # noqa: F401
 from timm_dirac.cli import main as cli_main
-from timm_dirac.hub import (
+from timm_dirac.hub.folder import (
     REPO_ID_PLACEHOLDER, count_params_macs, generate_model_card, push_hub_folder, save_hub_folder)
 
 from authors_format import add_to_hf_cache, folded_forward, write_authors_folded_file

@@ -2,8 +2,8 @@
 import numpy as np
 import pytest
 
-from timm_dirac.backends.onnxruntime import export_onnx, ort_session, quantize_onnxruntime
-from timm_dirac.dirac_tap import chain_dirac_taps, split_dirac_taps
+from timm_dirac.deploy.backends.onnxruntime import export_onnx, ort_session, quantize_onnxruntime
+from timm_dirac.deploy.dirac_tap import chain_dirac_taps, split_dirac_taps
 from timm_dirac.int8_reference import QdqReference, _int_conv, saturation_risk
 from timm_dirac.loading import default_data, load_images
 

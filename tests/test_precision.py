@@ -4,8 +4,8 @@ from pathlib import Path
 import pytest
 import torch
 
-import timm_dirac.precision as precision
-from timm_dirac.precision import auto_precision
+import timm_dirac.machine as precision
+from timm_dirac.machine import auto_precision
 from timm_dirac.train import parse_args, pick_precision
 
 

@@ -66,7 +66,7 @@ def test_offline_convert_of_a_url_names_the_download_to_do_by_hand(no_network_to
 
 
 def test_offline_push_is_one_line(tmp_path, offline_hub, capsys):
-    from timm_dirac.hub import save_hub_folder
+    from timm_dirac.hub.folder import save_hub_folder
 
     out = save_hub_folder(timm.create_model('diracnet34_1_cifar', layers=(1, 1, 1)), tmp_path / 'hub',
                           train_info=dict(license='apache-2.0'))

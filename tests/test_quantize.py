@@ -11,12 +11,12 @@ from onnx import numpy_helper
 
 import timm
 import timm_dirac  # noqa: F401  registers the models
-from timm_dirac.backends.onnxruntime import check_graph_ops, export_onnx, op_types, ort_session, quantize_onnxruntime
-from timm_dirac.backends.pt2e import quantize_pt2e
+from timm_dirac.deploy.backends.onnxruntime import check_graph_ops, export_onnx, op_types, ort_session, quantize_onnxruntime
+from timm_dirac.deploy.backends.pt2e import quantize_pt2e
 from timm_dirac.cli import main
-from timm_dirac.dirac_tap import chain_dirac_taps, split_dirac_taps
+from timm_dirac.deploy.dirac_tap import chain_dirac_taps, split_dirac_taps
 from timm_dirac.loading import default_data, load_images
-from timm_dirac.quantize import run_quantize, top1
+from timm_dirac.deploy.quantize import run_quantize, top1
 
 pytest.importorskip('onnxruntime')
 DATA = default_data()

@@ -3,7 +3,7 @@ import timm
 import torch
 
 import timm_dirac  # noqa: F401
-from timm_dirac.state_dict import convert_authors_checkpoint, detect_format
+from timm_dirac.diracnet import convert_authors_checkpoint, detect_format
 
 from authors_format import make_functional_params, params_stats_layout
 

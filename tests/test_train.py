@@ -498,7 +498,7 @@ def test_resume_restores_everything_or_says_what_it_could_not(tmp_path, interrup
     else:
         rng.write_bytes(b'\x80\x04not a pickle')
     if damage == 'garbage_with_its_sha256':
-        from timm_dirac.checkpoint_io import file_sha256
+        from timm_dirac.loading import file_sha256
         sums = tmp_path / 'run' / 'checkpoint-1' / 'checkpoint.sha256'
         sums.write_text(''.join(f'{file_sha256(rng)}  {rng.name}\n' if line.endswith(rng.name) else f'{line}\n'
                                 for line in sums.read_text().splitlines()))
@@ -627,7 +627,7 @@ def test_checkpoint_errors_are_not_flag_errors():
 def test_a_changed_byte_in_any_checkpoint_file_is_refused(tmp_path):
     """ verify_checkpoint: every file of a checkpoint is listed in checkpoint.sha256 with its hash; a flipped bit,
     a missing file or an extra one is refused naming the file. """
-    from timm_dirac.checkpoint_io import file_sha256
+    from timm_dirac.loading import file_sha256
     from timm_dirac.train.checkpoints import find_resume_checkpoint, verify_checkpoint
 
     ckpt = tmp_path / 'checkpoint-3'

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 import timm_dirac  # noqa: F401
 from timm_dirac.cli import main as cli_main
 from timm_dirac.data import DataError
-from timm_dirac.hub import save_hub_folder
+from timm_dirac.hub.folder import save_hub_folder
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / 'timm_dirac' / 'assets' / 'cifar10_sample'

@@ -25,11 +25,36 @@ from typing import Dict, List, Optional, Sequence, Type, Union
 import torch
 import torch.nn as nn
 
-from .layers import DiracConv1d, DiracConv2d, DiracConv3d, _DiracConvNd
+import torch.nn.functional as F
 
-__all__ = ['diracify', 'plan_diracify', 'DiracifyPlan', 'DiracifiedConv1d', 'DiracifiedConv2d', 'DiracifiedConv3d']
+from .diracnet import DiracConv2d, DiracConvNd
+
+__all__ = ['diracify', 'plan_diracify', 'is_folded', 'DiracifyPlan', 'DiracConv1d', 'DiracConv3d', 'DiracifiedConv1d',
+           'DiracifiedConv2d', 'DiracifiedConv3d']
 
 _logger = logging.getLogger(__name__)
+
+class DiracConv1d(DiracConvNd):
+    """ Dirac-parameterized `nn.Conv1d` replacement (stride 1, size-preserving padding). """
+    num_spatial_dims = 1
+
+    def _conv(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return F.conv1d(x, weight, self.bias, 1, self.padding, self.dilation)
+
+
+class DiracConv3d(DiracConvNd):
+    """ Dirac-parameterized `nn.Conv3d` replacement (stride 1, size-preserving padding). """
+    num_spatial_dims = 3
+
+    def _conv(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return F.conv3d(x, weight, self.bias, 1, self.padding, self.dilation)
+
+
+def is_folded(model: nn.Module) -> bool:
+    """ Whether `model` is in its folded (inference) form: no BatchNorm and no Dirac-parameterized conv left,
+    however it was folded (`reparameterize()`, timm's `reparameterize_model`, or built with `inference_mode=True`). """
+    return not any(isinstance(m, (nn.modules.batchnorm._BatchNorm, DiracConvNd)) for m in model.modules())
+
 
 ELIGIBILITY = 'plain nn.Conv1d/2d/3d with odd kernel, stride 1, groups 1 and zero "same" padding'
 
@@ -49,17 +74,19 @@ class _Diracified:
     ) -> '_Diracified':
         """ The Dirac form of an eligible `conv`; it starts from the conv's own weight and bias. """
         weight = conv.weight
-        with torch.random.fork_rng(devices=[]):  # the init below is overwritten: leave the caller's RNG stream alone
-            dirac = cls(
-                conv.in_channels, conv.out_channels, conv.kernel_size, padding='same', dilation=conv.dilation,
-                bias=conv.bias is not None, alpha_init=alpha_init, beta_init=beta_init, device=weight.device,
-                dtype=weight.dtype)
+        # built on the meta device: every value is set below, so no initialisation runs (the RNG stream is untouched)
+        dirac = cls(conv.in_channels, conv.out_channels, conv.kernel_size, padding='same', dilation=conv.dilation,
+                    bias=conv.bias is not None, alpha_init=alpha_init, beta_init=beta_init, device='meta',
+                    dtype=weight.dtype).to_empty(device=weight.device)
         dirac.weight.copy_(weight)
         if conv.bias is not None:
             dirac.bias.copy_(conv.bias)
         if from_pretrained:  # beta * normalize(W) == W: the conv computes what it did
             dirac.alpha.zero_()
             dirac.beta.copy_(weight.flatten(1).norm(dim=1))
+        else:
+            dirac.alpha.fill_(alpha_init)
+            dirac.beta.fill_(beta_init)
         dirac.plain_padding = conv.padding
         dirac.train(conv.training)
         return dirac
@@ -138,9 +165,9 @@ def plan_diracify(model: nn.Module, layers: Optional[Union[str, Sequence[str]]] 
     Raises ValueError for a model that already has (unfolded) Dirac convs and for a pattern that names no conv.
     """
     patterns = [layers] if isinstance(layers, str) else (list(layers) if layers is not None else None)
-    convs = [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.modules.conv._ConvNd, _DiracConvNd))]
+    convs = [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.modules.conv._ConvNd, DiracConvNd))]
     for name, module in convs:
-        if isinstance(module, _DiracConvNd) and module.alpha is not None:
+        if isinstance(module, DiracConvNd) and module.alpha is not None:
             raise ValueError(
                 f'{type(model).__name__} already has Dirac-parameterized convs ({name or "the model"} is a '
                 f'{type(module).__name__}); diracify takes a plain network: train this one as it is, or fold it '

@@ -1,94 +1,211 @@
 """ DiracNets: deep plain convolutional networks without skip connections
 
 Paper: `DiracNets: Training Very Deep Neural Networks Without Skip-Connections` - https://arxiv.org/abs/1706.00388
+Original code and weights: https://github.com/szagoruyko/diracnets
 
-Each layer is `ReLU -> DiracConv3x3 -> BatchNorm` (v2 of the authors' code, the version of their released
-weights): no skip connection anywhere, 2x2 max-pooling between stages. `reparameterize()` folds the Dirac term
-and every BatchNorm into plain convs, leaving a VGG-like chain of conv-ReLU pairs.
+Every layer is `ReLU -> DiracConv3x3 -> BatchNorm` (v2, the version of the released weights) with the kernel
+`alpha * delta + beta * W / ||W||`: the identity (Dirac delta) is inside the kernel, so the signal passes through
+hundreds of layers at initialisation without any skip connection. Stages are joined by 2x2 max-pooling.
+`reparameterize()` folds the Dirac term and every BatchNorm into plain convs with bias, leaving a VGG-like chain of
+conv-ReLU pairs.
 
-The ImageNet nets (DiracNet-18/34) and the CIFAR nets (DiracNet-D-W, named like Wide ResNets) are one class:
-`style` picks the stem, the stage widths and the depth rule; `depth`, `width` or `layers` pick any member.
+The ImageNet nets (DiracNet-18/34, the shapes of ResNet-18/34) and the CIFAR nets (DiracNet-D-W, the shapes of
+WRN-D-W) differ only in their stem, `layers` and `channels`. `checkpoint_filter_fn` loads the authors' folded and
+functional checkpoints, and either form (train or folded) of ours into either form of the model.
 """
-from collections import OrderedDict
-from dataclasses import dataclass
+import re
+from functools import partial
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.utils.fusion import fuse_conv_bn_weights
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import ClassifierHead, get_device_dtype
-from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
+from timm.models._builder import build_model_with_cfg
 from timm.models._features import feature_take_indices
+from timm.models._helpers import clean_state_dict
+from timm.models._manipulate import checkpoint_seq, named_apply
+from timm.models._registry import generate_default_cfgs, register_model
 from timm.models._input import update_model_args
 
-from .layers import DiracConv2d, fold_bn, is_folded
-from .state_dict import (
-    check_dirac_pairs, fold_state_dict, is_folded_state_dict, stage_structure, to_timm_state_dict, unfold_state_dict)
-
-__all__ = ['DiracNet', 'DiracBlock', 'DiracStage', 'DiracStem', 'DiracStyle', 'STYLES', 'dirac_layers']
+__all__ = ['DiracNet', 'DiracConv2d']
 
 CIFAR_MEAN = (0.4914, 0.4820, 0.4467)  # per-channel statistics of the CIFAR-10 train split
 CIFAR_STD = (0.2471, 0.2435, 0.2616)
+CIFAR10_LABELS = ('airplane', 'automobile', 'bird', 'cat', 'deer', 'dog', 'frog', 'horse', 'ship', 'truck')
 
 
-@dataclass(frozen=True)
-class DiracStyle:
-    """ What a DiracNet style fixes: the stem, the stage base widths and the rule from depth to layers per stage.
+def dirac_kernel(weight: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
+    """ `alpha * delta + beta * normalize(weight)` for a conv weight of shape (C_out, C_in, *kernel).
 
-    The depth counts like ResNets': the Dirac layers plus `depth_extra`. A style with a `depth_table` has only the
-    depths listed there; one without has stages of equal, even layer counts (depth = 2n * stages + depth_extra).
+    `delta` is the identity on the first min(C_out, C_in) channels at the centre tap (`nn.init.dirac_`). Each filter
+    is scaled by beta / ||W[o]||, then alpha is added in place on the centre-tap diagonal: no delta tensor is made,
+    and the kernel keeps the weight's dtype and memory format (a channels_last weight gives a channels_last kernel).
     """
-    widths: Tuple[int, ...]  # base width of each stage, times the `width` multiplier
-    stem_kernel: int
-    stem_downsample: bool  # a stride-2 stem conv and a 3x3/2 max-pool (4x), else a stride-1 stem conv
-    depth_extra: int
-    depth_table: Optional[Dict[int, Tuple[int, ...]]] = None
+    dims = weight.dim()
+    norm = torch.linalg.vector_norm(weight, dim=list(range(1, dims)), keepdim=True)
+    kernel = weight * (beta.view([-1] + [1] * (dims - 1)) / norm.clamp_min(1e-12))  # F.normalize's eps
+    shared = torch.arange(min(weight.shape[0], weight.shape[1]), device=weight.device)
+    centre = [torch.full_like(shared, k // 2) for k in weight.shape[2:]]
+    return kernel.index_put_([shared, shared] + centre, alpha[:shared.shape[0]], accumulate=True)
 
-    def layers(self, depth: int, name: str) -> Tuple[int, ...]:
-        """ Dirac layers per stage for `depth`; a ValueError names the valid depths. """
-        if self.depth_table is not None:
-            if depth not in self.depth_table:
-                raise ValueError(
-                    f'DiracNet ({name} style) has no depth {depth}: valid depths are {sorted(self.depth_table)}. '
-                    f'For another shape pass layers=(...) with the Dirac layers per stage, e.g. '
-                    f'layers={(2,) * len(self.widths)}.')
-            return self.depth_table[depth]
-        step = 2 * len(self.widths)
-        if depth < step + self.depth_extra or (depth - self.depth_extra) % step:
-            valid = ', '.join(str(step * n + self.depth_extra) for n in range(1, 9))
+
+torch.fx.wrap('dirac_kernel')  # one leaf for torch.fx (timm's tracer included): its indexing depends on shapes
+
+
+def fold_bn(
+        weight: torch.Tensor,
+        bias: Optional[torch.Tensor],
+        running_mean: torch.Tensor,
+        running_var: torch.Tensor,
+        eps: float,
+        bn_weight: Optional[torch.Tensor],
+        bn_bias: Optional[torch.Tensor],
+        dtype: Optional[torch.dtype] = None,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """ The weight and bias of one conv computing eval-mode BatchNorm(conv(x)): the one fold of modules and state
+    dicts. `torch.nn.utils.fusion.fuse_conv_bn_weights` in float64, returned in `dtype` (default: the weight's). """
+    def f64(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        return None if t is None else t.detach().double()
+
+    with torch.no_grad():
+        fused_weight, fused_bias = fuse_conv_bn_weights(
+            f64(weight), f64(bias), f64(running_mean), f64(running_var), eps, f64(bn_weight), f64(bn_bias))
+    dtype = dtype or weight.dtype
+    return fused_weight.detach().to(dtype), fused_bias.detach().to(dtype)
+
+
+class DiracConvNd(nn.Module):
+    """ A stride-1, size-preserving conv whose kernel is `alpha * delta + beta * normalize(weight)`.
+
+    The parameters are `weight` (C_out, C_in, *kernel), `alpha` and `beta` (C_out,) and an optional `bias`;
+    `reparameterize()` bakes the kernel into `weight` so that the layer is a plain conv. Subclasses set the number of
+    spatial dims and the functional conv.
+    """
+    num_spatial_dims: int = 2
+
+    def __init__(
+            self,
+            in_channels: int,
+            out_channels: int,
+            kernel_size: Union[int, Sequence[int]],
+            stride: Union[int, Sequence[int]] = 1,
+            padding: Union[int, Sequence[int], str] = 'same',
+            dilation: Union[int, Sequence[int]] = 1,
+            bias: bool = True,
+            alpha_init: float = 1.,
+            beta_init: float = 0.1,
+            device=None,
+            dtype=None,
+    ):
+        super().__init__()
+        dd = dict(device=device, dtype=dtype)
+        dims = self.num_spatial_dims
+        kernel_size = _ntuple(kernel_size, dims, 'kernel_size')
+        dilation = _ntuple(dilation, dims, 'dilation')
+        if any(s != 1 for s in _ntuple(stride, dims, 'stride')):
             raise ValueError(
-                f'DiracNet ({name} style) has no depth {depth}: the depth must be {step}n+{self.depth_extra} with '
-                f'n >= 1 ({valid}, ..., 100, ...), giving 2n Dirac layers in each of the {len(self.widths)} stages.')
-        return (2 * ((depth - self.depth_extra) // step),) * len(self.widths)
+                f'{type(self).__name__} got stride={stride}, but a Dirac conv must keep the spatial size (its '
+                f'identity term maps each pixel to itself). Use stride=1 and downsample with pooling, as DiracNets do.')
+        if any(k % 2 == 0 for k in kernel_size):
+            raise ValueError(f'{type(self).__name__} got kernel_size={kernel_size}; it needs odd kernel sizes '
+                             f'so that the identity term has a centre tap.')
+        same = tuple(d * (k - 1) // 2 for k, d in zip(kernel_size, dilation))
+        if padding != 'same' and _ntuple(padding, dims, 'padding') != same:
+            raise ValueError(
+                f'{type(self).__name__} got padding={padding}; a Dirac conv must preserve the spatial size, '
+                f'which for kernel_size={kernel_size} and dilation={dilation} needs padding={same} (or "same").')
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.kernel_size = kernel_size
+        self.dilation = dilation
+        self.padding = same
+        self.alpha_init = alpha_init
+        self.beta_init = beta_init
+        self.weight = nn.Parameter(torch.empty((out_channels, in_channels) + kernel_size, **dd))
+        self.alpha: Optional[nn.Parameter] = nn.Parameter(torch.empty(out_channels, **dd))
+        self.beta: Optional[nn.Parameter] = nn.Parameter(torch.empty(out_channels, **dd))
+        self.bias: Optional[nn.Parameter] = nn.Parameter(torch.empty(out_channels, **dd)) if bias else None
+        self.reset_parameters()
 
-    def depth(self, layers: Sequence[int]) -> int:
-        """ The depth a network of `layers` Dirac layers per stage is named by. """
-        return sum(layers) + self.depth_extra
+    @torch.no_grad()
+    def reset_parameters(self):
+        """ The paper's start: He-normal weight, alpha = `alpha_init`, beta = `beta_init`, zero bias. """
+        nn.init.kaiming_normal_(self.weight)
+        if self.alpha is not None and self.beta is not None:
+            self.alpha.fill_(self.alpha_init)
+            self.beta.fill_(self.beta_init)
+        if self.bias is not None:
+            self.bias.zero_()
+
+    @torch.no_grad()
+    def folded_weight(self) -> torch.Tensor:
+        """ The plain conv kernel this layer computes, in float64 (the precision every fold uses). """
+        return dirac_kernel(self.weight.double(), self.alpha.double(), self.beta.double())
+
+    @torch.no_grad()
+    def reparameterize(self):
+        """ Bake the Dirac kernel into `weight` (float64 math): the layer becomes a plain conv. """
+        if self.alpha is None or self.beta is None:
+            return
+        self.weight.copy_(self.folded_weight())
+        self.alpha = None
+        self.beta = None
+
+    def _conv(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight, alpha, beta = self.weight, self.alpha, self.beta
+        if alpha is not None and beta is not None:
+            weight = dirac_kernel(weight, alpha, beta)
+        return self._conv(x, weight)
+
+    def extra_repr(self) -> str:
+        s = f'{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, padding={self.padding}'
+        if any(d != 1 for d in self.dilation):
+            s += f', dilation={self.dilation}'
+        if self.bias is None:
+            s += ', bias=False'
+        if self.alpha is None:
+            s += ', folded=True'
+        return s
 
 
-STYLES = {
-    # ResNet-18/34 shapes: two Dirac layers per basic block
-    'imagenet': DiracStyle(widths=(64, 128, 256, 512), stem_kernel=7, stem_downsample=True, depth_extra=2,
-                           depth_table={18: (4, 4, 4, 4), 34: (6, 8, 12, 6)}),
-    # DiracNet-D-W, named like WRN-D-W
-    'cifar': DiracStyle(widths=(16, 32, 64), stem_kernel=3, stem_downsample=False, depth_extra=4),
-}
+class DiracConv2d(DiracConvNd):
+    """ Dirac-parameterized `nn.Conv2d` replacement (stride 1, size-preserving padding). """
+    num_spatial_dims = 2
+
+    def _conv(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(x, weight, self.bias, 1, self.padding, self.dilation)
 
 
-def get_style(style: str) -> DiracStyle:
-    if style not in STYLES:
-        raise ValueError(f"Unknown DiracNet style {style!r}: use one of {sorted(STYLES)}.")
-    return STYLES[style]
+def _ntuple(value: Union[int, Sequence[int]], n: int, name: str) -> Tuple[int, ...]:
+    if isinstance(value, int):
+        return (value,) * n
+    value = tuple(value)
+    if len(value) != n:
+        raise ValueError(f'{name}={value} has {len(value)} entries; this {n}d Dirac conv needs an int or {n} ints.')
+    return value
 
 
-def dirac_layers(depth: int, style: str = 'imagenet') -> Tuple[int, ...]:
-    """ Dirac layers per stage for a network `depth` (counted like ResNets: convs plus the stem and the head). """
-    return get_style(style).layers(depth, style)
+def _folded_conv(conv: nn.Module, weight: torch.Tensor, bn: nn.BatchNorm2d) -> nn.Conv2d:
+    """ A plain conv with bias computing eval-mode bn(conv(x)), where `weight` is the kernel `conv` computes. """
+    fused_weight, fused_bias = fold_bn(
+        weight, conv.bias, bn.running_mean, bn.running_var, bn.eps, bn.weight, bn.bias, dtype=conv.weight.dtype)
+    fused = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, getattr(conv, 'stride', 1),
+                      conv.padding, conv.dilation, bias=True, device=fused_weight.device, dtype=fused_weight.dtype)
+    with torch.no_grad():
+        fused.weight.copy_(fused_weight)
+        fused.bias.copy_(fused_bias)
+    return fused
 
 
 class DiracBlock(nn.Module):
-    """ One plain layer: ReLU -> Dirac 3x3 conv -> BatchNorm (v2 ordering). Folds into ReLU -> conv. """
+    """ One plain layer, ReLU -> Dirac 3x3 conv -> BatchNorm; folded (`inference_mode`), ReLU -> conv with bias. """
 
     def __init__(
             self,
@@ -96,33 +213,28 @@ class DiracBlock(nn.Module):
             out_chs: int,
             dirac: bool = True,
             inference_mode: bool = False,
-            inplace_act: bool = True,
             device=None,
             dtype=None,
     ):
         super().__init__()
         dd = dict(device=device, dtype=dtype)
-        self.act = nn.ReLU(inplace=inplace_act)
+        # not in place: the input may be a feature tap, or a checkpointed segment's saved input
+        self.act = nn.ReLU()
         if inference_mode:
-            self.conv = nn.Conv2d(in_chs, out_chs, 3, padding=1, bias=True, **dd)
+            self.conv = nn.Conv2d(in_chs, out_chs, 3, padding=1, **dd)
             self.bn = nn.Identity()
         else:
-            if dirac:
-                self.conv = DiracConv2d(in_chs, out_chs, 3, bias=False, **dd)
-            else:
-                self.conv = nn.Conv2d(in_chs, out_chs, 3, padding=1, bias=False, **dd)
-                nn.init.kaiming_normal_(self.conv.weight)
+            conv_layer = DiracConv2d if dirac else partial(nn.Conv2d, padding=1)
+            self.conv = conv_layer(in_chs, out_chs, 3, bias=False, **dd)
             self.bn = nn.BatchNorm2d(out_chs, **dd)
-            _init_bn(self.bn)
 
     @torch.no_grad()
     def reparameterize(self):
-        """ Fold the Dirac term and the BatchNorm into one conv with bias (in place, idempotent). """
-        if not isinstance(self.bn, nn.BatchNorm2d):
+        """ Fold the Dirac term and the BatchNorm into one conv with bias (eval-mode statistics; idempotent). """
+        if isinstance(self.bn, nn.Identity):
             return
-        if isinstance(self.conv, DiracConv2d):
-            self.conv.reparameterize()
-        self.conv = _conv_with_bn_folded(self.conv, self.bn)
+        weight = self.conv.folded_weight() if isinstance(self.conv, DiracConvNd) else self.conv.weight
+        self.conv = _folded_conv(self.conv, weight, self.bn)
         self.bn = nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -138,7 +250,6 @@ class DiracStage(nn.Module):
             out_chs: int,
             depth: int,
             downsample: bool,
-            inplace_input: bool = False,
             dirac: bool = True,
             inference_mode: bool = False,
             device=None,
@@ -147,26 +258,10 @@ class DiracStage(nn.Module):
         super().__init__()
         self.grad_checkpointing = False
         self.pool = nn.MaxPool2d(2) if downsample else nn.Identity()
-        # the input may be a feature tap of the previous stage: ReLU it in place only behind a pool or if told so
-        self.inplace_input = downsample or inplace_input
         self.blocks = nn.Sequential(*[
-            DiracBlock(
-                in_chs if i == 0 else out_chs,
-                out_chs,
-                dirac=dirac,
-                inference_mode=inference_mode,
-                inplace_act=self.inplace_input or i > 0,
-                device=device,
-                dtype=dtype,
-            )
+            DiracBlock(in_chs if i == 0 else out_chs, out_chs, dirac, inference_mode, device=device, dtype=dtype)
             for i in range(depth)
         ])
-
-    def set_grad_checkpointing(self, enable: bool = True):
-        """ Checkpointed segments re-run from their saved input, so no ReLU may then work in place on it. """
-        self.grad_checkpointing = enable
-        for i, block in enumerate(self.blocks):
-            block.act.inplace = not enable and (self.inplace_input or i > 0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.pool(x)
@@ -175,33 +270,54 @@ class DiracStage(nn.Module):
         return self.blocks(x)
 
 
-class DiracStem(nn.Sequential):
-    """ conv -> BatchNorm (-> max-pool for ImageNet). The authors' CIFAR stem also ends in a ReLU, which the
-    first Dirac layer's ReLU already applies, so it is left out (same function, no double ReLU). """
+class DiracStem(nn.Module):
+    """ conv -> BatchNorm (-> 3x3/2 max-pool, ImageNet). The authors' CIFAR stem also ends in a ReLU, which the first
+    Dirac layer's ReLU applies, so it is left out (same function). """
+
+    def __init__(
+            self,
+            in_chs: int,
+            out_chs: int,
+            kernel_size: int,
+            stride: int,
+            pool: bool,
+            inference_mode: bool = False,
+            device=None,
+            dtype=None,
+    ):
+        super().__init__()
+        dd = dict(device=device, dtype=dtype)
+        self.conv = nn.Conv2d(
+            in_chs, out_chs, kernel_size, stride=stride, padding=kernel_size // 2, bias=inference_mode, **dd)
+        self.bn = nn.Identity() if inference_mode else nn.BatchNorm2d(out_chs, **dd)
+        self.pool = nn.MaxPool2d(3, stride=2, padding=1) if pool else nn.Identity()
 
     @torch.no_grad()
     def reparameterize(self):
-        """ Fold the stem BatchNorm into the stem conv (in place, idempotent). """
-        if not isinstance(self.bn, nn.BatchNorm2d):
+        """ Fold the BatchNorm into the conv (eval-mode statistics; idempotent). """
+        if isinstance(self.bn, nn.Identity):
             return
-        self.conv = _conv_with_bn_folded(self.conv, self.bn)
+        self.conv = _folded_conv(self.conv, self.conv.weight, self.bn)
         self.bn = nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.pool(self.bn(self.conv(x)))
+
+
+# (stem kernel, stem stride, stem max-pool) of the two stems: ImageNet's 7x7/2 + 3x3/2 pool, CIFAR's 3x3/1
+STEM_TYPES = {'imagenet': (7, 2, True), 'cifar': (3, 1, False)}
 
 
 class DiracNet(nn.Module):
-    """ DiracNet: a plain stack of ReLU -> Dirac conv -> BN layers with max-pool downsampling.
-
-    `style='imagenet'`: 7x7/2 stem + 3x3/2 max-pool, four stages of widths (64, 128, 256, 512) * width.
-    `style='cifar'`: 3x3 stem, three stages of widths (16, 32, 64) * width (DiracNet-D-W).
-    """
+    """ DiracNet: a stem, then stages of ReLU -> Dirac conv -> BN layers joined by 2x2 max-pooling, then ReLU,
+    global pooling and a linear classifier. """
     __jit_unused_properties__ = ['inference_mode']
 
     def __init__(
             self,
-            depth: int = 18,
-            width: float = 1.,
-            layers: Optional[Sequence[int]] = None,
-            style: str = 'imagenet',
+            layers: Sequence[int] = (4, 4, 4, 4),
+            channels: Sequence[int] = (64, 128, 256, 512),
+            stem_type: str = 'imagenet',
             dirac: bool = True,
             inference_mode: bool = False,
             num_classes: int = 1000,
@@ -213,11 +329,10 @@ class DiracNet(nn.Module):
     ):
         """
         Args:
-            depth: Network depth counted like ResNets; picks `layers` (ImageNet: 18 or 34; CIFAR: 6n+4).
-            width: Width multiplier of the stage widths (the W of DiracNet-D-W).
-            layers: Dirac layers per stage, overrides `depth` (ImageNet style: 4 stages, CIFAR style: 3).
-            style: 'imagenet' or 'cifar': the stem, the stage base widths and the depth rule.
-            dirac: Use Dirac convs; False builds the same net with plain conv + BN (the paper's baseline).
+            layers: Dirac layers per stage (DiracNet-18: (4, 4, 4, 4); DiracNet-D-W: three stages of (D - 4) / 3).
+            channels: Width of each stage (the stem has the first one).
+            stem_type: 'imagenet' (7x7/2 conv + 3x3/2 max-pool) or 'cifar' (3x3 conv).
+            dirac: Dirac convs; False builds the same net with plain conv + BN (the paper's baseline).
             inference_mode: Build the folded (reparameterized) form: convs with bias, no BatchNorm.
             num_classes: Number of classifier outputs (0 for no classifier).
             in_chans: Number of input image channels.
@@ -226,36 +341,25 @@ class DiracNet(nn.Module):
         """
         super().__init__()
         dd = dict(device=device, dtype=dtype)
-        cfg = get_style(style)
-        stage_layers = tuple(layers) if layers is not None else cfg.layers(depth, style)
-        if len(stage_layers) != len(cfg.widths) or min(stage_layers) < 1:
-            raise ValueError(f'layers={stage_layers} must give {len(cfg.widths)} positive layer counts, one per '
-                             f'stage of the {style} style.')
-        widths = [int(round(w * width)) for w in cfg.widths]
+        if stem_type not in STEM_TYPES:
+            raise ValueError(f'Unknown stem_type {stem_type!r}: use one of {sorted(STEM_TYPES)}.')
+        if len(layers) != len(channels) or min(layers, default=0) < 1:
+            raise ValueError(f'layers={tuple(layers)} and channels={tuple(channels)} must give one positive layer '
+                             f'count and one width per stage.')
         self.num_classes = num_classes
         self.in_chans = in_chans
         self.drop_rate = drop_rate
 
-        stem_chs = widths[0]
-        stem_reduction = 2 if cfg.stem_downsample else 1
-        stem_conv = nn.Conv2d(in_chans, stem_chs, cfg.stem_kernel, stride=stem_reduction,
-                              padding=cfg.stem_kernel // 2, bias=inference_mode, **dd)
-        stem_pool = nn.MaxPool2d(3, stride=2, padding=1) if cfg.stem_downsample else nn.Identity()
-        stem_bn = nn.Identity() if inference_mode else _init_bn(nn.BatchNorm2d(stem_chs, **dd))
-        nn.init.kaiming_normal_(stem_conv.weight)
-        self.stem = DiracStem(OrderedDict(conv=stem_conv, bn=stem_bn, pool=stem_pool))
-        self.feature_info = [dict(num_chs=stem_chs, reduction=stem_reduction, module='stem.bn')]
+        stem_kernel, stem_stride, stem_pool = STEM_TYPES[stem_type]
+        self.stem = DiracStem(in_chans, channels[0], stem_kernel, stem_stride, stem_pool, inference_mode, **dd)
+        self.feature_info = [dict(num_chs=channels[0], reduction=stem_stride, module='stem.bn')]
 
-        reduction = stem_reduction * (2 if cfg.stem_downsample else 1)
-        in_chs = stem_chs
+        reduction = stem_stride * (2 if stem_pool else 1)
+        in_chs = channels[0]
         stages = []
-        for i, (num_layers, out_chs) in enumerate(zip(stage_layers, widths)):
-            if i > 0:
-                reduction *= 2
-            stages.append(DiracStage(
-                in_chs, out_chs, num_layers, downsample=i > 0,
-                inplace_input=cfg.stem_downsample,  # behind the stem pool, not the stem tap itself
-                dirac=dirac, inference_mode=inference_mode, **dd))
+        for i, (depth, out_chs) in enumerate(zip(layers, channels)):
+            reduction *= 2 if i > 0 else 1
+            stages.append(DiracStage(in_chs, out_chs, depth, i > 0, dirac, inference_mode, **dd))
             self.feature_info.append(dict(num_chs=out_chs, reduction=reduction, module=f'stages.{i}'))
             in_chs = out_chs
         self.stages = nn.Sequential(*stages)
@@ -263,28 +367,24 @@ class DiracNet(nn.Module):
         self.final_act = nn.ReLU()
         self.num_features = self.head_hidden_size = in_chs
         self.head = ClassifierHead(in_chs, num_classes, pool_type=global_pool, drop_rate=drop_rate, **dd)
-        self._init_head()
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self):
+        """ The authors' init: He-normal conv and classifier weights, BN weight ~ U[0, 1), zero biases. """
+        named_apply(_init_weights, self)
 
     @property
     def inference_mode(self) -> bool:
-        """ Whether the model is folded, read from its structure, so a model folded by timm's
-        `reparameterize_model` (which never calls this class's own `reparameterize`) says so too. """
-        return is_folded(self)
-
-    @torch.no_grad()
-    def _init_head(self):
-        fc = self.head.fc
-        if isinstance(fc, nn.Linear):
-            nn.init.kaiming_normal_(fc.weight)
-            nn.init.zeros_(fc.bias)
+        """ Whether the model is folded: its stem conv has the bias that folding gives it. """
+        return self.stem.conv.bias is not None
 
     @torch.no_grad()
     def reparameterize(self):
-        """ Fold every Dirac layer and BatchNorm in place into plain convs with bias; records the folded form so
-        that `save_for_hf` / `push_to_hf_hub` configs rebuild it. Eval-mode (running statistics) semantics. """
-        for module in self.modules():
-            if module is not self and hasattr(module, 'reparameterize'):
-                module.reparameterize()
+        """ Fold every Dirac layer and BatchNorm into plain convs with bias, in place, with eval-mode statistics;
+        records `inference_mode=True` so that `save_for_hf` / `push_to_hf_hub` configs rebuild the folded form. """
+        for module in [self.stem] + [block for stage in self.stages for block in stage.blocks]:
+            module.reparameterize()
         update_model_args(self, inference_mode=True)
 
     @torch.jit.ignore
@@ -297,8 +397,7 @@ class DiracNet(nn.Module):
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True):
         for stage in self.stages:
-            if isinstance(stage, DiracStage):
-                stage.set_grad_checkpointing(enable)
+            stage.grad_checkpointing = enable
 
     @torch.jit.ignore
     def get_classifier(self) -> nn.Module:
@@ -307,7 +406,7 @@ class DiracNet(nn.Module):
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None):
         self.num_classes = num_classes
         self.head.reset(num_classes, global_pool, **get_device_dtype(self))
-        self._init_head()
+        named_apply(_init_weights, self.head)
 
     def forward_intermediates(
             self,
@@ -318,7 +417,7 @@ class DiracNet(nn.Module):
             output_fmt: str = 'NCHW',
             intermediates_only: bool = False,
     ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
-        """ Forward features that returns intermediates (index 0: stem, before its pooling; then each stage).
+        """ Forward features that returns intermediates (index 0: the stem, before its pooling; then each stage).
 
         Args:
             x: Input image tensor.
@@ -332,8 +431,7 @@ class DiracNet(nn.Module):
         intermediates = []
         take_indices, max_index = feature_take_indices(len(self.feature_info), indices)
 
-        x = self.stem.conv(x)
-        x = self.stem.bn(x)
+        x = self.stem.bn(self.stem.conv(x))
         if 0 in take_indices:
             intermediates.append(x)
         x = self.stem.pool(x)
@@ -388,62 +486,141 @@ class DiracNet(nn.Module):
         return self.forward_head(x)
 
 
-@torch.no_grad()
-def _conv_with_bn_folded(conv: Union[nn.Conv2d, DiracConv2d], bn: nn.BatchNorm2d) -> nn.Conv2d:
-    """ A plain conv with bias computing bn(conv(x)) in eval mode; `conv` must hold its final kernel in `weight`. """
-    weight, bias = fold_bn(conv.weight, conv.bias, bn)
-    fused = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, getattr(conv, 'stride', 1),
-                      conv.padding, conv.dilation, bias=True, device=weight.device, dtype=weight.dtype)
-    fused.weight.copy_(weight)
-    fused.bias.copy_(bias)
-    return fused
+def _init_weights(module: nn.Module, name: str = ''):
+    if isinstance(module, (nn.Conv2d, nn.Linear)):
+        nn.init.kaiming_normal_(module.weight)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, DiracConvNd):
+        module.reset_parameters()
+    elif isinstance(module, nn.BatchNorm2d):
+        nn.init.uniform_(module.weight)
+        nn.init.zeros_(module.bias)
 
 
-def _init_bn(bn: nn.BatchNorm2d) -> nn.BatchNorm2d:
-    """ The authors' BatchNorm init: weight ~ U[0, 1), bias 0. """
-    with torch.no_grad():
-        bn.weight.uniform_()
-        bn.bias.zero_()
-    return bn
+def _flatten(tree: Mapping[str, Any], prefix: str = '') -> Dict[str, Any]:
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, Mapping):
+            out.update(_flatten(v, f'{prefix}{k}.'))
+        else:
+            out[f'{prefix}{k}'] = v
+    return out
 
 
-def _check_structure(state_dict: Mapping[str, torch.Tensor], model: nn.Module):
-    """ Refuse a state dict (our keys) of another DiracNet shape than `model`, naming both shapes. """
-    got, want = stage_structure(state_dict), stage_structure(model.state_dict())
-    if got != want:
-        name = getattr(model, 'pretrained_cfg', {}).get('architecture', type(model).__name__)
-        raise ValueError(
-            f'This checkpoint is another DiracNet: Dirac layers per stage {got[0]} and stage widths {got[1]}, but '
-            f'the model {name} has {want[0]} and {want[1]}. Create the model of the checkpoint\'s shape (e.g. '
-            f'layers={got[0]} and the width that gives stage widths {got[1]}).')
+# The authors' v2 releases: folded state dicts (`features.conv.*`, `features.group{g}.block{b}.conv.*`, `fc.*`) and
+# functional checkpoints (`{'params': ..., 'stats': ...}` or `{'params': ..., 'epoch': ..., 'optimizer': ...}` with
+# `conv`, `bn.*`, `group{g}.block{b}.{conv,alpha,beta,bn.*}`, `fc.*` and identity tensors `eye*`).
+_AUTHORS_KEYS = [
+    (r'^features\.conv\.(weight|bias)$', r'stem.conv.\1'),
+    (r'^features\.group(\d+)\.block(\d+)\.conv\.(weight|bias)$', r'stages.\1.blocks.\2.conv.\3'),
+    (r'^conv$', 'stem.conv.weight'),
+    (r'^bn\.', 'stem.bn.'),
+    (r'^fc\.', 'head.fc.'),
+    (r'^group(\d+)\.block(\d+)\.conv$', r'stages.\1.blocks.\2.conv.weight'),
+    (r'^group(\d+)\.block(\d+)\.(alpha|beta)$', r'stages.\1.blocks.\2.conv.\3'),
+    (r'^group(\d+)\.block(\d+)\.bn\.', r'stages.\1.blocks.\2.bn.'),
+]
 
 
-def checkpoint_filter_fn(state_dict: Dict[str, Any], model: nn.Module) -> Dict[str, torch.Tensor]:
-    """ timm `pretrained_filter_fn`: bring any supported DiracNet checkpoint (ours in either form, the authors'
-    folded or functional ones) into the form (train or folded) and keys of `model`. """
-    if not isinstance(model, DiracNet):  # e.g. a config.json or --model naming another architecture
-        raise ValueError(f'DiracNet weights cannot be loaded into a {type(model).__name__}: the model name or the '
-                         f'config.json architecture must be a DiracNet (diracnet*).')
-    state_dict = to_timm_state_dict(state_dict)
-    _check_structure(state_dict, model)
-    check_dirac_pairs(state_dict)
-    model_folded = is_folded(model)
-    if model_folded and not is_folded_state_dict(state_dict):
+def checkpoint_format(checkpoint: Mapping[str, Any]) -> str:
+    """ 'timm', 'timm_folded', 'authors_folded' or 'authors_functional', told apart by the keys. """
+    if isinstance(checkpoint.get('params'), Mapping) or 'conv' in checkpoint:
+        return 'authors_functional'
+    if 'features.conv.weight' in checkpoint:
+        return 'authors_folded'
+    return 'timm_folded' if _is_folded_state_dict(checkpoint) else 'timm'
+
+
+def convert_authors_checkpoint(checkpoint: Mapping[str, Any]) -> Dict[str, torch.Tensor]:
+    """ One of the authors' checkpoints in our keys: a folded one in the folded form, a functional one in the train
+    form. Their per-layer scalar alpha/beta (before April 2018) are broadcast per channel; `eye*` are dropped. """
+    tensors = _flatten(checkpoint['params']) if isinstance(checkpoint.get('params'), Mapping) else dict(checkpoint)
+    if isinstance(checkpoint.get('stats'), Mapping):
+        tensors.update(_flatten(checkpoint['stats']))
+    out = {}
+    for key, value in tensors.items():
+        if key.startswith('eye') or not isinstance(value, torch.Tensor):
+            continue
+        for pattern, replacement in _AUTHORS_KEYS:
+            if re.match(pattern, key):
+                key = re.sub(pattern, replacement, key)
+                break
+        out[key] = value.detach()
+    for key in [k for k in out if k.endswith(('conv.alpha', 'conv.beta'))]:
+        channels = out[key.rpartition('.')[0] + '.weight'].shape[0]
+        out[key] = out[key].reshape(-1).expand(channels).clone()
+    if 'stem.conv.weight' in out and 'stem.bn.running_var' not in out and 'stem.conv.bias' not in out:
+        out['stem.conv.bias'] = out['stem.conv.weight'].new_zeros(out['stem.conv.weight'].shape[0])
+    return out
+
+
+def _is_folded_state_dict(state_dict: Mapping[str, Any]) -> bool:
+    return 'stem.conv.bias' in state_dict and 'stem.bn.running_var' not in state_dict
+
+
+def fold_state_dict(state_dict: Mapping[str, torch.Tensor], eps: float = 1e-5) -> Dict[str, torch.Tensor]:
+    """ A train-form state dict folded: each Dirac kernel and BatchNorm into conv weight and bias (float64 math). """
+    out = dict(state_dict)
+    for key in [k for k in state_dict if k.endswith('bn.running_var')]:
+        conv, bn = key[:-len('bn.running_var')] + 'conv.', key[:-len('running_var')]
+        weight = out.pop(conv + 'weight')
+        kernel = weight.double()
+        if conv + 'alpha' in out:
+            kernel = dirac_kernel(kernel, out.pop(conv + 'alpha').double(), out.pop(conv + 'beta').double())
+        out[conv + 'weight'], out[conv + 'bias'] = fold_bn(
+            kernel, out.get(conv + 'bias'), out.pop(bn + 'running_mean'), out.pop(bn + 'running_var'), eps,
+            out.pop(bn + 'weight', None), out.pop(bn + 'bias', None), dtype=weight.dtype)
+        out.pop(bn + 'num_batches_tracked', None)
+    return out
+
+
+def unfold_state_dict(
+        state_dict: Mapping[str, torch.Tensor],
+        dirac: bool = True,
+        eps: float = 1e-5,
+) -> Dict[str, torch.Tensor]:
+    """ A folded state dict re-expressed exactly in the train form, so that folded weights can be fine-tuned: each
+    conv (Wf, bf) becomes alpha = 0, beta = ||Wf[o]||, W = Wf (Dirac layers, if `dirac`) and a BatchNorm of weight 1,
+    bias bf, mean 0 and variance 1 - eps. The stem conv keeps its weight; its bias moves to the stem BN. """
+    out = dict(state_dict)
+    for key in [k for k in state_dict if k.endswith('conv.bias')]:
+        prefix = key[:-len('conv.bias')]
+        weight, bias = state_dict[prefix + 'conv.weight'], out.pop(key)
+        channels, dtype = weight.shape[0], weight.dtype
+        if dirac and prefix != 'stem.':
+            out[prefix + 'conv.alpha'] = torch.zeros(channels, dtype=dtype)
+            out[prefix + 'conv.beta'] = torch.linalg.vector_norm(weight.double().flatten(1), dim=1).to(dtype)
+        out[prefix + 'bn.weight'] = torch.ones(channels, dtype=dtype)
+        out[prefix + 'bn.bias'] = bias
+        out[prefix + 'bn.running_mean'] = torch.zeros(channels, dtype=dtype)
+        out[prefix + 'bn.running_var'] = torch.full((channels,), 1. - eps, dtype=dtype)
+        out[prefix + 'bn.num_batches_tracked'] = torch.tensor(0)
+    return out
+
+
+def checkpoint_filter_fn(state_dict: Dict[str, Any], model: DiracNet) -> Dict[str, torch.Tensor]:
+    """ Bring a DiracNet checkpoint (ours in either form, the authors' folded or functional) into the keys and the
+    form (train or folded) of `model`. """
+    state_dict = clean_state_dict(state_dict)
+    if checkpoint_format(state_dict).startswith('authors'):
+        state_dict = convert_authors_checkpoint(state_dict)
+    if model.inference_mode and not _is_folded_state_dict(state_dict):
         return fold_state_dict(state_dict)
-    if not model_folded and is_folded_state_dict(state_dict):
-        dirac = any(name.endswith('conv.alpha') for name, _ in model.named_parameters())
+    if not model.inference_mode and _is_folded_state_dict(state_dict):
+        dirac = isinstance(model.stages[0].blocks[0].conv, DiracConvNd)
         return unfold_state_dict(state_dict, dirac=dirac)
     return state_dict
 
 
 def _create_diracnet(variant: str, pretrained: bool = False, **kwargs) -> DiracNet:
-    num_levels = 1 + len(get_style(kwargs.get('style', 'imagenet')).widths)
+    num_stages = len(kwargs.get('layers', (4, 4, 4, 4)))
     return build_model_with_cfg(
         DiracNet,
         variant,
         pretrained,
         pretrained_filter_fn=checkpoint_filter_fn,
-        feature_cfg=dict(flatten_sequential=True, out_indices=tuple(range(num_levels))),
+        feature_cfg=dict(flatten_sequential=True, out_indices=tuple(range(num_stages + 1))),
         **kwargs,
     )
 
@@ -485,12 +662,10 @@ default_cfgs = generate_default_cfgs({
         origin_url='https://github.com/szagoruyko/diracnets', license='unknown',
         notes=("The authors' folded v2 weights, downloaded from their address and converted on load.",)),
     'diracnet16_4_cifar.td_cifar10': _cifar_cfg(
-        hf_hub_id='timm-dirac/diracnet16_4_cifar.td_cifar10', license='apache-2.0',
-        label_names=('airplane', 'automobile', 'bird', 'cat', 'deer', 'dog', 'frog', 'horse', 'ship', 'truck'),
-        notes=('Trained by timm-dirac on CIFAR-10 (train split) in 112 min on a 2-core CPU: '
-               'train_configs/diracnet16_4_cifar10_cpu.yaml. 90.00% top-1 on the CIFAR-10 test split.',
-               'Until pushed to the Hub, pretrained=True loads the copy shipped in the timm-dirac package '
-               '(timm_dirac/assets/weights/diracnet16_4_cifar.td_cifar10), offline.')),
+        hf_hub_id='timm-dirac/diracnet16_4_cifar.td_cifar10', license='apache-2.0', label_names=CIFAR10_LABELS,
+        notes=('Trained by timm-dirac on the CIFAR-10 train split (all 50,000 images, no hold-out); '
+               '90.00% top-1 on the CIFAR-10 test split.',)),
+    'diracnet16_2_cifar': _cifar_cfg(),
     'diracnet28_10_cifar': _cifar_cfg(),
     'diracnet28_5_cifar': _cifar_cfg(),
     'diracnet34_1_cifar': _cifar_cfg(),
@@ -501,40 +676,54 @@ default_cfgs = generate_default_cfgs({
 @register_model
 def diracnet18(pretrained: bool = False, **kwargs) -> DiracNet:
     """ DiracNet-18 (ImageNet): 16 Dirac layers in stages of (4, 4, 4, 4), the shape of ResNet-18. """
-    return _create_diracnet('diracnet18', pretrained, **dict(dict(depth=18), **kwargs))
+    model_args = dict(layers=(4, 4, 4, 4))
+    return _create_diracnet('diracnet18', pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def diracnet34(pretrained: bool = False, **kwargs) -> DiracNet:
     """ DiracNet-34 (ImageNet): 32 Dirac layers in stages of (6, 8, 12, 6), the shape of ResNet-34. """
-    return _create_diracnet('diracnet34', pretrained, **dict(dict(depth=34), **kwargs))
+    model_args = dict(layers=(6, 8, 12, 6))
+    return _create_diracnet('diracnet34', pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def diracnet16_2_cifar(pretrained: bool = False, **kwargs) -> DiracNet:
+    """ DiracNet-16-2 (CIFAR, 32x32): 0.69M parameters. """
+    model_args = dict(layers=(4, 4, 4), channels=(32, 64, 128), stem_type='cifar')
+    return _create_diracnet('diracnet16_2_cifar', pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def diracnet16_4_cifar(pretrained: bool = False, **kwargs) -> DiracNet:
     """ DiracNet-16-4 (CIFAR, 32x32): the shape of WRN-16-4 without its skips, 2.7M parameters. """
-    return _create_diracnet('diracnet16_4_cifar', pretrained, **dict(dict(depth=16, width=4, style='cifar'), **kwargs))
+    model_args = dict(layers=(4, 4, 4), channels=(64, 128, 256), stem_type='cifar')
+    return _create_diracnet('diracnet16_4_cifar', pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def diracnet28_10_cifar(pretrained: bool = False, **kwargs) -> DiracNet:
     """ DiracNet-28-10 (CIFAR, 32x32): the shape and size of WRN-28-10 without its skips. """
-    return _create_diracnet('diracnet28_10_cifar', pretrained, **dict(dict(depth=28, width=10, style='cifar'), **kwargs))
+    model_args = dict(layers=(8, 8, 8), channels=(160, 320, 640), stem_type='cifar')
+    return _create_diracnet('diracnet28_10_cifar', pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def diracnet28_5_cifar(pretrained: bool = False, **kwargs) -> DiracNet:
     """ DiracNet-28-5 (CIFAR, 32x32). """
-    return _create_diracnet('diracnet28_5_cifar', pretrained, **dict(dict(depth=28, width=5, style='cifar'), **kwargs))
+    model_args = dict(layers=(8, 8, 8), channels=(80, 160, 320), stem_type='cifar')
+    return _create_diracnet('diracnet28_5_cifar', pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def diracnet34_1_cifar(pretrained: bool = False, **kwargs) -> DiracNet:
     """ DiracNet-34-1 (CIFAR, 32x32): 0.47M parameters. """
-    return _create_diracnet('diracnet34_1_cifar', pretrained, **dict(dict(depth=34, width=1, style='cifar'), **kwargs))
+    model_args = dict(layers=(10, 10, 10), channels=(16, 32, 64), stem_type='cifar')
+    return _create_diracnet('diracnet34_1_cifar', pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def diracnet34_2_cifar(pretrained: bool = False, **kwargs) -> DiracNet:
     """ DiracNet-34-2 (CIFAR, 32x32): 1.9M parameters. """
-    return _create_diracnet('diracnet34_2_cifar', pretrained, **dict(dict(depth=34, width=2, style='cifar'), **kwargs))
+    model_args = dict(layers=(10, 10, 10), channels=(32, 64, 128), stem_type='cifar')
+    return _create_diracnet('diracnet34_2_cifar', pretrained, **dict(model_args, **kwargs))

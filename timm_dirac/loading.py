@@ -1,29 +1,31 @@
-""" Model and image loading shared by `validate` and the deploy commands (`export-onnx`, `quantize`, `benchmark`).
+""" Loading weights and models for the commands (`validate`, `export-onnx`, `quantize`, `benchmark`, `convert`)
 
-Models come from a registry name (with or without its pretrained weights), a `local-dir:` / `hf-hub:` name, a
-checkpoint folder in the Hub layout or a weights file, in eval mode; images are the first N of a split read as
-`timm_dirac.data` reads it, in the model's own eval transform.
+Weight files are read by timm's `load_state_dict` with `weights_only=True` (never arbitrary unpickling) and refused in
+one line when truncated, corrupt or not finite; models come from a registry name (with or without its pretrained
+weights), a `local-dir:` / `hf-hub:` name, a checkpoint folder in the Hub layout or a weights file, in eval mode.
+Kept here rather than in a library: the refusals that say what is wrong with a file and how to get a good one.
 """
+import hashlib
+import json
 import os
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import torch
 import torch.nn as nn
 
 import timm
 from timm.data import resolve_model_data_config
+from timm.models import load_state_dict
 from timm.utils import reparameterize_model
 
-from ._timm_compat import resolve_pretrained_source
+from ._timm_compat import download_cached_file, resolve_pretrained_source
 from .assets import asset_path
-from .checkpoint_io import check_safetensors, load_checkpoint_file, read_config
 from .data import eval_transform, load_eval_split
 from .errors import first_sentence
-from .finite import check_weights
-from .layers import is_folded
 
-__all__ = ['default_data', 'load_model', 'is_folded', 'fold', 'load_images']
+__all__ = ['default_data', 'load_model', 'fold', 'load_images', 'load_checkpoint_file', 'check_weights',
+           'check_safetensors', 'read_config', 'file_sha256', 'is_release', 'local_file']
 
 MODEL_SOURCES = ('local-dir:', 'hf-hub:')  # model names that carry their own config and weights
 WEIGHT_SUFFIXES = ('.safetensors', '.pth', '.pth.tar', '.bin')  # the weights files timm's `local-dir:` loads
@@ -149,13 +151,12 @@ def load_model(
 
 
 def fold(model: nn.Module) -> nn.Module:
-    """ Reparameterize for inference in place: DiracNet's own `reparameterize()`, else timm's helper. Refuses a
-    result that is not finite (e.g. a BatchNorm variance below -eps). """
+    """ Reparameterize for inference in place with timm's `reparameterize_model` (a DiracNet's own `reparameterize()`
+    then records the folded form in its model args). Refuses a result that is not finite (e.g. a BatchNorm variance
+    below -eps). """
+    model = reparameterize_model(model, inplace=True).eval()
     if hasattr(model, 'reparameterize'):
         model.reparameterize()
-        model = model.eval()
-    else:
-        model = reparameterize_model(model, inplace=True).eval()
     check_weights(model.state_dict(), 'the folded model', floating=False)
     return model
 
@@ -168,3 +169,100 @@ def load_images(data: str, model: nn.Module, num: Optional[int] = 64, split: str
     dataset, _ = load_eval_split(data, split, eval_transform(resolve_model_data_config(model)))
     samples = [dataset[i] for i in range(len(dataset) if num is None else min(num, len(dataset)))]
     return torch.stack([image for image, _ in samples]), torch.tensor([int(label) for _, label in samples])
+
+
+INTEGER_KEYS = ('num_batches_tracked',)  # BatchNorm's step counter: the one integer tensor of a DiracNet
+
+
+def load_checkpoint_file(path: os.PathLike) -> Dict[str, Any]:
+    """ The state dict (or the authors' functional checkpoint dict) in a weights file, read by timm's
+    `load_state_dict` (`weights_only=True`; out of a training container, EMA weights first; keys cleaned). Errors name
+    the file and what to do. """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f'Checkpoint {path} does not exist.')
+    if path.stat().st_size == 0:
+        raise ValueError(f'{path} is empty (0 bytes): write or download the checkpoint again.')
+    if path.suffix == '.safetensors':
+        check_safetensors(path)
+    try:
+        checkpoint = load_state_dict(str(path), weights_only=True)
+    except Exception as e:
+        raise ValueError(
+            f'{path} could not be read as a checkpoint with torch.load(weights_only=True): {first_sentence(e)}. It '
+            f'may be truncated, corrupt, or a pickle that is not a tensor checkpoint (arbitrary pickles are never '
+            f'unpickled).') from e
+    if not isinstance(checkpoint, Mapping):
+        raise ValueError(f'Not a DiracNet checkpoint: {path} holds a {type(checkpoint).__name__}, not a dict of '
+                         f'tensors.')
+    return dict(checkpoint)
+
+
+def check_safetensors(file: os.PathLike) -> List[str]:
+    """ The tensor names in a safetensors file, reading only its header; a truncated or corrupt file is refused in
+    one line (the library's own error is obscure). """
+    from safetensors import safe_open
+
+    try:
+        with safe_open(file, framework='pt') as f:
+            return list(f.keys())
+    except Exception as e:  # safetensors raises its own error types, not OSError/ValueError
+        raise ValueError(f'{file} is not a readable safetensors file ({first_sentence(e)}); it may be truncated or '
+                         f'corrupt: download or write it again.') from e
+
+
+def read_config(folder: os.PathLike) -> Dict[str, Any]:
+    """ The config.json of a folder in the Hub layout; invalid JSON is refused in one line. """
+    config_file = Path(folder) / 'config.json'
+    try:
+        return json.loads(config_file.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f'{config_file} is not valid JSON ({e}); write the folder again.') from e
+
+
+def file_sha256(path: os.PathLike) -> str:
+    """ The SHA-256 of a file's bytes (hex), read in blocks: release files and training checkpoints are checked
+    by it. """
+    digest = hashlib.sha256()
+    with open(path, 'rb') as f:
+        for block in iter(lambda: f.read(1 << 20), b''):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def is_release(path: os.PathLike, url: Optional[str]) -> bool:
+    """ Whether the file at `path` is the one published at `url`: release file names carry a prefix of the file's
+    sha256 (`<name>-<hash prefix>.<ext>`, torch.hub's convention), checked here on the bytes. """
+    match = torch.hub.HASH_REGEX.search(os.path.basename(url or ''))
+    return bool(match) and file_sha256(path).startswith(match.group(1))
+
+
+def local_file(source: str) -> Path:
+    """ The local file of a path or URL (a URL is downloaded once into torch hub's cache); a failed download is
+    refused in one line that says how to use a copy downloaded by hand. """
+    if '://' not in source:
+        return Path(source)
+    try:
+        return Path(download_cached_file(source, check_hash=False, progress=True))
+    except OSError as e:  # urllib's URLError / HTTPError: no network, or no such file there
+        name = os.path.basename(source)
+        raise OSError(f'could not download {source} ({first_sentence(e)}): download {name} by hand where there is '
+                      f'network (e.g. in a browser) and pass its path instead of the URL, or copy it to '
+                      f'{os.path.join(torch.hub.get_dir(), "checkpoints", name)}.') from e
+
+
+def check_weights(state_dict: Mapping[str, torch.Tensor], source: str, floating: bool = True) -> None:
+    """ Refuse weights that are not finite (a diverged run), or (with `floating`, for DiracNet state dicts) integer
+    weights other than BatchNorm's step counter, which folding and the model would truncate; names `source`. """
+    if floating:
+        wrong = [(k, v.dtype) for k, v in state_dict.items() if isinstance(v, torch.Tensor)
+                 and not v.is_floating_point() and not k.endswith(INTEGER_KEYS)]
+        if wrong:
+            names = ', '.join(f'{k} ({str(dtype).replace("torch.", "")})' for k, dtype in wrong[:3])
+            raise ValueError(f'{source}: {len(wrong)} weight tensors are not floating point, e.g. {names}; '
+                             f'weights must be float32/float16/bfloat16: save them from the trained model as floats.')
+    bad = [k for k, v in state_dict.items() if isinstance(v, torch.Tensor) and v.is_floating_point()
+           and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise ValueError(f'{source}: {len(bad)} tensors hold NaN or infinite values (e.g. {", ".join(bad[:3])}); '
+                         f'these weights are broken (a diverged training run?): use an earlier checkpoint.')

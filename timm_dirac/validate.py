@@ -14,16 +14,55 @@ import math
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict
+from typing import Any, Callable, Dict, Iterable, Optional, Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from tqdm import tqdm
 
-__all__ = ['validate']
+__all__ = ['evaluate', 'validate']
 
 
 @torch.no_grad()
+def evaluate(
+        predict: Callable[[torch.Tensor], torch.Tensor],
+        batches: Iterable[Tuple[torch.Tensor, torch.Tensor]],
+        gather: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+        progress: bool = False,
+        desc: str = 'eval',
+) -> Dict[str, float]:
+    """ Top-1 / top-5 accuracy (%) and mean cross-entropy of `predict` (a batch of images -> logits) over
+    (images, labels) batches: the one evaluation of validate, training, quantize and the benchmarks.
+
+    `gather` collects the per-sample results of every rank (accelerate's `gather_for_metrics`, which also drops the
+    samples a sharded loader repeats to even out its last batch). A label the classifier does not have, an empty
+    dataset and non-finite logits are refused: no number is reported for them.
+    """
+    totals = torch.zeros(3, dtype=torch.float64)  # loss sum, top-1 hits, top-5 hits
+    count = 0
+    for images, labels in tqdm(batches, desc=desc, unit='batch', disable=not progress, file=sys.stderr, leave=False):
+        logits = predict(images)
+        labels = labels.to(logits.device)
+        if labels.numel() and not 0 <= int(labels.min()) <= int(labels.max()) < logits.shape[1]:
+            raise ValueError(f'The data has label {int(labels.max())} but the model has {logits.shape[1]} classes: '
+                             f'evaluate a model trained on this label set (or pass --num-classes).')
+        hits = logits.topk(min(5, logits.shape[1]), dim=1).indices == labels[:, None]
+        loss = F.cross_entropy(logits.float(), labels, reduction='none')
+        per_sample = torch.stack([loss, hits[:, 0], hits.any(1)], 1).double()
+        if gather is not None:
+            per_sample = gather(per_sample)
+        totals += per_sample.sum(0).cpu()
+        count += per_sample.shape[0]
+    if count == 0:
+        raise ValueError('The dataset is empty: check the path and the split.')
+    loss_sum, top1, top5 = totals.tolist()
+    if not math.isfinite(loss_sum):
+        raise ValueError(f'The model gave non-finite logits (loss {loss_sum}): its weights or inputs are broken; '
+                         f'no result is reported. Check the checkpoint (or use an earlier one).')
+    return dict(top1=100. * top1 / count, top5=100. * top5 / count, loss=loss_sum / count, count=count)
+
+
 def validate(
         model: nn.Module,
         dataset: torch.utils.data.Dataset,
@@ -33,35 +72,15 @@ def validate(
         progress: bool = True,
 ) -> Dict[str, Any]:
     """ Top-1 / top-5 accuracy (%) and mean cross-entropy of `model` (eval mode) over `dataset`. """
-    from timm.utils import accuracy
-    from tqdm import tqdm
-
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers, shuffle=False)
     model = model.eval().to(device)
-    count, correct1, correct5, loss_sum = 0, 0, 0, 0.
     start = time.perf_counter()
-    for images, targets in tqdm(loader, desc='validate', unit='batch', disable=not progress, file=sys.stderr):
-        images, targets = images.to(device), targets.to(device)
-        logits = model(images)
-        if int(targets.max()) >= logits.shape[1]:
-            raise ValueError(f'The dataset has label {int(targets.max())} but the model has {logits.shape[1]} '
-                             f'classes: validate a model trained on this label set (or pass --num-classes).')
-        loss_sum += F.cross_entropy(logits.float(), targets, reduction='sum').item()
-        n = targets.shape[0]
-        top1, top5 = accuracy(logits, targets, topk=(1, min(5, logits.shape[1])))  # percent of this batch
-        correct1 += round(top1.item() * n / 100)
-        correct5 += round(top5.item() * n / 100)
-        count += n
-    if count == 0:
-        raise ValueError('The dataset is empty: check the path and --split.')
-    if not math.isfinite(loss_sum):
-        raise ValueError(f'The model gave non-finite logits (loss {loss_sum}): its weights or inputs are broken; '
-                         f'no result is reported. Check the checkpoint (or use an earlier one).')
+    result = evaluate(lambda images: model(images.to(device)), loader, progress=progress, desc='validate')
     return dict(
-        samples=count,
-        top1=round(100. * correct1 / count, 3),
-        top5=round(100. * correct5 / count, 3),
-        loss=round(loss_sum / count, 5),
+        samples=result['count'],
+        top1=round(result['top1'], 3),
+        top5=round(result['top5'], 3),
+        loss=round(result['loss'], 5),
         seconds=round(time.perf_counter() - start, 2),
     )
 

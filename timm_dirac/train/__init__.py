@@ -36,10 +36,11 @@ from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.scheduler import create_scheduler_v2
 from timm.utils import ModelEmaV3, distribute_bn
 
-from ..data import TrainData, create_loaders, hub_dataset_id, is_test_split
+from ..data import hub_dataset_id, is_test_split
 from ..errors import run_refusing
-from ..finite import check_weights
-from ..qat import merge_qat, prepare_qat
+from ..loading import check_weights
+from ..deploy.qat import merge_qat, prepare_qat
+from .data import TrainData, create_loaders
 from .args import ConfigError, build_parser, check_args, parse_args
 from .checkpoints import (
     CheckpointError, complete_checkpoints, checkpoint_epoch, create_run_folder, find_resume_checkpoint,
@@ -332,7 +333,7 @@ def export(setup: Setup, args: argparse.Namespace, run_dir: Path, state: Dict[st
     from safetensors.torch import load_file
 
     from ..diracnet import DiracNet
-    from ..hub import save_hub_folder
+    from ..hub.folder import save_hub_folder
 
     accelerator, data = setup.accelerator, setup.data
     epoch = state['best'][0][1]

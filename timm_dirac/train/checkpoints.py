@@ -26,7 +26,7 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import torch
 
-from ..checkpoint_io import file_sha256
+from ..loading import file_sha256
 from ..errors import first_sentence
 
 __all__ = ['CheckpointError', 'MANIFEST', 'write_atomic', 'to_csv', 'create_run_folder', 'lock_run_folder',

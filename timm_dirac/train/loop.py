@@ -14,7 +14,7 @@ from timm.data import Mixup
 from timm.optim import create_optimizer_v2
 from timm.utils import ModelEmaV3, accuracy
 
-from ..precision import auto_precision
+from ..machine import auto_precision
 
 __all__ = ['pick_precision', 'make_accelerator', 'build_optimizer', 'train_one_epoch', 'evaluate', 'young_batchnorm']
 

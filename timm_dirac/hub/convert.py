@@ -5,18 +5,31 @@ The model's `checkpoint_filter_fn` does the conversion as timm loads the file; t
 names the classes, and gives the authors' release file (checked by its hash) its registered tag and credit.
 """
 import argparse
+import re
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Tuple
 
 import torch
 import torch.nn as nn
 
-from .checkpoint_io import is_release, load_checkpoint_file, local_file
-from .finite import check_weights
-from .labels import CIFAR10_LABELS, CIFAR100_LABELS
-from .state_dict import detect_format, to_timm_state_dict
+from ..diracnet import CIFAR10_LABELS, checkpoint_format, convert_authors_checkpoint
+from ..loading import check_weights, is_release, load_checkpoint_file, local_file
 
 __all__ = ['add_arguments', 'run']
+
+# the class names of the authors' CIFAR-100 checkpoints, in label order (torchvision's CIFAR-100 classes)
+CIFAR100_LABELS = (
+    'apple', 'aquarium_fish', 'baby', 'bear', 'beaver', 'bed', 'bee', 'beetle', 'bicycle', 'bottle', 'bowl', 'boy',
+    'bridge', 'bus', 'butterfly', 'camel', 'can', 'castle', 'caterpillar', 'cattle', 'chair', 'chimpanzee', 'clock',
+    'cloud', 'cockroach', 'couch', 'crab', 'crocodile', 'cup', 'dinosaur', 'dolphin', 'elephant', 'flatfish', 'forest',
+    'fox', 'girl', 'hamster', 'house', 'kangaroo', 'keyboard', 'lamp', 'lawn_mower', 'leopard', 'lion', 'lizard',
+    'lobster', 'man', 'maple_tree', 'motorcycle', 'mountain', 'mouse', 'mushroom', 'oak_tree', 'orange', 'orchid',
+    'otter', 'palm_tree', 'pear', 'pickup_truck', 'pine_tree', 'plain', 'plate', 'poppy', 'porcupine', 'possum',
+    'rabbit', 'raccoon', 'ray', 'road', 'rocket', 'rose', 'sea', 'seal', 'shark', 'shrew', 'skunk', 'skyscraper',
+    'snail', 'snake', 'spider', 'squirrel', 'streetcar', 'sunflower', 'sweet_pepper', 'table', 'tank', 'telephone',
+    'television', 'tiger', 'tractor', 'train', 'trout', 'tulip', 'turtle', 'wardrobe', 'whale', 'willow_tree', 'wolf',
+    'woman', 'worm')
+_LAYER_RE = re.compile(r'^stages\.(\d+)\.blocks\.(\d+)\.conv\.weight$')
 
 
 def authors_dataset(model: nn.Module) -> Optional[Tuple[str, Tuple[str, ...]]]:
@@ -36,25 +49,31 @@ def _classifier_size(state_dict: Mapping[str, Any]) -> Optional[int]:
     return int(weight.shape[0]) if isinstance(weight, torch.Tensor) else None
 
 
-def _check_shape(state_dict: Mapping[str, Any], source: str, model_name: str, model_kwargs: Dict[str, Any]) -> None:
-    """ Refuse a checkpoint of another DiracNet shape than `--model` builds, giving the exact `--model-kwargs` that
-    build its shape (the model's own error names the two shapes only). """
-    import timm
-    from .diracnet import STYLES
-    from .state_dict import stage_structure
+def stage_shape(state_dict: Mapping[str, Any]) -> Tuple[Tuple[int, ...], Tuple[int, ...]]:
+    """ (Dirac layers per stage, stage widths) of a state dict in our keys. """
+    layers: Dict[int, int] = {}
+    widths: Dict[int, int] = {}
+    for key, value in state_dict.items():
+        if m := _LAYER_RE.match(key):
+            stage, block = int(m[1]), int(m[2])
+            layers[stage] = max(layers.get(stage, 0), block + 1)
+            widths[stage] = value.shape[0]
+    return tuple(layers[s] for s in sorted(layers)), tuple(widths[s] for s in sorted(widths))
 
-    got = stage_structure(state_dict)
-    want = stage_structure(timm.create_model(model_name, device='meta', **model_kwargs).state_dict())
-    style_name, style = next(((n, s) for n, s in STYLES.items() if len(s.widths) == len(got[0])), (None, None))
-    if got == want or style is None:
-        return  # it fits, or no style has its stage count: the model's own error names the shapes
-    depth = style.depth(got[0])
-    try:
-        shape = f'depth={depth}' if style.layers(depth, style_name) == got[0] else None
-    except ValueError:
-        shape = None
-    kwargs = f"{shape or 'layers=' + str(got[0]).replace(' ', '')} width={got[1][0] / style.widths[0]:g}"
-    kwargs += f' style={style_name}' if len(got[0]) != len(want[0]) else ''
+
+def _check_shape(state_dict: Mapping[str, Any], source: str, model_name: str, model_kwargs: Dict[str, Any]) -> None:
+    """ Refuse a checkpoint of another DiracNet shape than `--model` builds, giving the `--model-kwargs` that build
+    its shape (a strict load would only list the mismatched tensors). """
+    import timm
+
+    got = stage_shape(state_dict)
+    model = timm.create_model(model_name, device='meta', **model_kwargs)
+    want = stage_shape(model.state_dict())
+    if got == want:
+        return
+    kwargs = f"layers={got[0]} channels={got[1]}".replace(' ', '').replace('channels', ' channels')
+    if len(got[0]) != len(want[0]):
+        kwargs += f" stem_type={'imagenet' if len(got[0]) == 4 else 'cifar'}"
     raise ValueError(f'{source} holds another DiracNet than {model_name}: Dirac layers per stage {got[0]} and stage '
                      f'widths {got[1]}, not {want[0]} and {want[1]}. Convert it with --model {model_name} '
                      f'--model-kwargs {kwargs}.')
@@ -67,7 +86,7 @@ def add_arguments(parser: argparse.ArgumentParser):
                                        'functional v2), read with weights_only=True')
     parser.add_argument('--model', required=True, help='architecture (optionally .tag), e.g. diracnet18')
     parser.add_argument('--model-kwargs', nargs='*', default={}, action=ParseKwargs, metavar='K=V',
-                        help='model shape, e.g. depth=28 width=2 (any CIFAR DiracNet-D-W) or layers=(2,2,2,2)')
+                        help='model shape, e.g. layers=(4,4,4) channels=(32,64,128) (DiracNet-16-2)')
     parser.add_argument('--num-classes', type=int, default=None,
                         help="classifier size (default: the checkpoint's, e.g. 100 for a CIFAR-100 file)")
     parser.add_argument('--out', required=True, help='output Hub folder (must not exist unless --overwrite)')
@@ -86,15 +105,20 @@ def run(args: argparse.Namespace) -> int:
     import timm
     from timm.models import get_pretrained_cfg
 
-    from .hub import save_hub_folder
+    from .folder import save_hub_folder
 
     if Path(args.out).exists() and not args.overwrite:
         raise FileExistsError(f'{args.out} already exists; nothing was written. Choose another --out, or pass '
                               f'--overwrite to replace it.')
     path = local_file(args.source)
     checkpoint = load_checkpoint_file(path)
-    fmt = detect_format(checkpoint)
-    state_dict = to_timm_state_dict(checkpoint)
+    fmt = checkpoint_format(checkpoint)
+    state_dict = convert_authors_checkpoint(checkpoint) if fmt.startswith('authors') else checkpoint
+    if 'stem.conv.weight' not in state_dict:
+        keys = ', '.join(list(checkpoint)[:8]) or 'no keys'
+        raise ValueError(f'{path.name} is not a DiracNet checkpoint: found {keys}. Expected a timm-dirac state dict '
+                         f'(stem.conv.weight, stages.*), an authors\' folded one (features.conv.weight, '
+                         f'features.group*, fc.*) or an authors\' functional checkpoint (a dict with params).')
     check_weights(state_dict, str(path))  # bad numbers are refused, never converted
     _check_shape(state_dict, path.name, args.model, args.model_kwargs)
     folded = fmt.endswith('folded') if args.form == 'auto' else args.form == 'folded'
@@ -113,7 +137,7 @@ def run(args: argparse.Namespace) -> int:
 
     authors = authors_dataset(model) if fmt.startswith('authors') else None
     if args.dataset:
-        from .data import hub_dataset_id, label_names
+        from ..data import hub_dataset_id, label_names
         dataset, labels = hub_dataset_id(args.dataset), label_names(args.dataset)
     elif authors:
         dataset, labels = authors

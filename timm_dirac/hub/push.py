@@ -3,8 +3,8 @@ Face Hub with the user's usual credentials (`hf auth login` or `HF_TOKEN`). """
 import argparse
 from pathlib import Path
 
-from .errors import first_sentence
-from .hub import HUB_NAMESPACE, push_hub_folder
+from ..errors import first_sentence
+from .folder import HUB_NAMESPACE, push_hub_folder
 
 __all__ = ['add_arguments', 'run']
 

@@ -28,7 +28,8 @@ import torch
 from .backends import BACKENDS, Backend, Runner, Setup, backend_names, get_backends
 from .backends import onnxruntime as ort_backend
 from .benchmark import machine_info
-from .loading import default_data, fold, is_folded, load_images, load_model
+from ..diracify import is_folded
+from ..loading import default_data, fold, load_images, load_model
 from .timing import time_interleaved
 
 METHODS = ('minmax', 'percentile', 'entropy')

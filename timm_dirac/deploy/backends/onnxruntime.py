@@ -26,8 +26,8 @@ import torch
 import torch.nn as nn
 
 from ..dirac_tap import chain_dirac_taps, split_dirac_taps
-from ..diracnet import DiracBlock
-from ..layers import is_folded
+from ...diracify import is_folded
+from ...diracnet import DiracBlock
 from ._registry import Runner, Setup, register_backend
 
 __all__ = ['ALLOWED_OPS', 'DEFAULT_TOLERANCE', 'ONNX_FLOWS', 'export_onnx', 'relu_before_maxpool', 'op_types',

@@ -38,7 +38,7 @@ from typing import List, Tuple
 import torch
 import torch.nn as nn
 
-from .diracnet import DiracBlock
+from ..diracnet import DiracBlock
 
 __all__ = ['SplitDiracConv', 'IdentityDiracConv', 'split_dirac_taps', 'chain_dirac_taps', 'centre_tap_ratio',
            'diagonal_centre']

@@ -22,8 +22,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 
-from .checkpoint_io import check_safetensors, read_config
-from .layers import is_folded
+from ..loading import check_safetensors, read_config
+from ..diracify import is_folded
 
 __all__ = [
     'HUB_NAMESPACE', 'REPORTED_RESULTS', 'REPO_ID_PLACEHOLDER', 'save_hub_folder', 'push_hub_folder',

@@ -13,7 +13,7 @@ import torch.nn as nn
 from torch.nn.utils import parametrize
 
 from .dirac_tap import SplitDiracConv, diagonal_centre, split_dirac_taps
-from .loading import fold
+from ..loading import fold
 
 __all__ = ['WeightFakeQuant', 'prepare_qat', 'merge_qat']
 

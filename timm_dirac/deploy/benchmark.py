@@ -30,9 +30,9 @@ from timm.utils import reparameterize_model
 
 from .backends import Setup, backend_names, get_backends
 from .backends.torch_eager import PRECISIONS
-from .hub import REPORTED_RESULTS
-from .loading import default_data, load_images
-from .precision import cpu_flags
+from ..hub.folder import REPORTED_RESULTS
+from ..loading import default_data, load_images
+from ..machine import cpu_flags
 from .timing import time_interleaved
 
 TIMM_RESULTS = ('timm ImageNet-1k validation results, huggingface/pytorch-image-models '

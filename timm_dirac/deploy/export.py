@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 
 from .backends.onnxruntime import DEFAULT_TOLERANCE, REQUIRES, check_graph_ops, export_onnx, verify_onnx
-from .loading import MODEL_SOURCES, default_data, fold, load_images, load_model
+from ..loading import MODEL_SOURCES, default_data, fold, load_images, load_model
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
