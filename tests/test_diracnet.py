@@ -8,11 +8,9 @@ import torch
 import torch.nn as nn
 
 import timm_dirac
-from timm_dirac import DiracNet, checkpoint_filter_fn, fold_state_dict, unfold_state_dict
-from timm_dirac.diracnet import STYLES, DiracStyle, dirac_layers
-
+from timm_dirac import DiracNet, fold_state_dict, unfold_state_dict
+from timm_dirac.diracnet import checkpoint_format
 from timm_dirac.loading import load_checkpoint_file
-from timm_dirac.diracnet import detect_format
 
 from authors_format import (
     NETS, authors_checkpoint, functional_forward, make_functional_params, params_epoch_optimizer_layout,
@@ -20,18 +18,40 @@ from authors_format import (
 
 SMALL_INPUT = {'imagenet': (3, 64, 64), 'cifar': (3, 32, 32)}
 
-# trainable parameters with the default heads (1000 classes ImageNet, 10 classes CIFAR), as the authors count them;
-# diracnet16_4_cifar by hand with the rule that reproduces the authors' CIFAR counts (3x3 weights + alpha, beta, BN
-# per layer, a stem conv + BN, a linear head)
-PARAM_COUNTS = {
+# (Dirac layers per stage, stage widths, stem kernel) of each registered net, from the paper's definitions:
+# DiracNet-18/34 have ResNet-18/34's conv layout; DiracNet-D-W has WRN-D-W's: 3 stages of (D - 4) / 3 layers,
+# widths (16, 32, 64) * W
+SHAPES = {
+    'diracnet18': ((4, 4, 4, 4), (64, 128, 256, 512), 7),
+    'diracnet34': ((6, 8, 12, 6), (64, 128, 256, 512), 7),
+    'diracnet16_2_cifar': ((4, 4, 4), (32, 64, 128), 3),
+    'diracnet16_4_cifar': ((4, 4, 4), (64, 128, 256), 3),
+    'diracnet28_10_cifar': ((8, 8, 8), (160, 320, 640), 3),
+    'diracnet28_5_cifar': ((8, 8, 8), (80, 160, 320), 3),
+    'diracnet34_1_cifar': ((10, 10, 10), (16, 32, 64), 3),
+    'diracnet34_2_cifar': ((10, 10, 10), (32, 64, 128), 3),
+}
+# trainable parameters the authors publish (train form, and folded where they publish it), default heads
+PUBLISHED_COUNTS = {
     'diracnet18': (11_523_368, 11_511_784),
     'diracnet34': (21_638_952, 21_616_232),
-    'diracnet16_4_cifar': (2_739_530, None),
     'diracnet28_10_cifar': (36_450_090, None),
     'diracnet28_5_cifar': (9_124_250, None),
     'diracnet34_1_cifar': (466_394, None),
     'diracnet34_2_cifar': (1_854_378, None),
 }
+
+
+def expected_params(layers, widths, stem_kernel, num_classes, folded=False):
+    """ Parameters counted by hand: per 3x3 layer its weight, alpha and beta and BN weight and bias (train form) or
+    its weight and bias (folded); the stem conv with its BN (or bias); the linear head. """
+    count = widths[0] * 3 * stem_kernel ** 2 + (1 if folded else 2) * widths[0]
+    in_chs = widths[0]
+    for num, width in zip(layers, widths):
+        for _ in range(num):
+            count += width * in_chs * 9 + (1 if folded else 4) * width
+            in_chs = width
+    return count + in_chs * num_classes + num_classes
 
 
 def num_params(model: nn.Module) -> int:
@@ -79,18 +99,21 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def test_plugin_registers_the_family():
-    assert set(PARAM_COUNTS) <= set(timm.list_models('diracnet*'))
+    assert set(SHAPES) <= set(timm.list_models('diracnet*'))
 
 
-@pytest.mark.parametrize('name', PARAM_COUNTS)
-def test_parameter_counts_match_the_authors(name):
-    train_count, folded_count = PARAM_COUNTS[name]
+@pytest.mark.parametrize('name', SHAPES)
+def test_each_net_has_the_papers_shape_and_parameter_count(name):
+    layers, widths, stem_kernel = SHAPES[name]
     model = timm.create_model(name)
-    assert num_params(model) == train_count
-    if folded_count is not None:
-        assert num_params(timm.create_model(name, inference_mode=True)) == folded_count
-        model.eval().reparameterize()
-        assert num_params(model) == folded_count
+    assert tuple(len(s.blocks) for s in model.stages) == layers
+    assert tuple(s.blocks[0].conv.out_channels for s in model.stages) == widths
+    assert model.stem.conv.kernel_size == (stem_kernel, stem_kernel)
+    assert num_params(model) == expected_params(layers, widths, stem_kernel, model.num_classes)
+    folded = timm.create_model(name, inference_mode=True)
+    assert num_params(folded) == expected_params(layers, widths, stem_kernel, model.num_classes, folded=True)
+    published, published_folded = PUBLISHED_COUNTS.get(name, (None, None))
+    assert published in (None, num_params(model)) and published_folded in (None, num_params(folded))
 
 
 @pytest.mark.parametrize('name,layers', [('diracnet18', (4, 4, 4, 4)), ('diracnet34', (6, 8, 12, 6)),
@@ -123,32 +146,41 @@ def test_downsampling_is_max_pooling_between_stages():
     assert [f.shape[-1] for f in feats] == [112, 56, 28, 14, 7]
 
 
-@pytest.mark.parametrize('depth,layers', [(10, (2, 2, 2)), (40, (12, 12, 12)), (100, (32, 32, 32))])
-def test_any_valid_cifar_depth_builds(depth, layers):
-    model = timm.create_model('diracnet34_1_cifar', depth=depth, width=2)
+@pytest.mark.parametrize('layers', [(2, 2, 2), (12, 12, 12), (32, 32, 32)])
+def test_any_cifar_depth_builds_from_layers_and_channels(layers):
+    """ DiracNet-D-2 for D = 10, 40, 100: the depth and width of the family are the model's arguments. """
+    model = timm.create_model('diracnet34_1_cifar', layers=layers, channels=(32, 64, 128))
     assert tuple(len(s.blocks) for s in model.stages) == layers
     assert [f['num_chs'] for f in model.feature_info] == [32, 32, 64, 128]
     assert model(torch.randn(1, 3, 32, 32)).shape == (1, 10)
 
 
-def test_layers_override_depth():
-    model = timm.create_model('diracnet18', layers=(1, 2, 3, 1), width=0.5)
-    assert tuple(len(s.blocks) for s in model.stages) == (1, 2, 3, 1)
-    assert model.num_features == 256
+def test_any_number_of_stages_builds_and_folds():
+    """ A two-stage net is data too: it builds, gives one feature level per stage, and folds exactly. """
+    kwargs = dict(layers=(2, 2), channels=(8, 16), stem_type='cifar')
+    model = randomize(timm.create_model('diracnet34_1_cifar', **kwargs))
+    x = torch.randn(2, 3, 32, 32)
+    features = timm.create_model('diracnet34_1_cifar', features_only=True, **kwargs)(x)
+    assert [f.shape[1] for f in features] == [8, 8, 16]  # stem, then each stage
+    with torch.no_grad():
+        out = model(x)
+        model.reparameterize()
+        assert rel_err(model(x), out) < 1e-5
 
 
-@pytest.mark.parametrize('name,depth,valid', [('diracnet34_1_cifar', 30, '10, 16, 22, 28, 34'),
-                                              ('diracnet18', 50, '[18, 34]')])
-def test_invalid_depth_lists_the_valid_ones(name, depth, valid):
-    with pytest.raises(ValueError, match=valid.replace('[', r'\[').replace(']', r'\]')):
-        timm.create_model(name, depth=depth)
+@pytest.mark.parametrize('kwargs,match', [(dict(layers=(2, 2), channels=(8, 16, 32)), 'one positive layer count'),
+                                          (dict(layers=(2, 0, 2)), 'one positive layer count'),
+                                          (dict(stem_type='wide'), "stem_type 'wide'")])
+def test_inconsistent_shapes_are_refused_naming_the_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        timm.create_model('diracnet34_1_cifar', **kwargs)
 
 
 def test_without_dirac_switch_builds_the_plain_baseline():
     model = timm.create_model('diracnet34_1_cifar', dirac=False)
     assert not any(isinstance(m, timm_dirac.DiracConv2d) for m in model.modules())
     alpha_beta = 2 * 10 * (16 + 32 + 64)  # one alpha and one beta per channel of each of the 30 Dirac layers
-    assert num_params(model) == PARAM_COUNTS['diracnet34_1_cifar'][0] - alpha_beta
+    assert num_params(model) == PUBLISHED_COUNTS['diracnet34_1_cifar'][0] - alpha_beta
     model = randomize(model)
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
@@ -175,7 +207,7 @@ FOLDED_TYPES = (nn.Conv2d, nn.ReLU, nn.MaxPool2d, nn.AdaptiveAvgPool2d, nn.Linea
 
 
 @pytest.mark.parametrize('name', [pytest.param(n, marks=pytest.mark.slow) if n == 'diracnet28_10_cifar' else n
-                                  for n in PARAM_COUNTS])  # 36M parameters: ~6 s on 2 cores
+                                  for n in SHAPES])  # 36M parameters: ~6 s on 2 cores
 def test_folding_keeps_eval_outputs_and_leaves_a_plain_chain(name):
     model = randomize(timm.create_model(name))
     x = torch.randn(2, *SMALL_INPUT[style_of(model)])
@@ -240,7 +272,7 @@ def test_the_other_form_loads_through_timm_and_plain_load_state_dict_refuses_it(
 
 
 def test_folded_model_scripts_traces_and_exports():
-    model = randomize(timm.create_model('diracnet34_1_cifar', depth=10))
+    model = randomize(timm.create_model('diracnet34_1_cifar', layers=(2, 2, 2)))
     model.reparameterize()
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
@@ -251,14 +283,14 @@ def test_folded_model_scripts_traces_and_exports():
 
 
 def test_train_form_traces_with_plain_torch_fx():
-    model = randomize(timm.create_model('diracnet34_1_cifar', depth=10))
+    model = randomize(timm.create_model('diracnet34_1_cifar', layers=(2, 2, 2)))
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(torch.fx.symbolic_trace(model)(x), model(x))
 
 
 def test_model_folded_after_creation_round_trips_through_save_for_hf(tmp_path):
-    model = randomize(timm.create_model('diracnet34_1_cifar', depth=16))
+    model = randomize(timm.create_model('diracnet34_1_cifar', layers=(4, 4, 4)))
     model.reparameterize()
     timm.models.save_for_hf(model, tmp_path / 'folded', safe_serialization=True)
     loaded = timm.create_model(f'local-dir:{tmp_path / "folded"}', pretrained=True).eval()
@@ -269,7 +301,7 @@ def test_model_folded_after_creation_round_trips_through_save_for_hf(tmp_path):
 
 
 def test_grad_checkpointing_keeps_outputs_and_gradients():
-    model = timm.create_model('diracnet34_1_cifar', depth=10)
+    model = timm.create_model('diracnet34_1_cifar', layers=(2, 2, 2))
     x = torch.randn(2, 3, 32, 32)
     reference = copy.deepcopy(model)
     model.set_grad_checkpointing()
@@ -279,39 +311,6 @@ def test_grad_checkpointing_keeps_outputs_and_gradients():
     ref.sum().backward()
     torch.testing.assert_close(model.stem.conv.weight.grad, reference.stem.conv.weight.grad)
 
-
-@pytest.mark.parametrize('style', sorted(STYLES))
-def test_a_style_is_data_read_by_the_model(style):
-    """ Each style's widths, stem and depth rule build the net: the depth named by the layers round-trips. """
-    cfg = STYLES[style]
-    depth = min(cfg.depth_table) if cfg.depth_table else 2 * len(cfg.widths) + cfg.depth_extra
-    model = timm.create_model('diracnet18' if style == 'imagenet' else 'diracnet34_1_cifar', depth=depth, style=style)
-    layers = tuple(len(s.blocks) for s in model.stages)
-    assert cfg.depth(layers) == depth and layers == dirac_layers(depth, style)
-    assert [s.blocks[0].conv.out_channels for s in model.stages] == list(cfg.widths)
-    assert model.stem.conv.kernel_size == (cfg.stem_kernel,) * 2
-    assert model.feature_info[0]['reduction'] == (2 if cfg.stem_downsample else 1)
-    with pytest.raises(ValueError, match=f'{style} style'):
-        dirac_layers(depth + 1, style)
-
-
-
-def test_a_new_style_is_one_entry_in_styles(monkeypatch):
-    """ A two-stage style added to STYLES builds, folds exactly, gives its feature levels, and a checkpoint of it
-    loaded into another DiracNet gets an error naming both shapes. """
-    monkeypatch.setitem(STYLES, 'tiny', DiracStyle(widths=(8, 16), stem_kernel=3, stem_downsample=False,
-                                                   depth_extra=2))
-    model = randomize(timm.create_model('diracnet34_1_cifar', style='tiny', depth=6)).eval()
-    assert [len(s.blocks) for s in model.stages] == [2, 2] and model.stages[1].blocks[0].conv.out_channels == 16
-    x = torch.randn(2, 3, 32, 32)
-    features = timm.create_model('diracnet34_1_cifar', style='tiny', depth=6, features_only=True)(x)
-    assert [f.shape[1] for f in features] == [8, 8, 16]  # stem, then each stage
-    with torch.no_grad():
-        out = model(x)
-        model.reparameterize()
-        assert rel_err(model(x), out) < 1e-5
-    with pytest.raises(ValueError, match=r'layers per stage \(2, 2\) and stage widths \(8, 16\).*\(10, 10, 10\)'):
-        checkpoint_filter_fn(model.state_dict(), timm.create_model('diracnet34_1_cifar', device='meta'))
 
 # Loading: `checkpoint_filter_fn` brings the authors' formats and ours into the model's form
 
@@ -324,7 +323,7 @@ def test_authors_checkpoint_loads_through_timm(tmp_path, net, layout, legacy_zip
     path = tmp_path / 'authors.pth'
     torch.save(ckpt, path, _use_new_zipfile_serialization=not legacy_zip)
     expected_fmt = 'authors_folded' if layout == 'folded' else 'authors_functional'
-    assert detect_format(load_checkpoint_file(path)) == expected_fmt
+    assert checkpoint_format(load_checkpoint_file(path)) == expected_fmt
 
     x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
@@ -349,12 +348,12 @@ def test_folded_checkpoint_unfolds_exactly_and_fine_tunes():
     assert model.stages[1].blocks[3].conv.beta.grad.abs().sum() > 0
 
 
-def test_a_checkpoint_of_another_shape_names_both_shapes():
-    """ A diracnet34 checkpoint given for diracnet18: the error names the model and both shapes. """
+def test_a_checkpoint_of_another_shape_is_refused_by_the_strict_load():
+    """ A diracnet34 checkpoint given for diracnet18: timm's strict load names the keys that do not fit. """
     params = make_functional_params((6, 8, 12, 6), (64, 128, 256, 512), empty=True)
-    model = timm.create_model('diracnet18', device='meta')
-    with pytest.raises(ValueError, match=r'another DiracNet.*\(6, 8, 12, 6\).*diracnet18 has \(4, 4, 4, 4\)'):
-        checkpoint_filter_fn(params_epoch_optimizer_layout(params), model)
+    with pytest.raises(RuntimeError, match=r'Unexpected key.*stages\.0\.blocks\.4'):
+        timm.create_model('diracnet18', pretrained=True,
+                          pretrained_cfg_overlay=dict(state_dict=params_epoch_optimizer_layout(params)))
 
 
 def test_a_classifier_loads_when_the_pretrained_cfg_says_its_size(tmp_path):

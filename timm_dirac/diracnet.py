@@ -14,6 +14,7 @@ WRN-D-W) differ only in their stem, `layers` and `channels`. `checkpoint_filter_
 functional checkpoints, and either form (train or folded) of ours into either form of the model.
 """
 import re
+from collections import OrderedDict
 from functools import partial
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
@@ -270,9 +271,10 @@ class DiracStage(nn.Module):
         return self.blocks(x)
 
 
-class DiracStem(nn.Module):
+class DiracStem(nn.Sequential):
     """ conv -> BatchNorm (-> 3x3/2 max-pool, ImageNet). The authors' CIFAR stem also ends in a ReLU, which the first
-    Dirac layer's ReLU applies, so it is left out (same function). """
+    Dirac layer's ReLU applies, so it is left out (same function). A Sequential, so that timm's feature extraction
+    taps the stem after its BatchNorm. """
 
     def __init__(
             self,
@@ -285,12 +287,13 @@ class DiracStem(nn.Module):
             device=None,
             dtype=None,
     ):
-        super().__init__()
         dd = dict(device=device, dtype=dtype)
-        self.conv = nn.Conv2d(
-            in_chs, out_chs, kernel_size, stride=stride, padding=kernel_size // 2, bias=inference_mode, **dd)
-        self.bn = nn.Identity() if inference_mode else nn.BatchNorm2d(out_chs, **dd)
-        self.pool = nn.MaxPool2d(3, stride=2, padding=1) if pool else nn.Identity()
+        super().__init__(OrderedDict(
+            conv=nn.Conv2d(
+                in_chs, out_chs, kernel_size, stride=stride, padding=kernel_size // 2, bias=inference_mode, **dd),
+            bn=nn.Identity() if inference_mode else nn.BatchNorm2d(out_chs, **dd),
+            pool=nn.MaxPool2d(3, stride=2, padding=1) if pool else nn.Identity(),
+        ))
 
     @torch.no_grad()
     def reparameterize(self):
@@ -299,9 +302,6 @@ class DiracStem(nn.Module):
             return
         self.conv = _folded_conv(self.conv, self.conv.weight, self.bn)
         self.bn = nn.Identity()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.pool(self.bn(self.conv(x)))
 
 
 # (stem kernel, stem stride, stem max-pool) of the two stems: ImageNet's 7x7/2 + 3x3/2 pool, CIFAR's 3x3/1

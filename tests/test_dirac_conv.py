@@ -134,7 +134,7 @@ def test_fold_bn_matches_eval_batchnorm():
             t.normal_()
         bn.running_var.uniform_(0.5, 2.)
     x = torch.randn(2, 3, 8, 8)
-    weight, bias = fold_bn(conv.weight, conv.bias, bn)
+    weight, bias = fold_bn(conv.weight, conv.bias, bn.running_mean, bn.running_var, bn.eps, bn.weight, bn.bias)
     torch.testing.assert_close(F.conv2d(x, weight, bias, padding=1), bn(conv(x)), rtol=1e-5, atol=1e-5)
 
 
