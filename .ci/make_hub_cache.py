@@ -1,72 +1,89 @@
-""" Build offline weight caches so every diracnet* pretrained tag loads through timm's real code paths in CI.
+""" Offline weight caches, so that every diracnet* pretrained tag loads through timm's real code paths in CI (timm's
+tests/test_models.py over the model file inside timm's source tree, .ci/timm_tree.sh) with no network:
 
-The real weights cannot be downloaded in CI, so each source gets a synthetic stand-in with the real keys and shapes:
-- tags with a `url` (the authors' folded files): a synthetic authors'-format file under the url's file name in
-  the torch hub cache (`<torch-home>/hub/checkpoints/`), which timm's url loader reads instead of downloading;
-- tags with an `hf_hub_id` (weights this project trains): the Hub folder shipped in the package
-  (`timm_dirac/assets/weights/<model>.<tag>`) when present, else a synthetic authors' functional checkpoint of the
-  same architecture converted by `timm-dirac convert`, placed in a Hugging Face cache in the Hub's layout
+- a tag with a `url` (the authors' folded ImageNet files, not downloadable here): a stand-in with the real keys and
+  shapes (a random model, folded, under the authors' key names) at the url's file name in the torch hub cache
+  (`<torch-home>/hub/checkpoints/`), which timm's url loader reads instead of downloading, and converts on load as it
+  does the real file;
+- a tag with an `hf_hub_id`: the Hub folder shipped in the package (`timm_dirac/assets/weights/<model>.<tag>`), else
+  a random model's folder (`timm.models.save_for_hf`), in a Hugging Face cache in the Hub's layout
   (`models--<ns>--<name>/refs/main` + `snapshots/<commit>/`).
 
-Usage: python .ci/make_hub_cache.py --torch-home DIR --hf-cache DIR
-then run with TORCH_HOME=DIR HF_HUB_CACHE=DIR HF_HUB_OFFLINE=1.
+Usage: python .ci/make_hub_cache.py --torch-home DIR --hf-cache DIR, then run with TORCH_HOME=DIR HF_HUB_CACHE=DIR
+HF_HUB_OFFLINE=1. Needs the package installed (`pip install -e .`). The tests fill their Hugging Face caches with
+this file's `add_to_hf_cache` (tests/authors_format.py loads it).
 """
 import argparse
 import os
+import re
+import shutil
 import sys
 import tempfile
 from pathlib import Path
+from typing import Dict, List, Optional
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / 'tests')]
+import timm
+import torch
 
-import timm  # noqa: E402
-import torch  # noqa: E402
+import timm_dirac  # noqa: F401  registers the diracnet* models
+from timm_dirac.assets import asset_path
 
-import timm_dirac  # noqa: E402,F401
-from timm_dirac.assets import asset_path  # noqa: E402
-from timm_dirac.diracnet import STYLES  # noqa: E402
-from timm_dirac.cli import main as cli_main  # noqa: E402
+# our folded keys -> the authors' (the inverse of the conversion in diracnet.py)
+_TO_AUTHORS_KEYS = [
+    (r'^stem\.conv\.', 'features.conv.'),
+    (r'^stages\.(\d+)\.blocks\.(\d+)\.conv\.', r'features.group\1.block\2.conv.'),
+    (r'^head\.fc\.', 'fc.'),
+]
 
-from authors_format import (  # noqa: E402
-    add_to_hf_cache, fold_functional, make_functional_params, params_epoch_optimizer_layout)
+
+def authors_folded_stand_in(model_name: str, seed: int = 0) -> Dict[str, torch.Tensor]:
+    """ A state dict in the layout of the authors' folded files (`features.conv.*`, `features.group{g}.block{b}.conv.*`,
+    `fc.*`) for the architecture of `model_name`, with random weights. """
+    torch.manual_seed(seed)
+    state_dict = timm.create_model(model_name, inference_mode=True).state_dict()
+    out = {}
+    for key, value in state_dict.items():
+        for pattern, replacement in _TO_AUTHORS_KEYS:
+            key = re.sub(pattern, replacement, key)
+        out[key] = value
+    return out
 
 
-def _structure(model_name: str):
-    """ (layers, widths, style, classes) of a registered DiracNet, read from a meta-device instance. """
-    model = timm.create_model(model_name, device='meta')
-    layers = tuple(len(s.blocks) for s in model.stages)
-    widths = tuple(s.blocks[0].conv.out_channels for s in model.stages)
-    style = next(name for name, style in STYLES.items() if len(style.widths) == len(layers))
-    return layers, widths, style, model.num_classes
+def add_to_hf_cache(folder: os.PathLike, repo_id: str, cache_dir: os.PathLike, commit: str = 'a' * 40) -> Path:
+    """ Put the files of `folder` into a Hugging Face Hub cache in the Hub's layout (refs/main -> snapshot), where
+    `hf_hub_download` finds them offline (huggingface_hub has no public call that caches local files). """
+    repo = Path(cache_dir) / ('models--' + repo_id.replace('/', '--'))
+    snapshot = repo / 'snapshots' / commit
+    snapshot.mkdir(parents=True, exist_ok=True)
+    (repo / 'refs').mkdir(exist_ok=True)
+    (repo / 'refs' / 'main').write_text(commit)
+    for f in Path(folder).iterdir():
+        shutil.copy2(f, snapshot / f.name)
+    return snapshot
 
 
 def cache_weights(name: str, cfg, checkpoints: Path, hf_cache: Path) -> str:
-    """ Put a synthetic stand-in for the weights of pretrained tag `name` (cfg `cfg`) where timm will look. """
-    layers, widths, style, classes = _structure(name.split('.')[0])
-    params = make_functional_params(layers, widths, style, classes, seed=len(name))
+    """ Put the weights of pretrained tag `name` (cfg `cfg`), or a stand-in, where timm looks for them. """
     shipped = asset_path(f'weights/{name}')  # the project's own weights, shipped as a Hub folder
     if cfg.hf_hub_id and shipped.is_dir():
         add_to_hf_cache(shipped, cfg.hf_hub_id, hf_cache)
-        return f'Hugging Face cache {cfg.hf_hub_id} (from the shipped {shipped.name})'
+        return f'Hugging Face cache {cfg.hf_hub_id} (the shipped {shipped.name})'
     if cfg.hf_hub_id:
         with tempfile.TemporaryDirectory() as tmp:
-            src, out = Path(tmp) / 'checkpoint.pth', Path(tmp) / 'hub'
-            torch.save(params_epoch_optimizer_layout(params), src)
-            cli_main(['convert', str(src), '--model', name, '--out', str(out)])
-            add_to_hf_cache(out, cfg.hf_hub_id, hf_cache)
-        return f'Hugging Face cache {cfg.hf_hub_id}'
+            torch.manual_seed(0)
+            timm.models.save_for_hf(timm.create_model(name), tmp, safe_serialization=True)
+            add_to_hf_cache(tmp, cfg.hf_hub_id, hf_cache)
+        return f'Hugging Face cache {cfg.hf_hub_id} (random stand-in)'
     path = checkpoints / os.path.basename(cfg.url)
-    if not path.exists():
-        torch.save(fold_functional(params), path)
-    return f'torch hub cache {path}'
+    torch.save(authors_folded_stand_in(name), path)
+    return f'torch hub cache {path} (random stand-in in the authors\' folded layout)'
 
 
-def main() -> int:
+def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument('--torch-home', required=True, type=Path)
-    parser.add_argument('--hf-cache', required=True, type=Path)
-    args = parser.parse_args()
+    parser.add_argument('--torch-home', required=True, type=Path, help='TORCH_HOME of the run (hub/checkpoints/)')
+    parser.add_argument('--hf-cache', required=True, type=Path, help='HF_HUB_CACHE of the run')
+    args = parser.parse_args(argv)
     checkpoints = args.torch_home / 'hub' / 'checkpoints'
     checkpoints.mkdir(parents=True, exist_ok=True)
     args.hf_cache.mkdir(parents=True, exist_ok=True)

@@ -2,10 +2,14 @@
 
 Written from the formulas and the released files' key layout, not from the authors' code, so the conversion is
 checked against an independent formulation: functional params -> functional forward; folded state dict -> plain
-conv chain.
+conv chain. (`add_to_hf_cache` is .ci/make_hub_cache.py's, the one copy CI fills its caches with.)
 """
+import functools
+import importlib.util
+from pathlib import Path
 from typing import Dict, Sequence
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -157,19 +161,21 @@ def write_authors_folded_file(path, model_name: str, seed: int = 0) -> Dict[str,
     return folded
 
 
-def add_to_hf_cache(folder, repo_id: str, cache_dir, commit: str = 'a' * 40):
-    """ Put the files of `folder` into a Hugging Face Hub cache in the Hub's layout (refs/main -> snapshot). """
-    import shutil
-    from pathlib import Path
+@functools.cache
+def make_hub_cache():
+    """ .ci/make_hub_cache.py as a module (the test is skipped where the checkout has no .ci/). """
+    path = Path(__file__).resolve().parents[1] / '.ci' / 'make_hub_cache.py'
+    if not path.is_file():
+        pytest.skip(f'{path} is not in this checkout')
+    spec = importlib.util.spec_from_file_location('make_hub_cache', path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
-    repo = Path(cache_dir) / ('models--' + repo_id.replace('/', '--'))
-    snapshot = repo / 'snapshots' / commit
-    snapshot.mkdir(parents=True, exist_ok=True)
-    (repo / 'refs').mkdir(exist_ok=True)
-    (repo / 'refs' / 'main').write_text(commit)
-    for f in Path(folder).iterdir():
-        shutil.copy2(f, snapshot / f.name)
-    return snapshot
+
+def add_to_hf_cache(folder, repo_id: str, cache_dir):
+    """ The files of `folder` in a Hugging Face cache in the Hub's layout, by .ci/make_hub_cache.py. """
+    return make_hub_cache().add_to_hf_cache(folder, repo_id, cache_dir)
 
 
 # (model name, model kwargs, style, authors' layers, widths, classes, input size)

@@ -3,12 +3,15 @@ release file, names the shape that fits, and writes nothing for a bad file. """
 import hashlib
 import json
 import pickle
+import re
+import shlex
 
 import pytest
 import timm
 import torch
 
 import timm_dirac  # noqa: F401
+from timm_dirac._timm_compat import pretrained_cfg_registry
 from timm_dirac.cli import main as cli_main
 from timm_dirac.loading import is_release
 
@@ -16,12 +19,14 @@ from authors_format import (
     authors_checkpoint, functional_forward, make_functional_params, params_epoch_optimizer_layout, params_stats_layout,
     rel_err, write_authors_folded_file)
 
+
 def test_convert_names_both_shapes_and_writes_nothing(tmp_path):
     small = make_functional_params((2, 2, 2), (16, 32, 64), 'cifar', 10)  # DiracNet-10-1 for DiracNet-34-1
     path = tmp_path / 'small.pth'
     torch.save(params_stats_layout(small), path)
     out = tmp_path / 'out'
-    with pytest.raises(ValueError, match=r'\(2, 2, 2\).*not \(10, 10, 10\).*--model-kwargs depth=10 width=1\.'):
+    with pytest.raises(ValueError, match=r"\(2, 2, 2\).*not \(10, 10, 10\).*--model-kwargs 'layers=\(2,2,2\)' "
+                                         r"'channels=\(16,32,64\)'\."):
         cli_main(['--debug', 'convert', str(path), '--model', 'diracnet34_1_cifar', '--out', str(out)])
     assert sorted(p.name for p in tmp_path.iterdir()) == ['small.pth']
 
@@ -39,7 +44,7 @@ def test_bad_files_get_clear_errors_and_write_nothing(tmp_path, kind, capsys):
         match = 'weights_only=True'
     elif kind == 'dict_of_other':
         torch.save({'encoder.weight': torch.zeros(2), 'decoder.bias': torch.zeros(2)}, path)
-        match = 'Not a DiracNet checkpoint: found encoder.weight'
+        match = 'bad.pth is not a DiracNet checkpoint: found encoder.weight'
     elif kind == 'truncated':
         ckpt, _ = authors_checkpoint('cifar', 'folded')
         torch.save(ckpt, path)
@@ -47,12 +52,12 @@ def test_bad_files_get_clear_errors_and_write_nothing(tmp_path, kind, capsys):
         match = 'truncated, corrupt'
     elif kind == 'not_a_dict':
         torch.save([torch.zeros(3)], path)
-        match = 'holds a list'
+        match = 'bad.pth could not be read as a checkpoint'
     else:
         ckpt, _ = authors_checkpoint('cifar', 'folded')
         ckpt['features.extra.weight'] = torch.zeros(1)
         torch.save(ckpt, path)
-        match = r"Unexpected keys .*features\.extra\.weight"
+        match = r"bad.pth does not fit diracnet34_1_cifar: Unexpected key\(s\) .*features\.extra\.weight"
     before = path.read_bytes()
     with pytest.raises(ValueError, match=match):
         cli_main(['--debug', 'convert', str(path), '--model', 'diracnet34_1_cifar', '--out', str(tmp_path / 'out')])
@@ -64,14 +69,16 @@ def test_convert_cli_writes_loadable_folder(tmp_path):
     ckpt, reference = authors_checkpoint('cifar', 'params_epoch_optimizer', seed=3)
     path = tmp_path / 'diracnet34-1_checkpoint.pth'
     torch.save(ckpt, path)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        ref = reference(x)
     for form in ('auto', 'folded'):
         out = tmp_path / f'hub_{form}'
         assert cli_main(['convert', str(path), '--model', 'diracnet34_1_cifar', '--out', str(out), '--form', form]) == 0
         model = timm.create_model(f'local-dir:{out}', pretrained=True).eval()
         assert model.inference_mode == (form == 'folded')
-        x = torch.randn(2, 3, 32, 32)
         with torch.no_grad():
-            assert rel_err(model(x), reference(x)) <= 1e-5
+            assert rel_err(model(x), ref) <= 1e-5
         card = (out / 'README.md').read_text()
         assert f'converted from {path.name} (authors_functional format)' in card
         assert str(tmp_path) not in card, 'a local absolute path names nothing for the reader'
@@ -93,7 +100,7 @@ def test_only_the_release_file_gets_the_release_tag(tmp_path, monkeypatch):
     assert 'tag' not in config['pretrained_cfg'] and len(config['label_names']) == 1000
 
     digest = hashlib.sha256(path.read_bytes()).hexdigest()[:8]
-    release_cfg = timm.models._registry._model_pretrained_cfgs['diracnet18.v2_in1k']
+    release_cfg = pretrained_cfg_registry['diracnet18.v2_in1k']  # the registered cfg itself, not a copy
     url = f'https://s3.amazonaws.com/modelzoo-networks/diracnet18v2folded-{digest}.pth'
     monkeypatch.setattr(release_cfg, 'url', url)
     assert is_release(path, release_cfg.url) and not is_release(path, 'https://x/diracnet18v2folded-a2174e15.pth')
@@ -104,16 +111,18 @@ def test_only_the_release_file_gets_the_release_tag(tmp_path, monkeypatch):
 
 
 def test_convert_takes_any_cifar_shape_and_cifar100(tmp_path):
-    """ DiracNet-10-2 (no registered name) with the shape as --model-kwargs, as the shape error says; a CIFAR-100
+    """ DiracNet-10-2 (no registered name) with the shape as --model-kwargs, as the shape error words them for the
+    shell; a CIFAR-100
     file with its 100-class classifier (read from the file) and CIFAR-100's class names. """
     params = make_functional_params((2, 2, 2), (32, 64, 128), 'cifar', 100, seed=4)
     path = tmp_path / 'diracnet10_2_cifar100.pth'
     torch.save(params_epoch_optimizer_layout(params), path)
-    with pytest.raises(ValueError, match=r"--model diracnet34_1_cifar --model-kwargs depth=10 width=2"):
+    with pytest.raises(ValueError) as refusal:
         cli_main(['--debug', 'convert', str(path), '--model', 'diracnet34_1_cifar', '--out', str(tmp_path / 'x')])
+    suggested = re.search(r"(--model diracnet34_1_cifar --model-kwargs .*)\.$", str(refusal.value))[1]
+    assert suggested == "--model diracnet34_1_cifar --model-kwargs 'layers=(2,2,2)' 'channels=(32,64,128)'"
     out = tmp_path / 'hub'
-    assert cli_main(['convert', str(path), '--model', 'diracnet34_1_cifar', '--model-kwargs', 'depth=10', 'width=2',
-                     '--out', str(out)]) == 0
+    assert cli_main(['convert', str(path), *shlex.split(suggested), '--out', str(out)]) == 0  # as a shell reads it
     model = timm.create_model(f'local-dir:{out}', pretrained=True).eval()
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():

@@ -1,29 +1,77 @@
-""" Hub folders (save, model card, push) and loading through timm's real code paths from local caches in the Hub's
-and torch hub's layouts (no network). """
+""" The Hub room (timm_dirac/hub: card.py, folder.py, push.py) and loading through timm's real code paths from local
+caches in the Hub's and torch hub's layouts (no network). """
 import json
 import os
+import re
+import subprocess
+import sys
+import tomllib
 from pathlib import Path
 
 import huggingface_hub
+import numpy as np
 import pytest
 import timm
 import torch
 from huggingface_hub import ModelCard
+from PIL import Image
 
 from timm.utils import reparameterize_model
 
 import timm_dirac  # noqa: F401
 from timm_dirac.cli import main as cli_main
-from timm_dirac.hub.folder import (
-    REPO_ID_PLACEHOLDER, count_params_macs, generate_model_card, push_hub_folder, save_hub_folder)
+from timm_dirac.hub.card import REPO_ID_PLACEHOLDER, generate_model_card
+from timm_dirac.hub.folder import save_hub_folder
+from timm_dirac.hub.push import push_hub_folder
 
-from authors_format import add_to_hf_cache, folded_forward, write_authors_folded_file
+from authors_format import add_to_hf_cache, folded_forward, make_hub_cache, write_authors_folded_file
+
+ROOT = Path(__file__).resolve().parents[1]
 
 NS = 'offline-test'
 
 
 def _snapshot(folder):
     return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob('*')) if p.is_file()}
+
+
+@pytest.fixture
+def fake_hub(monkeypatch):
+    """ A Hub in memory behind `huggingface_hub.HfApi`: {repo id: {'private': bool, 'files': {path: bytes}}}, as
+    the repositories end up, whichever of the client's upload calls `push` uses. """
+    from huggingface_hub import CommitOperationAdd, CommitOperationDelete
+    from huggingface_hub.utils import filter_repo_objects
+
+    repos = {}
+
+    class FakeHfApi:
+        def __init__(self, token=None, **kwargs):
+            pass
+
+        def create_repo(self, repo_id, private=False, exist_ok=False, **kwargs):
+            assert exist_ok or repo_id not in repos, f'409: {repo_id} exists'
+            repos.setdefault(repo_id, dict(private=bool(private), files={}))
+
+        def create_commit(self, repo_id, operations, commit_message=None, **kwargs):
+            files = repos[repo_id]['files']  # KeyError: no such repository
+            for op in operations:
+                if isinstance(op, CommitOperationAdd):
+                    with op.as_file() as f:
+                        files[op.path_in_repo] = f.read()
+                elif isinstance(op, CommitOperationDelete):
+                    files.pop(op.path_in_repo)
+
+        def upload_file(self, path_or_fileobj, path_in_repo, repo_id, **kwargs):
+            self.create_commit(repo_id, [CommitOperationAdd(path_in_repo, path_or_fileobj)])
+
+        def upload_folder(self, repo_id, folder_path, allow_patterns=None, ignore_patterns=None, **kwargs):
+            folder = Path(folder_path)
+            paths = [p.relative_to(folder).as_posix() for p in folder.rglob('*') if p.is_file()]
+            self.create_commit(repo_id, [CommitOperationAdd(p, str(folder / p)) for p in filter_repo_objects(
+                paths, allow_patterns=allow_patterns, ignore_patterns=ignore_patterns)])
+
+    monkeypatch.setattr(huggingface_hub, 'HfApi', FakeHfApi)
+    return repos
 
 
 CIFAR10 = ('airplane', 'automobile', 'bird', 'cat', 'deer', 'dog', 'frog', 'horse', 'ship', 'truck')
@@ -49,17 +97,20 @@ def test_save_hub_folder_and_generated_card(tmp_path):
     card = ModelCard.load(out / 'README.md')
     assert card.data.library_name == 'timm' and card.data.pipeline_tag == 'image-classification'
     assert card.data.license == 'apache-2.0' and card.data.datasets == ['uoft-cs/cifar10']
-    stats = count_params_macs(model)
-    assert stats['train'][0] > stats['folded'][0] > 0 and stats['folded'][1] > 0
-    for text in ('import timm_dirac', 'features_only=True', 'reparameterize_model', 'inference_mode=True',
-                 f'{stats["train"][0]:.4f} train form', '  - epochs: 200', 'zagoruyko2017diracnets'):
-        assert text in card.text, text
+    assert '  - epochs: 200' in card.text and 'zagoruyko2017diracnets' in card.text
 
     loaded = timm.create_model(f'local-dir:{out}', pretrained=True).eval()
     assert loaded.inference_mode and loaded.pretrained_cfg['label_names'] == list(CIFAR10)
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         assert torch.equal(loaded(x), model(x))
+
+    # the card's parameter counts are those of the two models the folder builds, to the digits it shows
+    train_form = timm.create_model(f'local-dir:{out}', pretrained=True, inference_mode=False)
+    shown = re.search(r'Params \(M\): ([\d.]+) train form, ([\d.]+) folded', card.text).groups()
+    for text, net, form in zip(shown, (train_form, loaded), ('train form', 'folded')):
+        unit = 10. ** -len(text.split('.')[1])
+        assert abs(float(text) - sum(p.numel() for p in net.parameters()) / 1e6) <= unit / 2 + 1e-12, form
 
 
 def test_card_metadata_reads_back_with_huggingface_hub(tmp_path):
@@ -76,27 +127,63 @@ def test_card_metadata_reads_back_with_huggingface_hub(tmp_path):
     assert '**Dataset:** CIFAR-10' in card.text
 
 
-def test_card_usage_works_on_a_fresh_machine():
-    """ Install line, plugin import, the repository id (filled in on push), an embeddings example, both citations;
-    never a registry name, which would load the tag's weights instead of these. """
+# The card's Python examples, then what they computed: run in a fresh interpreter, with the card's example image served
+# from a local file (the only network use of the examples)
+USAGE_PRELUDE = """
+import urllib.request
+urllib.request.urlopen = lambda url, *args, **kwargs: open({image!r}, 'rb')
+"""
+USAGE_RESULTS = """
+import json
+x = transforms(img).unsqueeze(0)
+ref = timm.create_model('local-dir:{folder}', pretrained=True).eval()
+with torch.no_grad():
+    print(json.dumps(dict(
+        labels=labels, top5=top5_class_indices.tolist(), embedding=list(output.shape), folded=folded.inference_mode,
+        these_weights=bool(torch.allclose(folded(x), ref(x), rtol=1e-4, atol=1e-5)))))
+"""
+
+
+@pytest.mark.slow  # a fresh interpreter imports torch and timm
+def test_card_usage_runs_on_a_fresh_machine(tmp_path, fake_hub):
+    """ The card as `push` uploads it, its install line and Python examples run as written in a fresh interpreter
+    against the repository (an offline Hugging Face cache holding what was uploaded): they register the models,
+    load these weights (a registry name would load the tag's shipped ones), extract features and fold. """
+    torch.manual_seed(0)
     model = timm.create_model('diracnet16_4_cifar', layers=(1, 1, 1)).eval()  # its default tag is td_cifar10
-    card = generate_model_card(model, dict(license='apache-2.0'))
-    assert 'pip install timm-dirac' in card and 'import timm_dirac' in card
-    assert f"timm.create_model('hf-hub:{REPO_ID_PLACEHOLDER}', pretrained=True, num_classes=0)" in card
-    assert 'forward_head(output, pre_logits=True)' in card
-    assert "create_model('diracnet16_4_cifar" not in card and 'td_cifar10' not in card
-    assert 'zagoruyko2017diracnets' in card and 'rw2019timm' in card
-    with_id = generate_model_card(model, dict(license='apache-2.0'), repo_id='someone/diracnet16_4_cifar.mine')
-    assert "create_model('hf-hub:someone/diracnet16_4_cifar.mine', pretrained=True)" in with_id
-    assert REPO_ID_PLACEHOLDER not in with_id
+    folder = save_hub_folder(model, tmp_path / 'hub', train_info=dict(license='apache-2.0'), label_names=CIFAR10)
+    repo_id = f'{NS}/diracnet16_4_cifar.mine'
+    push_hub_folder(folder, repo_id)
+    uploaded = tmp_path / 'uploaded'
+    uploaded.mkdir()
+    for name, data in fake_hub[repo_id]['files'].items():
+        (uploaded / name).write_bytes(data)
+    add_to_hf_cache(uploaded, repo_id, tmp_path / 'hf_cache')
+    card = (uploaded / 'README.md').read_text()
+
+    installs = re.findall(r'^pip install (\S+)', card, re.M)
+    assert installs == [tomllib.loads((ROOT / 'pyproject.toml').read_text())['project']['name']]
+    image = tmp_path / 'image.png'
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (48, 64, 3), dtype=np.uint8)).save(image)
+    code = '\n'.join([USAGE_PRELUDE.format(image=str(image)), *re.findall(r'```python\n(.*?)```', card, re.S),
+                      USAGE_RESULTS.format(folder=folder)])
+    env = dict(os.environ, HF_HUB_OFFLINE='1', HF_HUB_CACHE=str(tmp_path / 'hf_cache'), OMP_NUM_THREADS='1')
+    run = subprocess.run([sys.executable, '-c', code], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    lines = run.stdout.splitlines()
+    assert len([line for line in lines if line.startswith('torch.Size([1, ')]) == 4  # stem and three stages
+    results = json.loads(lines[-1])
+    assert results == dict(labels=list(CIFAR10), top5=results['top5'], embedding=[1, model.num_features],
+                           folded=True, these_weights=True)
+    assert len(results['top5'][0]) == 5
 
 
 def test_card_takes_any_text_in_training_facts(tmp_path):
     """ The card body is plain text, not a template: braces in a training argument are written as they are. """
     model = timm.create_model('diracnet34_1_cifar', layers=(1, 1, 1))
-    info = dict(command='train.py --model-kwargs "{{depth: 16}}" {% raw %}', license='apache-2.0')
+    info = dict(command='train.py --model-kwargs "{{layers: [4, 4, 4]}}" {% raw %}', license='apache-2.0')
     card = (save_hub_folder(model, tmp_path / 'hub', train_info=info) / 'README.md').read_text()
-    assert '{{depth: 16}}' in card and '{% raw %}' in card
+    assert '{{layers: [4, 4, 4]}}' in card and '{% raw %}' in card
 
 
 def test_folded_by_timm_helper_is_saved_as_folded(tmp_path):
@@ -165,7 +252,8 @@ def test_existing_folder_is_refused_then_replaced_with_overwrite(tmp_path):
         save_hub_folder(other, out)
     assert _snapshot(out) == before
     with pytest.raises(FileExistsError):
-        cli_main(['--debug', 'convert', str(out / 'model.safetensors'), '--model', 'diracnet34_1_cifar', '--out', str(out)])
+        cli_main(['--debug', 'convert', str(out / 'model.safetensors'), '--model', 'diracnet34_1_cifar',
+                  '--out', str(out)])
     assert _snapshot(out) == before
     save_hub_folder(other, out, overwrite=True)
     assert _snapshot(out)['model.safetensors'] != before['model.safetensors']
@@ -217,6 +305,23 @@ def test_torch_hub_cache_serves_the_authors_address(tmp_path, monkeypatch):
         assert (local(x) - ref).abs().max() <= 1e-5 * ref.abs().max()
 
 
+def test_ci_caches_serve_every_pretrained_tag(tmp_path, offline_hub, monkeypatch):
+    """ .ci/make_hub_cache.py fills the caches that CI's check inside timm's source tree reads offline: then every
+    diracnet* pretrained tag loads through timm's own loaders as timm's tests load it, none from the package's
+    shipped copy or the network. """
+    def unreachable(*args, **kwargs):
+        raise AssertionError(f'a download was tried: {args}')
+    assert make_hub_cache().main(['--torch-home', str(tmp_path / 'torch'), '--hf-cache', str(offline_hub)]) == 0
+    monkeypatch.setattr(torch.hub, '_hub_dir', str(tmp_path / 'torch' / 'hub'))
+    monkeypatch.setattr(torch.hub, 'urlopen', unreachable)
+    tags = timm.list_models('diracnet*', pretrained=True)
+    assert {'diracnet18.v2_in1k', 'diracnet34.v2_in1k', 'diracnet16_4_cifar.td_cifar10'} <= set(tags)
+    for name in tags:
+        model = timm.create_model(name, pretrained=True, in_chans=1, num_classes=5,
+                                  pretrained_cfg_overlay=dict(file=None))
+        assert model.stem.conv.in_channels == 1 and model.num_classes == 5, name
+
+
 def test_push_refuses_bad_hub_folders_and_leaves_them_as_they_are(tmp_path):
     """ Loading the same folders is `timm_dirac.loading`'s (tests/test_loading.py). """
     out = save_hub_folder(timm.create_model('diracnet34_1_cifar', layers=(1, 1, 1)), tmp_path / 'hub')
@@ -240,53 +345,36 @@ def test_push_refuses_bad_hub_folders_and_leaves_them_as_they_are(tmp_path):
     assert _snapshot(out) == before
 
 
-class FakeHfApi:
-    """ Records what `push` gives the Hub client: the repository it creates and the files of the folder it uploads,
-    read while the upload runs. """
-    created, uploaded = [], []
-
-    def __init__(self, token=None):
-        pass
-
-    def create_repo(self, repo_id, **kwargs):
-        self.created.append((repo_id, kwargs.get('private')))
-
-    def upload_folder(self, repo_id, folder_path, **kwargs):
-        folder = Path(folder_path)
-        self.uploaded.append((repo_id, {p.relative_to(folder).as_posix(): p.read_bytes()
-                                        for p in folder.rglob('*') if p.is_file()}))
-
-
-def test_push_dry_run_and_what_reaches_the_hub(tmp_path, monkeypatch, capsys):
+def test_push_dry_run_and_what_reaches_the_hub(tmp_path, fake_hub, capsys):
+    """ The folder's weights and config as they are, its card naming the repository, hidden files left out; the
+    local folder unchanged. """
     out = save_hub_folder(timm.create_model('diracnet34_1_cifar', layers=(1, 1, 1)), tmp_path / 'hub',
                           train_info=dict(license='apache-2.0'))
     (out / '.notes').write_text('hidden files are not uploaded')
-    assert cli_main(['push', str(out), '--repo-id', f'{NS}/diracnet34_1_cifar.test', '--dry-run']) == 0
+    repo_id = f'{NS}/diracnet34_1_cifar.test'
+    assert cli_main(['push', str(out), '--repo-id', repo_id, '--dry-run']) == 0
     printed = capsys.readouterr().out
     assert 'would upload' in printed and '.notes' not in printed
     assert [line.split()[0] for line in printed.splitlines()[1:]] == ['README.md', 'config.json', 'model.safetensors']
+    assert fake_hub == {}, 'a dry run contacts no Hub'
 
-    monkeypatch.setattr(huggingface_hub, 'HfApi', FakeHfApi)
     before = _snapshot(out)
-    assert cli_main(['push', str(out), '--repo-id', f'{NS}/diracnet34_1_cifar.test', '--private']) == 0
-    assert FakeHfApi.created == [(f'{NS}/diracnet34_1_cifar.test', True)]
-    (repo_id, files), = FakeHfApi.uploaded
-    assert repo_id == f'{NS}/diracnet34_1_cifar.test' and sorted(files) == ['README.md', 'config.json',
-                                                                             'model.safetensors']
-    assert files['model.safetensors'] == before['model.safetensors'] and files['config.json'] == before['config.json']
-    card = files['README.md'].decode()
-    assert f"timm.create_model('hf-hub:{NS}/diracnet34_1_cifar.test', pretrained=True)" in card
-    assert REPO_ID_PLACEHOLDER not in card
+    assert cli_main(['push', str(out), '--repo-id', repo_id, '--private']) == 0
+    card = before['README.md'].decode().replace(REPO_ID_PLACEHOLDER, repo_id)
+    assert fake_hub == {repo_id: dict(private=True, files={
+        'README.md': card.encode(), 'config.json': before['config.json'],
+        'model.safetensors': before['model.safetensors']})}
+    assert f"timm.create_model('hf-hub:{repo_id}', pretrained=True)" in card
     assert _snapshot(out) == before, 'the local folder is left as it is'
     with pytest.raises(ValueError, match='<namespace>/<name>'):
         push_hub_folder(out, 'no-namespace', dry_run=True)
 
 
-def test_push_refuses_unknown_licence_unless_told(tmp_path, monkeypatch):
+def test_push_refuses_unknown_licence_unless_told(tmp_path, fake_hub):
     out = save_hub_folder(timm.create_model('diracnet34_1_cifar', layers=(1, 1, 1)), tmp_path / 'hub')
     assert ModelCard.load(out / 'README.md').data.license == 'unknown'
-    monkeypatch.setattr(huggingface_hub, 'HfApi', lambda *a, **kw: pytest.fail('the Hub may not be contacted'))
     with pytest.raises(ValueError, match='licence of these weights as unknown.*--allow-unknown-license'):
         cli_main(['--debug', 'push', str(out), '--repo-id', f'{NS}/x'])
-    assert push_hub_folder(out, f'{NS}/x', dry_run=True, allow_unknown_license=True) == [
-        'README.md', 'config.json', 'model.safetensors']
+    assert fake_hub == {}
+    assert cli_main(['push', str(out), '--repo-id', f'{NS}/x', '--allow-unknown-license']) == 0
+    assert sorted(fake_hub[f'{NS}/x']['files']) == ['README.md', 'config.json', 'model.safetensors']

@@ -21,9 +21,7 @@ def use_shipped_weights() -> None:
     """ Point each registered pretrained cfg whose weights ship here (`weights/<model>.<tag>/model.safetensors`) at
     that file, so `timm.create_model('<model>', pretrained=True)` loads it offline: timm reads a cfg's `file` before
     its `hf_hub_id`. The model file keeps the Hub id only; this is the package's overlay of it. """
-    from .._timm_compat import pretrained_cfg_registry
+    from .._timm_compat import set_pretrained_file  # timm has no public setter for a registered cfg
 
     for folder in asset_path('weights').iterdir():
-        for cfg in pretrained_cfg_registry.values():
-            if f'{cfg.architecture}.{cfg.tag}' == folder.name:
-                cfg.file = str(folder / 'model.safetensors')
+        set_pretrained_file(folder.name, str(folder / 'model.safetensors'))

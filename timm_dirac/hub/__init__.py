@@ -1,1 +1,1 @@
-""" The Hugging Face Hub side: Hub folders and model cards, checkpoint conversion, upload. """
+""" The Hugging Face Hub side: model cards (`card`), Hub folders (`folder`), the `convert` and `push` commands. """

@@ -71,9 +71,10 @@ def _check_shape(state_dict: Mapping[str, Any], source: str, model_name: str, mo
     want = stage_shape(model.state_dict())
     if got == want:
         return
-    kwargs = f"layers={got[0]} channels={got[1]}".replace(' ', '').replace('channels', ' channels')
+    shape = dict(layers=got[0], channels=got[1])
     if len(got[0]) != len(want[0]):
-        kwargs += f" stem_type={'imagenet' if len(got[0]) == 4 else 'cifar'}"
+        shape['stem_type'] = 'imagenet' if len(got[0]) == 4 else 'cifar'
+    kwargs = ' '.join(f"'{k}={str(v).replace(' ', '')}'" for k, v in shape.items())  # quoted for the shell
     raise ValueError(f'{source} holds another DiracNet than {model_name}: Dirac layers per stage {got[0]} and stage '
                      f'widths {got[1]}, not {want[0]} and {want[1]}. Convert it with --model {model_name} '
                      f'--model-kwargs {kwargs}.')
@@ -86,7 +87,7 @@ def add_arguments(parser: argparse.ArgumentParser):
                                        'functional v2), read with weights_only=True')
     parser.add_argument('--model', required=True, help='architecture (optionally .tag), e.g. diracnet18')
     parser.add_argument('--model-kwargs', nargs='*', default={}, action=ParseKwargs, metavar='K=V',
-                        help='model shape, e.g. layers=(4,4,4) channels=(32,64,128) (DiracNet-16-2)')
+                        help="model shape, e.g. 'layers=(4,4,4)' 'channels=(32,64,128)' (DiracNet-16-2)")
     parser.add_argument('--num-classes', type=int, default=None,
                         help="classifier size (default: the checkpoint's, e.g. 100 for a CIFAR-100 file)")
     parser.add_argument('--out', required=True, help='output Hub folder (must not exist unless --overwrite)')
@@ -130,9 +131,14 @@ def run(args: argparse.Namespace) -> int:
     overlay = dict(state_dict=state_dict)
     if file_classes is not None:  # the cfg says what the file holds: timm keeps a classifier of the model's size
         overlay['num_classes'] = file_classes
-    model = timm.create_model(
-        args.model, pretrained=True, inference_mode=folded, pretrained_cfg_overlay=overlay,
-        **({} if num_classes is None else dict(num_classes=num_classes)), **args.model_kwargs)
+    try:
+        model = timm.create_model(
+            args.model, pretrained=True, inference_mode=folded, pretrained_cfg_overlay=overlay,
+            **({} if num_classes is None else dict(num_classes=num_classes)), **args.model_kwargs)
+    except RuntimeError as e:  # the strict load: tensors the architecture does not have, or of other shapes
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        detail = lines[1] if len(lines) > 1 else lines[0]  # the first kind of mismatch, after timm's heading
+        raise ValueError(f'{path.name} does not fit {args.model}: {detail.rstrip(". ")}. Nothing was written.') from e
     model.pretrained_cfg.pop('state_dict', None)
 
     authors = authors_dataset(model) if fmt.startswith('authors') else None

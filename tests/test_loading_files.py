@@ -1,5 +1,6 @@
-""" Weight files are read safely (never unpickling code), out of any training container, with errors that name
-the file; a release file is told by the hash prefix in its published name. """
+""" timm_dirac.loading's weight files (loading models from them: test_loading.py): read safely (never unpickling
+code), out of any training container, with errors that name the file; a release file is told by the hash prefix in
+its published name. """
 import hashlib
 import pickle
 
