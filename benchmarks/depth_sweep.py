@@ -29,6 +29,7 @@ import timm_dirac
 from timm.optim import param_groups_weight_decay
 from timm_dirac.deploy.dirac_tap import centre_tap_ratio
 from timm_dirac.diracnet import CIFAR_MEAN, CIFAR_STD
+from timm_dirac.validate import evaluate
 
 NETWORKS = ('dirac', 'plain', 'resnet')
 # settings a resumed sweep must share with its file (torch version and thread count only move the times)
@@ -57,8 +58,13 @@ class ResidualPair(nn.Module):
 
 
 def build(network: str, depth: int, width: int, init: str) -> nn.Module:
-    """ DiracNet-D-W (`dirac`), the same without the Dirac term (`plain`) or with skips around layer pairs. """
-    model = timm.create_model('diracnet34_1_cifar', depth=depth, width=width, dirac=network == 'dirac')
+    """ DiracNet-D-W (`dirac`: three stages of (D - 4) / 3 layers, 16W, 32W and 64W channels wide), the same without
+    the Dirac term (`plain`) or with skips around layer pairs (`resnet`). """
+    if depth < 10 or (depth - 4) % 6:
+        raise ValueError(f'depth {depth}: a DiracNet-D-W has D = 6n + 4 (10, 16, 22, 28, ...), an even number of '
+                         f'layers in each of its three stages.')
+    model = timm.create_model('diracnet34_1_cifar', layers=((depth - 4) // 3,) * 3,
+                              channels=tuple(int(c * width) for c in (16, 32, 64)), dirac=network == 'dirac')
     for m in model.modules():
         if isinstance(m, (nn.Conv2d, timm_dirac.DiracConv2d)):
             INITS[init](m.weight)
@@ -124,12 +130,18 @@ def train_and_test(model: nn.Module, data: Dict[str, Tuple[torch.Tensor, torch.T
     train_seconds = time.perf_counter() - start
     model.eval()
     test_x, test_y = data['test']
-    correct = 0
-    with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16, enabled=args.bf16):
-        for i in range(0, len(test_y), 500):
-            correct += (model(normalize(test_x[i:i + 500])).argmax(1) == test_y[i:i + 500]).sum().item()
+
+    def predict(images: torch.Tensor) -> torch.Tensor:
+        with torch.autocast('cpu', dtype=torch.bfloat16, enabled=args.bf16):
+            return model(normalize(images))
+    try:
+        test_top1 = evaluate(predict, zip(test_x.split(500), test_y.split(500)))['top1']
+    except ValueError as e:  # evaluate refuses non-finite logits: a diverged run has no accuracy
+        if 'non-finite' not in str(e):
+            raise
+        test_top1 = None
     final_loss = float(np.mean(losses[-steps_per_epoch:]))
-    return dict(test_top1=100. * correct / len(test_y), final_train_loss=final_loss if math.isfinite(final_loss)
+    return dict(test_top1=test_top1, final_train_loss=final_loss if math.isfinite(final_loss)
                 else None, train_seconds=round(train_seconds, 1), **dirac_stats(model))
 
 
@@ -200,10 +212,11 @@ def plot(path: Path):
     print(f'| network | {x_key} | test top-1 (%) | final train loss | train time (s) |\n|---|---|---|---|---|')
     for r in sorted(results, key=lambda r: (r['network'], r[x_key])):
         loss = f"{r['final_train_loss']:.3f}" if r['final_train_loss'] is not None else 'diverged'
-        print(f"| {r['network']} | {r[x_key]} | {r['test_top1']:.2f} | {loss} | {r['train_seconds']:.0f} |")
+        top1 = f"{r['test_top1']:.2f}" if r['test_top1'] is not None else 'diverged'
+        print(f"| {r['network']} | {r[x_key]} | {top1} | {loss} | {r['train_seconds']:.0f} |")
     fig, ax = plt.subplots(figsize=(6, 4))
     for network in NETWORKS:
-        rows = [r for r in results if r['network'] == network]
+        rows = [r for r in results if r['network'] == network and r['test_top1'] is not None]
         if rows:
             xs = [r[x_key] for r in rows]
             ax.plot(xs, [r['test_top1'] for r in rows], 'o-' if x_key == 'depth' else 'o', label=network)

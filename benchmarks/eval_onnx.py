@@ -1,8 +1,9 @@
-""" Independent top-1 of an ONNX classifier on a `datasets` split: plain onnxruntime, Pillow and NumPy only.
+""" Independent top-1 of an ONNX classifier on a `datasets` split: plain onnxruntime, Pillow and NumPy.
 
-Nothing from timm or timm_dirac is imported: the preprocessing is read from the weights' timm `config.json`
-(input size, crop_pct, interpolation, mean, std) and written out here, so the score checks the exported file the
-way a deployment would run it, not through the code that wrote it.
+The preprocessing is read from the weights' timm `config.json` (input size, crop_pct, interpolation, mean, std) and
+written out here, and ONNX Runtime runs the file, so the score checks the exported file the way a deployment would
+run it, not through the code that wrote it (no timm transform, no export or quantize code); only the counting is the
+package's one evaluation (`timm_dirac.validate.evaluate`).
 
     python benchmarks/eval_onnx.py int8/model_int8_split.onnx \\
         --config timm_dirac/assets/weights/diracnet16_4_cifar.td_cifar10/config.json \\
@@ -14,8 +15,11 @@ import math
 
 import numpy as np
 import onnxruntime as ort
+import torch
 from datasets import load_dataset
 from PIL import Image
+
+from timm_dirac.validate import evaluate
 
 
 def preprocess(image: Image.Image, cfg: dict) -> np.ndarray:
@@ -55,13 +59,14 @@ def main():
     count = len(dataset) if args.num is None else min(args.num, len(dataset))
     session = ort.InferenceSession(args.onnx, providers=['CPUExecutionProvider'])
     name = session.get_inputs()[0].name
-    correct = 0
-    for start in range(0, count, args.batch_size):
-        rows = dataset[start:min(start + args.batch_size, count)]
-        x = np.stack([preprocess(image, cfg) for image in rows[image_key]])
-        logits = session.run(None, {name: x})[0]
-        correct += int((logits.argmax(1) == np.asarray(rows[label_key])).sum())
-    print(f'{args.onnx}: top-1 {100. * correct / count:.2f} on {count} images ({args.data} {args.split})')
+
+    def batches():
+        for start in range(0, count, args.batch_size):
+            rows = dataset[start:min(start + args.batch_size, count)]
+            x = np.stack([preprocess(image, cfg) for image in rows[image_key]])
+            yield torch.from_numpy(x), torch.as_tensor(rows[label_key])
+    result = evaluate(lambda x: torch.from_numpy(session.run(None, {name: x.numpy()})[0]), batches())
+    print(f'{args.onnx}: top-1 {result["top1"]:.2f} on {result["count"]} images ({args.data} {args.split})')
 
 
 if __name__ == '__main__':

@@ -1,5 +1,5 @@
 """ int8 ONNX files on CPUs with and without VNNI: top-1 of ONNX Runtime here, of the NumPy reference, and of the
-reference with the int16 pair saturation of pre-VNNI x86 kernels (`timm_dirac.int8_reference`).
+reference with the int16 pair saturation of pre-VNNI x86 kernels (`int8_reference.py`, beside this script).
 
 The reference without saturation must agree with ONNX Runtime on a VNNI/AMX machine (that is what checks it); the
 saturating run then tells what the same file scores on an AVX2 / AVX-512 CPU without VNNI.
@@ -14,10 +14,10 @@ from pathlib import Path
 
 import numpy as np
 
-from timm_dirac.deploy.benchmark import machine_info
+from int8_reference import QdqReference  # benchmarks/int8_reference.py, beside this script
 from timm_dirac.deploy.backends.onnxruntime import ort_session
 from timm_dirac.loading import load_images, load_model
-from timm_dirac.int8_reference import QdqReference
+from timm_dirac.machine import machine_info
 
 
 def main():

@@ -22,19 +22,20 @@ import torch
 import torch.nn as nn
 
 import timm_dirac  # noqa: F401  registers the models
-from timm_dirac.deploy.benchmark import machine_info
-from timm_dirac.diracnet import DiracBlock
 from timm_dirac.deploy.dirac_tap import centre_tap_ratio, diagonal_centre
+from timm_dirac.diracnet import DiracBlock
 from timm_dirac.loading import fold, load_images, load_model
+from timm_dirac.machine import machine_info
+from timm_dirac.validate import evaluate
 
 SCHEMES = {'plain 8-bit': (False, 127), 'split 7-bit': (True, 64)}
 
 
 def quantize_per_channel(weight: torch.Tensor, qmax: int) -> torch.Tensor:
-    """ Symmetric per-output-channel round-to-nearest, dequantized. """
+    """ Symmetric per-output-channel round-to-nearest, dequantized (`torch.fake_quantize_per_channel_affine`). """
     scale = weight.flatten(1).abs().amax(1).clamp_min(1e-12) / qmax
-    view = (-1,) + (1,) * (weight.ndim - 1)
-    return torch.clamp(torch.round(weight / scale.view(view)), -qmax, qmax) * scale.view(view)
+    zero_point = torch.zeros(len(scale), dtype=torch.int32, device=weight.device)
+    return torch.fake_quantize_per_channel_affine(weight, scale, zero_point, 0, -qmax, qmax)
 
 
 def quantize_layer(weight: torch.Tensor, split: bool, qmax: int) -> torch.Tensor:
@@ -45,20 +46,28 @@ def quantize_layer(weight: torch.Tensor, split: bool, qmax: int) -> torch.Tensor
     return quantize_per_channel(weight - taps, qmax) + taps
 
 
-def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, reference: torch.Tensor) -> Dict:
-    with torch.no_grad():
-        logits = torch.cat([model(b) for b in images.split(250)])
-    noise = (logits - reference).pow(2).mean().item()
-    sqnr = 10 * math.log10(reference.pow(2).mean().item() / noise) if noise > 0 else float('inf')
-    return dict(top1=100. * (logits.argmax(1) == labels).float().mean().item(), sqnr_db=sqnr)
+def score(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, reference: torch.Tensor = None) -> Dict:
+    """ Top-1 (`validate.evaluate`) and, against `reference` logits, the logits' signal-to-quantization-noise ratio;
+    returns the logits too. """
+    outputs = []
+
+    def predict(batch: torch.Tensor) -> torch.Tensor:
+        outputs.append(model(batch))
+        return outputs[-1]
+    top1 = evaluate(predict, zip(images.split(250), labels.split(250)))['top1']
+    logits = torch.cat(outputs)
+    result = dict(top1=top1, logits=logits)
+    if reference is not None:
+        noise = (logits - reference).pow(2).mean().item()
+        result['sqnr_db'] = 10 * math.log10(reference.pow(2).mean().item() / noise) if noise > 0 else float('inf')
+    return result
 
 
 def sensitivity(checkpoint: str, data: str, num_eval: int, split: str) -> Dict:
     model = fold(load_model(None, checkpoint))
     images, labels = load_images(data, model, num_eval, split)
-    with torch.no_grad():
-        reference = torch.cat([model(b) for b in images.split(250)])
-    fp32_top1 = 100. * (reference.argmax(1) == labels).float().mean().item()
+    fp32 = score(model, images, labels)
+    reference, fp32_top1 = fp32['logits'], fp32['top1']
     dirac_convs = {id(b.conv) for b in model.modules() if isinstance(b, DiracBlock)}
     named = [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
     ratios = iter(centre_tap_ratio(model))
@@ -69,7 +78,7 @@ def sensitivity(checkpoint: str, data: str, num_eval: int, split: str) -> Dict:
         row = dict(layer=name, centre_tap_ratio=next(ratios) if has_tap else None)
         for scheme, (split_taps, qmax) in SCHEMES.items():
             layer.weight.data = quantize_layer(original, split_taps and has_tap, qmax)
-            result = evaluate(model, images, labels, reference)
+            result = score(model, images, labels, reference)
             row[scheme] = dict(sqnr_db=result['sqnr_db'], top1_change=result['top1'] - fp32_top1)
         layer.weight.data = original
         layers.append(row)

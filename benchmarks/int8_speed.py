@@ -13,12 +13,12 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 
 import torch
 
 from timm_dirac.deploy.backends import BACKENDS, Setup
-from timm_dirac.deploy.benchmark import _calibration_images, _depth_baseline, build_forms, machine_info
+from timm_dirac.deploy.benchmark import build_forms, calibration_images, depth_baseline
+from timm_dirac.machine import machine_info
 from timm_dirac.deploy.timing import time_interleaved
 
 
@@ -38,14 +38,14 @@ def main():
 
     runners, sizes = {}, {}
     for name in args.models:
-        for model_name, flows in ((name, args.flows), (_depth_baseline(name), ['onnxruntime-int8'])):
+        for model_name, flows in ((name, args.flows), (depth_baseline(name), ['onnxruntime-int8'])):
             if (model_name, 'onnxruntime') in runners:
                 continue
             forms = build_forms(model_name, ('folded',))
             form, model = next(iter(forms.items()))
             size = sizes[model_name] = tuple(model.pretrained_cfg['input_size'])
             setup = Setup(size, args.workdir, tag=f'{model_name}-{form}', threads=args.threads,
-                          calib=_calibration_images(model, size), batch_size=max(args.batch_sizes))
+                          calib=calibration_images(model, size), batch_size=max(args.batch_sizes))
             for backend in ['onnxruntime'] + list(flows):
                 runners[(model_name, backend)] = BACKENDS[backend].prepare(model, setup)
 
@@ -63,7 +63,7 @@ def main():
         print(f'batch {batch_size}:')
         for (model_name, backend), v in speed.items():
             line = f'  {model_name:12s} {backend:18s} {v:8.1f} img/s'
-            peer = _depth_baseline(model_name)
+            peer = depth_baseline(model_name)
             if peer and backend != 'onnxruntime':
                 line += f'  x ResNet int8 {paired((model_name, backend), (peer, "onnxruntime-int8")):.3f}'
             if backend != 'onnxruntime':

@@ -14,7 +14,6 @@ torch's OpenMP threads wait on each other and single rounds swing by 3x.
 """
 import argparse
 import os
-import platform
 import statistics
 import time
 from typing import Callable, Dict, List
@@ -24,21 +23,9 @@ import torch
 import torch.nn.functional as F
 
 import timm_dirac  # noqa: F401  registers the diracnet* models
+from timm_dirac.machine import cpu_features, cpu_name
 
 PRECISIONS = ('fp32', 'bf16')
-
-
-def cpu_name() -> str:
-    """ The CPU model and its bf16/int8 matrix features, read from /proc/cpuinfo where there is one. """
-    try:
-        with open('/proc/cpuinfo') as f:
-            info = f.read()
-    except OSError:
-        return platform.processor() or platform.machine()
-    name = next((line.split(':', 1)[1].strip() for line in info.splitlines() if line.startswith('model name')), '?')
-    flags = next((line.split(':', 1)[1].split() for line in info.splitlines() if line.startswith('flags')), [])
-    features = [f for f in ('amx_bf16', 'avx512_bf16', 'avx512_vnni') if f in flags]
-    return f'{name}, {os.cpu_count()} cores, {" ".join(features) or "no bf16/vnni units"}'
 
 
 def make_step(name: str, batch_size: int, img_size: int, precision: str, compile_model: bool) -> Callable[[], None]:
@@ -98,7 +85,9 @@ def main():
     models = (args.model, args.peer)
     steps = {(name, precision): make_step(name, args.batch_size, args.img_size, precision, args.compile)
              for precision in args.precisions for name in models}
-    print(f'CPU: {cpu_name()}; torch {torch.__version__}, {torch.get_num_threads()} threads; '
+    features = sorted(cpu_features() & {'amx_tile', 'amx_bf16', 'avx512_bf16', 'avx512_vnni'})
+    print(f'CPU: {cpu_name()}, {os.cpu_count()} cores, {" ".join(features) or "no bf16/vnni units"}; '
+          f'torch {torch.__version__}, {torch.get_num_threads()} threads; '
           f'batch {args.batch_size} at {args.img_size} px, channels_last, SGD, '
           f'{"torch.compile" if args.compile else "eager"}')
     print(f'load average before: {" ".join(f"{v:.2f}" for v in os.getloadavg())}')

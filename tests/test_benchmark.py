@@ -1,6 +1,8 @@
-""" `timm-dirac benchmark`: structure of the output (no timing assertions), the summary arithmetic, and a peak that
-no row can exceed. """
+""" `timm-dirac benchmark`: structure of the output (no timing assertions), the summary arithmetic, a peak that no
+row can exceed, and benchmarks/plot_benchmark.py drawing the JSON. """
+import importlib.util
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -49,8 +51,6 @@ def test_benchmark_outputs(tiny_run):
     assert len(result['load_average_before']) == 3 and result['machine']['torch_threads'] >= 1
     table = (out / 'benchmark.md').read_text()
     assert table.startswith('| model | form |') and table.count('| diracnet18 |') == 14
-    pytest.importorskip('matplotlib')
-    assert (out / 'benchmark.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
 
 
 def test_summarize_ratios():
@@ -109,3 +109,26 @@ def test_forms():
         torch.testing.assert_close(forms['folded'](x), forms['train'](x), rtol=1e-4, atol=1e-4 * forms['train'](x).abs().max().item())
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in forms['folded'].modules())
     assert set(build_forms('repvgg_a0', ['folded'])) == {'folded'}
+
+
+def test_plot_script_draws_the_json_the_command_writes(tmp_path):
+    pytest.importorskip('matplotlib')
+    script = Path(__file__).resolve().parents[1] / 'benchmarks' / 'plot_benchmark.py'
+    if not script.is_file():
+        pytest.skip(f'{script} is not here (the benchmarks are in the source tree only)')
+    spec = importlib.util.spec_from_file_location('plot_benchmark', script)
+    plot = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(plot)
+
+    def case(model, form, precision):
+        return Case(model, form, 'eager', precision, 32, 64e9, run=lambda: None, times=[1.] * 3)
+    cases = [case(m, f, p) for m, f in (('diracnet18', 'train'), ('diracnet18', 'folded'), ('resnet18', 'train'))
+             for p in ('fp32', 'bf16')]
+    result = dict(summarize(cases), settings=dict(precisions=['fp32', 'bf16'], threads=1), machine=dict(cpu='test'))
+    (tmp_path / 'benchmark.json').write_text(json.dumps(result))
+    assert plot.main([str(tmp_path / 'benchmark.json')]) == 0
+    assert (tmp_path / 'benchmark.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+    (tmp_path / 'cifar.json').write_text(json.dumps(dict(result, rows=[dict(r, model='diracnet16_4_cifar')
+                                                                       for r in result['rows']])))
+    with pytest.raises(SystemExit, match='nothing to plot'):
+        plot.main([str(tmp_path / 'cifar.json')])

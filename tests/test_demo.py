@@ -1,4 +1,4 @@
-""" timm_dirac.demo (`timm-dirac demo`): builds a DiracNet, folds it, checks both forms agree and times them. """
+""" timm_dirac.deploy.demo (`timm-dirac demo`): builds a DiracNet, folds it, checks both forms agree and times them. """
 from timm_dirac.cli import main
 
 

@@ -1,13 +1,24 @@
-""" The NumPy int8 reference: it computes what ONNX Runtime computes, and it saturates where pre-VNNI x86 does. """
+""" benchmarks/int8_reference.py, the NumPy int8 reference: it computes what ONNX Runtime computes, and it saturates
+where pre-VNNI x86 does. """
+import importlib.util
+from pathlib import Path
+
 import numpy as np
 import pytest
 
 from timm_dirac.deploy.backends.onnxruntime import export_onnx, ort_session, quantize_onnxruntime
 from timm_dirac.deploy.dirac_tap import chain_dirac_taps, split_dirac_taps
-from timm_dirac.int8_reference import QdqReference, _int_conv, saturation_risk
 from timm_dirac.loading import default_data, load_images
 
 pytest.importorskip('onnxruntime')
+SCRIPT = Path(__file__).resolve().parents[1] / 'benchmarks' / 'int8_reference.py'
+if not SCRIPT.is_file():
+    pytest.skip(f'{SCRIPT} is not here (the benchmarks are in the source tree only)', allow_module_level=True)
+spec = importlib.util.spec_from_file_location('int8_reference', SCRIPT)
+int8_reference = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(int8_reference)
+QdqReference, _int_conv, saturation_risk = int8_reference.QdqReference, int8_reference._int_conv, \
+    int8_reference.saturation_risk
 DATA = default_data()
 
 

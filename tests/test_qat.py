@@ -12,7 +12,7 @@ import timm
 import timm_dirac  # noqa: F401  registers the models
 from timm_dirac.deploy.dirac_tap import split_dirac_taps
 from timm_dirac.deploy.backends.onnxruntime import export_onnx, quantize_onnxruntime
-from timm_dirac.loading import is_folded
+from timm_dirac.diracify import is_folded
 from timm_dirac.deploy.qat import WeightFakeQuant, merge_qat, prepare_qat
 from timm_dirac.train import main, parse_args, train
 

@@ -1,17 +1,16 @@
 """ `timm-dirac benchmark`: inference speed of DiracNets, train form and folded, against timm's ResNets and RepVGGs.
 
-Every variant (model x form x backend x precision x batch size) runs once per round, in turn, and square GEMMs of
-each precision run among them, so load from other processes on a shared machine hits all of them alike. The
-report gives medians over rounds, throughput ratios against the ResNet of the same depth, against the train form
-and against fp32, and each row's median GFLOP/s as a fraction of the peak of its precision: the best round of the
-GEMMs or, where a model outran them, of that model. A median can therefore never read above the peak.
+Every variant (model x form x backend x precision x batch size) runs once per round, in turn (`timing`), with square
+GEMMs of each precision among them, so load from other processes hits all alike. The report gives medians over
+rounds, ratios against the ResNet of the same depth, the train form and fp32, and each row's GFLOP/s as a fraction
+of the peak of its precision (the best round of the GEMMs or of a model that outran them, so no median reads above
+it). It writes benchmark.json and benchmark.md; `benchmarks/plot_benchmark.py` (source tree) plots the JSON.
 """
 import argparse
 import copy
 import gc
 import json
 import os
-import platform
 import re
 import statistics
 import sys
@@ -30,26 +29,9 @@ from timm.utils import reparameterize_model
 
 from .backends import Setup, backend_names, get_backends
 from .backends.torch_eager import PRECISIONS
-from ..hub.folder import REPORTED_RESULTS
 from ..loading import default_data, load_images
-from ..machine import cpu_flags
+from ..machine import machine_info
 from .timing import time_interleaved
-
-TIMM_RESULTS = ('timm ImageNet-1k validation results, huggingface/pytorch-image-models '
-                'results/results-imagenet.csv at commit aa4b5850c154, 224 px rows')
-
-# Reported ImageNet-1k top-1 (%) by model: (weights tag, top-1, source). Used only to place models on the plot; the
-# DiracNets' from the model cards' facts (hub.REPORTED_RESULTS), the others from timm's published results.
-REPORTED_TOP1: Dict[str, List[tuple]] = {
-    **{name.split('.')[0]: [(name.split('.')[1].split('_')[0], r['top1'], r['source'])]
-       for name, r in REPORTED_RESULTS.items()},
-    'resnet18': [('tv_in1k', 69.752, TIMM_RESULTS), ('a1_in1k', 71.504, TIMM_RESULTS)],
-    'resnet34': [('tv_in1k', 73.298, TIMM_RESULTS), ('a1_in1k', 76.420, TIMM_RESULTS)],
-    'repvgg_a0': [('rvgg_in1k', 72.426, TIMM_RESULTS)],
-    'repvgg_a1': [('rvgg_in1k', 74.474, TIMM_RESULTS)],
-    'repvgg_a2': [('rvgg_in1k', 76.488, TIMM_RESULTS)],
-    'repvgg_b0': [('rvgg_in1k', 75.158, TIMM_RESULTS)],
-}
 
 DEFAULT_MODELS = ('diracnet18', 'diracnet34', 'resnet18', 'resnet34', 'repvgg_a1')
 
@@ -100,7 +82,7 @@ def count_flops(model: nn.Module, input_size: Sequence[int]) -> float:
     return float(counter.get_total_flops())
 
 
-def _calibration_images(model: nn.Module, input_size: Sequence[int], num: int = 32) -> torch.Tensor:
+def calibration_images(model: nn.Module, input_size: Sequence[int], num: int = 32) -> torch.Tensor:
     """ Real images for int8 calibration (the CIFAR-10 sample the export check uses) in the model's eval transform,
     resized to the benchmark's `input_size`. Only the int8 speed is measured here (`timm-dirac quantize` measures
     the accuracy), so one batch of 32 does: ONNX Runtime's calibrator holds every activation of every calibration
@@ -142,7 +124,7 @@ def build_cases(
             flops = count_flops(model, input_size)
             memory_format = torch.channels_last if channels_last else torch.contiguous_format
             model = model.to(memory_format=memory_format)
-            calib = _calibration_images(model, input_size) if any(b.int8 for b in backends) else None
+            calib = calibration_images(model, input_size) if any(b.int8 for b in backends) else None
             setup = Setup(input_size, workdir, tag=f'{name}-{form}', calib=calib, batch_size=max(batch_sizes),
                           threads=threads)
             for backend in backends:
@@ -166,7 +148,7 @@ def measure(cases: List[Case], repeats: int = 5, warmup: int = 2, min_time: floa
         case.times, case.iters = times[i], iters[i]
 
 
-def _depth_baseline(model: str) -> Optional[str]:
+def depth_baseline(model: str) -> Optional[str]:
     """ The ResNet a DiracNet is compared with: same depth ('diracnet18' -> 'resnet18'). """
     match = re.fullmatch(r'diracnet(\d+)', model)
     return f'resnet{match.group(1)}' if match else None
@@ -213,7 +195,7 @@ def summarize(cases: List[Case]) -> Dict[str, Any]:
         r['peak_fraction'] = r['gflop_per_s'] / peak[r['precision']]['gflop_per_s'] if r['precision'] in peak \
             else None
         key = (r['backend'], r['precision'], r['batch_size'])
-        resnet = index.get((_depth_baseline(r['model']), 'train') + key)
+        resnet = index.get((depth_baseline(r['model']), 'train') + key)
         r['vs_resnet'] = r['img_per_s'] / resnet['img_per_s'] if resnet else None
         train = index.get((r['model'], 'train') + key)
         r['vs_train'] = r['img_per_s'] / train['img_per_s'] if r['form'] == 'folded' and train else None
@@ -221,26 +203,6 @@ def summarize(cases: List[Case]) -> Dict[str, Any]:
         fp32 = index.get((r['model'], r['form'], fp32_backend, 'fp32', r['batch_size']))
         r['vs_fp32'] = r['img_per_s'] / fp32['img_per_s'] if r['precision'] != 'fp32' and fp32 else None
     return dict(peak=peak, rows=rows)
-
-
-def machine_info() -> Dict[str, Any]:
-    """ What the numbers depend on: CPU, threads, library versions. """
-    cpu = platform.processor()
-    try:
-        with open('/proc/cpuinfo') as f:
-            cpu = re.search(r'model name\s*:\s*(.*)', f.read()).group(1)
-    except (OSError, AttributeError):
-        pass
-    flags = cpu_flags()
-    versions = dict(python=platform.python_version(), torch=torch.__version__, timm=timm.__version__)
-    try:
-        import onnxruntime
-        versions['onnxruntime'] = onnxruntime.__version__
-    except ImportError:
-        pass
-    return dict(cpu=cpu, logical_cpus=os.cpu_count(), torch_threads=torch.get_num_threads(),
-                isa=sorted(flags & {'avx2', 'avx512f', 'avx512_vnni', 'avx_vnni', 'avx512_bf16', 'amx_bf16', 'amx_int8'}),
-                versions=versions)
 
 
 def run_benchmark(
@@ -313,50 +275,12 @@ def format_table(result: Dict[str, Any]) -> str:
     return '\n'.join(lines)
 
 
-def save_plot(result: Dict[str, Any], path: str) -> bool:
-    """ Throughput (largest batch, eager) vs reported ImageNet top-1, one panel per precision. Needs matplotlib
-    (`pip install timm-dirac[bench]`); returns False without it. """
-    try:
-        import matplotlib
-        matplotlib.use('Agg')
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return False
-    rows = [r for r in result['rows'] if r['backend'] == 'eager' and r['model'] in REPORTED_TOP1]
-    if not rows:
-        return False
-    batch = max(r['batch_size'] for r in rows)
-    precisions = [p for p in result['settings']['precisions'] if any(r['precision'] == p for r in rows)]
-    two_forms = {r['model'] for r in rows if r['form'] == 'folded'}
-    fig, axes = plt.subplots(1, len(precisions), figsize=(6 * len(precisions), 4.5), squeeze=False)
-    for ax, precision in zip(axes[0], precisions):
-        for r in rows:
-            if r['precision'] != precision or r['batch_size'] != batch:
-                continue
-            for tag, top1, _ in REPORTED_TOP1[r['model']]:
-                folded = r['form'] == 'folded' or r['model'] not in two_forms
-                color = 'tab:red' if r['model'].startswith('diracnet') else (
-                    'tab:blue' if r['model'].startswith('resnet') else 'tab:green')
-                ax.scatter(r['img_per_s'], top1, color=color, facecolors=color if folded else 'none', s=50)
-                label = f"{r['model']} {r['form']}" if r['model'] in two_forms else r['model']
-                ax.annotate(f'{label} ({tag})', (r['img_per_s'], top1), fontsize=7,
-                            xytext=(4, 3), textcoords='offset points')
-        ax.set_xlabel(f'images/s (batch {batch}, {precision}, eager, {result["settings"]["threads"]} threads)')
-        ax.set_ylabel('reported ImageNet-1k top-1 (%)')
-        ax.grid(alpha=0.3)
-    fig.suptitle(f"Inference throughput vs accuracy: {result['machine']['cpu']} (filled: deploy form)", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return True
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--models', nargs='+', default=list(DEFAULT_MODELS), metavar='NAME',
                         help='timm model names (DiracNets are registered by this package)')
     parser.add_argument('--forms', nargs='+', default=['train', 'folded'], choices=['train', 'folded'])
     parser.add_argument('--backends', nargs='+', default=['eager'], choices=backend_names(),
-                        help='registered backends (timm_dirac.backends): eager PyTorch, torch.compile (inductor, '
+                        help='registered backends (timm_dirac.deploy.backends): eager PyTorch, torch.compile (inductor, '
                              'frozen weights), ONNX Runtime fp32, and int8 ones (static, calibrated on real CIFAR-10 '
                              'images; speed only): onnxruntime-int8 is what quantize writes by default')
     parser.add_argument('--precision', nargs='+', default=['fp32', 'bf16'], choices=list(PRECISIONS),
@@ -370,7 +294,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--gemm-sizes', nargs='+', type=int, default=[1024, 2048],
                         help='square GEMM sizes timed among the models for the peak of each precision')
     parser.add_argument('--threads', type=int, default=None, help='torch (and ONNX Runtime) threads')
-    parser.add_argument('--out', default='bench/', help='folder for benchmark.json, benchmark.md, benchmark.png')
+    parser.add_argument('--out', default='bench/', help='folder for benchmark.json and benchmark.md')
 
 
 def run(args: argparse.Namespace) -> int:
@@ -384,10 +308,6 @@ def run(args: argparse.Namespace) -> int:
     (out / 'benchmark.json').write_text(json.dumps(result, indent=2))
     (out / 'benchmark.md').write_text(table + '\n')
     print(table)
-    written = ['benchmark.json', 'benchmark.md']
-    if save_plot(result, str(out / 'benchmark.png')):
-        written.append('benchmark.png')
-    else:
-        print('No plot: matplotlib is not installed (pip install "timm-dirac[bench]").', file=sys.stderr)
-    print(f"\nWrote {', '.join(str(out / w) for w in written)}", file=sys.stderr)
+    print(f"\nWrote {out / 'benchmark.json'}, {out / 'benchmark.md'} (plot: python benchmarks/plot_benchmark.py "
+          f"{out / 'benchmark.json'}, in a source checkout)", file=sys.stderr)
     return 0

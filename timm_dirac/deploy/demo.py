@@ -5,8 +5,8 @@ import statistics
 
 import timm
 import torch
+from torch.optim.swa_utils import update_bn
 
-from .export import calibrate_batchnorm
 from .timing import time_interleaved
 
 
@@ -21,7 +21,8 @@ def run(args: argparse.Namespace) -> int:
     model = timm.create_model(args.model)
     x = torch.randn(args.batch_size, *model.pretrained_cfg['input_size'])
     # untrained: BatchNorm statistics from the batch, else the logits nearly vanish and the folded biases are all 0
-    calibrate_batchnorm(model, x)
+    update_bn([x], model)
+    model.eval()
     folded = copy.deepcopy(model)
     folded.reparameterize()
     with torch.inference_mode():

@@ -1,36 +1,11 @@
-""" The Dirac tap of a folded DiracNet, split out of the int8 weights.
+""" The Dirac tap of a folded DiracNet, out of the int8 weights: `split_dirac_taps` and `chain_dirac_taps` rewrite
+the folded model into the same function in float, whose int8 weights represent it well.
 
-Folding leaves each Dirac layer as one 3x3 conv whose centre tap on the diagonal (output channel o reading input
+Why: folding leaves each Dirac layer as one 3x3 conv whose centre tap on the diagonal (output channel o reading input
 channel o) carries `s * alpha`, larger than any learned weight of the filter (per-layer medians over channels:
-16-52x in our DiracNet-16-4 weights, 18-110x in our DiracNet-34-2; docs/results.md). A
-per-channel int8 scale is set by the largest weight, so the learned part of the filter gets only a few int8 steps,
-and pre-VNNI x86 kernels (u8 x s8 pairs summed in saturating 16-bit registers) overflow on that tap.
-
-`split_dirac_taps` rewrites each folded Dirac conv as the sum of two convs that compute the same function:
-
-    y = conv3x3(x, W - D) + conv1x1(x, d)        D: the diagonal centre taps of W, d: their values
-
-The 3x3 conv holds only what was learned, so its per-channel scale fits the learned weights. The 1x1 conv
-(depthwise where the width does not change) carries one weight per output channel, which a per-channel symmetric
-int8 scale represents exactly (q = +-qmax). The quantized graph runs both as int8 convs and adds them (QLinearAdd
-in ONNX Runtime).
-
-`chain_dirac_taps` removes the 1x1 convs of every layer that keeps its width. A tap is a per-channel scaled
-identity, and a positive per-channel scale commutes with ReLU, max-pooling and global pooling, so the activations
-can be carried in per-channel units in which the tap of a same-width layer is exactly 1: with x = s * x' and
-t = s * d (d: the layer's taps, floored at a quarter of their median positive value),
-
-    z / t = conv3x3(x', (W - D) * s_in / t_out + R) + b / t + x'        R: the diagonal centre taps d * s / t - 1
-
-so the layer is one int8 conv plus an identity Add (QLinearAdd) of its own uint8 input; R is zero but for the few
-taps under the floor (or negative). The units compound along a run of same-width layers (s after k layers is the
-product of the k taps), so each run starts from units chosen to centre that product: the per-channel geometric
-mean of the run's units is 1, so they spread around 1 instead of drifting with the product of the taps. The stem
-conv's or a width-changing layer's output rows carry a run's starting units (a width-changing layer stays a
-`SplitDiracConv`: its identity covers only part of its outputs), and the classifier's input columns take the last
-layer's units. On our CIFAR-10 weights (full test split, fp32 90.00, 512 calibration images) this scores
-89.93-90.16 in int8 over four calibration sets; resetting the units to 1 every 2 layers instead scored 89.69-89.92,
-and uncentred chains (with taps floored at a twentieth of their median) 29-38.
+16-52x in our DiracNet-16-4 weights, 18-110x in our DiracNet-34-2; docs/results.md). A per-channel int8 scale is set
+by the largest weight, so the learned part of the filter gets only a few int8 steps, and pre-VNNI x86 kernels (u8 x
+s8 pairs summed in saturating 16-bit registers) overflow on that tap. No quantization library has this rewrite.
 """
 import copy
 from typing import List, Tuple
@@ -121,7 +96,14 @@ def _folded_blocks(model: nn.Module) -> List[DiracBlock]:
 
 
 def split_dirac_taps(model: nn.Module) -> nn.Module:
-    """ A copy of a folded DiracNet whose Dirac layers are `SplitDiracConv`s (the same function, in float). """
+    """ A copy of a folded DiracNet whose Dirac layers are `SplitDiracConv`s (the same function, in float):
+
+        y = conv3x3(x, W - D) + conv1x1(x, d)        D: the diagonal centre taps of W, d: their values
+
+    The 3x3 conv holds only what was learned, so its per-channel scale fits the learned weights. The 1x1 conv
+    (depthwise where the width does not change) carries one weight per output channel, which a per-channel symmetric
+    int8 scale represents exactly (q = +-qmax). The quantized graph runs both as int8 convs and adds them (QLinearAdd
+    in ONNX Runtime). """
     _folded_blocks(model)
     split = copy.deepcopy(model).eval()
     for block in [m for m in split.modules() if isinstance(m, DiracBlock)]:
@@ -159,8 +141,24 @@ def _divide_rows(conv: nn.Conv2d, units: torch.Tensor) -> None:
 def chain_dirac_taps(model: nn.Module) -> nn.Module:
     """ A copy of a folded DiracNet computing the same function (in float) with its activations in per-channel
     units in which the Dirac taps of same-width layers are identity adds (`IdentityDiracConv`); width-changing layers
-    are `SplitDiracConv`s (module docstring). The classifier takes the last layer's units where a Linear follows an
-    average or max global pool; otherwise the last layer is split and returns to the model's own units. """
+    are `SplitDiracConv`s. The classifier takes the last layer's units where a Linear follows an average or max
+    global pool; otherwise the last layer is split and returns to the model's own units.
+
+    A tap is a per-channel scaled identity, and a positive per-channel scale commutes with ReLU, max-pooling and
+    global pooling, so the activations can be carried in per-channel units in which the tap of a same-width layer is
+    exactly 1: with x = s * x' and t = s * d (d: the layer's taps, floored at a quarter of their median positive
+    value),
+
+        z / t = conv3x3(x', (W - D) * s_in / t_out + R) + b / t + x'        R: the diagonal centre taps d * s / t - 1
+
+    so the layer is one int8 conv plus an identity Add (QLinearAdd) of its own uint8 input; R is zero but for the few
+    taps under the floor (or negative). The units compound along a run of same-width layers (s after k layers is the
+    product of the k taps), so each run starts from units chosen to centre that product: the per-channel geometric
+    mean of the run's units is 1, so they spread around 1 instead of drifting with the product of the taps. The stem
+    conv's or a width-changing layer's output rows carry a run's starting units, and the classifier's input columns
+    take the last layer's units. On our CIFAR-10 weights (full test split, fp32 90.00, 512 calibration images) this
+    scores 89.93-90.16 in int8 over four calibration sets; resetting the units to 1 every 2 layers instead scored
+    89.69-89.92, and uncentred chains (with taps floored at a twentieth of their median) 29-38. """
     _folded_blocks(model)
     out = copy.deepcopy(model).eval()
     blocks = [m for m in out.modules() if isinstance(m, DiracBlock)]

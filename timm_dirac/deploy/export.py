@@ -2,8 +2,8 @@
 
 The export, the graph check (only a plain conv-ReLU chain's ops) and the comparison with ONNX Runtime are the ONNX
 Runtime backend's (`backends/onnxruntime.py`). Untrained weights get their BatchNorm statistics from the check
-images before folding: with the initial statistics a random DiracNet-34's logits are about 1e-9, and a comparison
-of such logits checks almost nothing of the network.
+images before folding (torch's `update_bn`): with the initial statistics a random DiracNet-34's logits are about
+1e-9, and a comparison of such logits checks almost nothing of the network.
 """
 import argparse
 import importlib.util
@@ -11,8 +11,7 @@ import os
 import sys
 from pathlib import Path
 
-import torch
-import torch.nn as nn
+from torch.optim.swa_utils import update_bn
 
 from .backends.onnxruntime import DEFAULT_TOLERANCE, REQUIRES, check_graph_ops, export_onnx, verify_onnx
 from ..loading import MODEL_SOURCES, default_data, fold, load_images, load_model
@@ -43,19 +42,6 @@ def check_packages(data: str) -> None:
         raise ValueError(f'export-onnx needs {", ".join(missing)}, not installed: pip install "timm-dirac[export]".')
 
 
-def calibrate_batchnorm(model: nn.Module, images: torch.Tensor) -> None:
-    """ Set every BatchNorm's running statistics to those of `images` (one pass, cumulative average); the model is
-    left in eval mode. """
-    for module in model.modules():
-        if isinstance(module, nn.modules.batchnorm._BatchNorm):
-            module.reset_running_stats()
-            module.momentum = None
-    model.train()
-    with torch.no_grad():
-        model(images)
-    model.eval()
-
-
 def run(args: argparse.Namespace) -> int:
     data = args.data or default_data()
     check_packages(data)
@@ -66,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
     images, _ = load_images(data, model, args.num_images, args.split)
     untrained = not (args.checkpoint or args.pretrained or (args.model or '').startswith(MODEL_SOURCES))
     if untrained:
-        calibrate_batchnorm(model, images)
+        update_bn([images], model)  # BatchNorm statistics of the check images (one pass, cumulative average)
     model = fold(model)
     out.parent.mkdir(parents=True, exist_ok=True)
     partial = out.with_name(f'.{out.name}.partial')  # renamed to `out` once checked

@@ -1,12 +1,11 @@
 """ Quantization-aware fine-tuning for the split int8 flow (`timm-dirac quantize --flow split`).
 
-`prepare_qat` folds a DiracNet, splits its Dirac taps out (`dirac_tap`) and makes every weight that the split flow
-stores in int8 pass through the grid it will be stored on: symmetric per output channel, 7-bit (+-64), the scale
-set by the largest weight of the channel, rounded to nearest with a straight-through gradient. That is the grid
-ONNX Runtime derives from the same weights, so after `merge_qat` (each split conv summed back into one folded conv)
-`timm-dirac quantize --flow split` stores exactly the weights that were trained. The identity taps are held fixed
-(int8 holds them exactly; the learned weights adapt around them) and the learned convs keep a zero diagonal centre
-tap, so the split of the merged model finds the same two parts.
+`prepare_qat` folds a DiracNet, splits its Dirac taps out (`dirac_tap`) and puts every weight that the split flow
+stores in int8 through the grid it will be stored on (symmetric per output channel, 7-bit, the scale set by the
+channel's largest weight: the grid ONNX Runtime derives), so that after `merge_qat` the split flow stores exactly the
+trained weights. The identity taps stay fixed and the learned convs keep a zero diagonal centre tap, so the split of
+the merged model finds the same two parts. Ours rather than torch.ao's QAT modules: their observers set the scale
+from running statistics, not from each channel's largest weight as ONNX Runtime does.
 """
 import torch
 import torch.nn as nn
@@ -21,8 +20,9 @@ WEIGHT_QMAX = 64  # the split flow's 7-bit weights (ONNX Runtime's reduce_range)
 
 
 class WeightFakeQuant(nn.Module):
-    """ Per-output-channel symmetric fake quantization of a weight, straight-through gradient; with `mask`, the
-    weight is multiplied by it first (zeros stay zero). """
+    """ Per-output-channel symmetric fake quantization of a weight (`torch.fake_quantize_per_channel_affine`, the
+    scale set by each channel's largest weight), straight-through gradient; with `mask`, the weight is multiplied by
+    it first (zeros stay zero). """
 
     def __init__(self, qmax: int = WEIGHT_QMAX, mask: torch.Tensor = None):
         super().__init__()
@@ -32,10 +32,10 @@ class WeightFakeQuant(nn.Module):
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         if self.mask is not None:
             weight = weight * self.mask
-        view = (-1,) + (1,) * (weight.ndim - 1)
-        scale = (weight.detach().flatten(1).abs().amax(1).clamp_min(1e-12) / self.qmax).view(view)
-        quantized = torch.clamp(torch.round(weight / scale), -self.qmax, self.qmax) * scale
-        return weight + (quantized - weight).detach()
+        scale = weight.detach().flatten(1).abs().amax(1).clamp_min(1e-12) / self.qmax
+        zero_point = torch.zeros(len(scale), dtype=torch.int32, device=weight.device)
+        # every weight is within +-qmax steps, so torch's clipped straight-through gradient passes all of them
+        return torch.fake_quantize_per_channel_affine(weight, scale, zero_point, 0, -self.qmax, self.qmax)
 
 
 def _off_diagonal_centre(conv: nn.Conv2d) -> torch.Tensor:

@@ -1,17 +1,10 @@
 """ `timm-dirac quantize`: post-training static int8 of the folded model, calibrated on real images.
 
-Flows (`--flow`, one or more: the int8 backends of `timm_dirac.backends`; each is scored on the evaluation images,
-timed against ONNX Runtime fp32 of the same model, and the fastest within `--max-drop` is chosen):
-- `chain` (default): ONNX Runtime QDQ with the folded Dirac taps out of the int8 weights: every same-width layer's
-  tap an identity add in per-channel activation units, a width-changing layer's in an exact 1x1 int8 conv
-  (`dirac_tap.chain_dirac_taps`), 7-bit weights that no CPU's int8 kernels can saturate (`backends/onnxruntime.py`);
-- `split`: the same with every tap in an exact 1x1 int8 conv (one more conv per layer; what `train.py --qat`
-  trains for);
-- `plain`: ONNX Runtime QDQ of the folded model as it is, per-channel 8-bit weights;
-- `onnxruntime-int8`: `chain` for a DiracNet, `plain` for other models;
-- `pt2e`: PyTorch 2 export quantization lowered to oneDNN (`backends/pt2e.py`).
-Activations are uint8 per tensor in every flow, calibrated with `--method` (ONNX Runtime's calibrators; `pt2e`
-keeps torchao's).
+Each flow (`--flow`: the int8 backends of `deploy.backends`) is scored on the evaluation images (`validate.evaluate`)
+and timed against ONNX Runtime fp32 of the same model; the fastest within `--max-drop` is chosen. The default,
+`chain`, takes the Dirac taps out of the int8 weights (`dirac_tap`), which a folded DiracNet needs to keep its
+accuracy in int8; `split`, `plain`, `onnxruntime-int8` and `pt2e` are the others (`backends/onnxruntime.py`,
+`backends/pt2e.py`). Activations are uint8 per tensor, calibrated with `--method` (`pt2e` keeps torchao's).
 """
 import argparse
 import json
@@ -27,9 +20,10 @@ import torch
 
 from .backends import BACKENDS, Backend, Runner, Setup, backend_names, get_backends
 from .backends import onnxruntime as ort_backend
-from .benchmark import machine_info
 from ..diracify import is_folded
 from ..loading import default_data, fold, load_images, load_model
+from ..machine import machine_info
+from ..validate import evaluate
 from .timing import time_interleaved
 
 METHODS = ('minmax', 'percentile', 'entropy')
@@ -37,16 +31,15 @@ METHODS = ('minmax', 'percentile', 'entropy')
 
 def top1(predict: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor, labels: torch.Tensor,
          batch_size: int = 32) -> float:
-    """ Top-1 accuracy (%) of `predict` (a batch of images -> logits), fed fixed-size batches (the last one padded
-    with zeros and the padding dropped) since a lowered int8 graph has a static batch size. """
-    correct = 0
-    for start in range(0, len(images), batch_size):
-        batch = images[start:start + batch_size]
+    """ Top-1 accuracy (%) of `predict` (a batch of images -> logits) by `validate.evaluate`, fed fixed-size batches
+    (the last one padded with zeros and the padding's logits dropped) since a lowered int8 graph has a static batch
+    size. """
+    def padded(batch: torch.Tensor) -> torch.Tensor:
         count = len(batch)
         if count < batch_size:
             batch = torch.cat([batch, batch.new_zeros((batch_size - count,) + batch.shape[1:])])
-        correct += int((predict(batch)[:count].argmax(1) == labels[start:start + count]).sum())
-    return 100. * correct / len(labels)
+        return predict(batch)[:count]
+    return evaluate(padded, zip(images.split(batch_size), labels.split(batch_size)))['top1']
 
 
 def measure_speed(runners: Dict[str, Callable[[], Any]], batch_size: int, repeats: int = 5,
@@ -117,8 +110,7 @@ def run_quantize(
 def _quantize_flows(model, model_name, checkpoint, calib, images, labels, input_size, work: Path,
                     backends: Sequence[Backend], method: str, max_drop: float, bench_batches: Sequence[int],
                     repeats: int, log) -> Dict[str, Any]:
-    with torch.no_grad():
-        fp32_top1 = top1(model, images, labels)
+    fp32_top1 = top1(model, images, labels)
     report: Dict[str, Any] = dict(
         model=model.pretrained_cfg.get('architecture', model_name), checkpoint=checkpoint, method=method,
         max_drop=max_drop, fp32_top1=fp32_top1, machine=machine_info(), flows={})

@@ -3,7 +3,9 @@
 Each callable is warmed up (which also compiles or prepacks where a backend does that on the first call), its
 iterations per round sized to take about `min_time` seconds, and then every callable runs once per round, in turn,
 for `repeats` rounds: load from other processes hits all of them alike, and the median over rounds is robust to a
-busy moment. `timm-dirac benchmark` and `timm-dirac quantize` both time with it.
+busy moment. `timm-dirac benchmark` and `timm-dirac quantize` both time with it. Ours rather than
+`torch.utils.benchmark.Timer`, which times one callable at a time: the interleaving is what keeps the load off the
+ratios between callables.
 """
 import time
 from typing import Any, Callable, Dict, Hashable, List, Optional, Tuple

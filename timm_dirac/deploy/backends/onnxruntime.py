@@ -1,18 +1,11 @@
 """ The ONNX Runtime backends: export, check, run and quantize (static int8, QDQ) folded models.
 
-A folded DiracNet is a plain conv-ReLU chain, so its ONNX graph must hold only Conv, Relu, MaxPool, the global
-pool, a reshape and the classifier GEMM; `check_graph_ops` enforces that, and `verify_onnx` compares ONNX Runtime
-with PyTorch on real images at two batch sizes (the batch axis is dynamic). Backends: `onnxruntime` (fp32), the int8
-flows of `ONNX_FLOWS`, and `onnxruntime-int8` (`chain` for a folded DiracNet, `plain` for other models):
-- `chain`: the taps out of the int8 weights as `split` does, but every same-width layer as one int8 conv plus an
-  identity add of its own input (QLinearAdd), with the activations in per-channel units
-  (`dirac_tap.chain_dirac_taps`); only width-changing layers keep the split form. 7-bit weights.
-- `split`: the folded Dirac taps split out of the int8 weights (`dirac_tap`): the learned 3x3 weights get their
-  own per-channel scale and the identity rides in an exact 1x1 int8 conv, added by QLinearAdd. Weights are 7-bit
-  (+-64), so no pair of u8 x s8 products can exceed int16: the same file is exact on CPUs without VNNI, whose int8
-  kernels sum such pairs in saturating 16-bit registers.
-- `plain`: the folded model as it is, per-channel 8-bit weights (ONNX Runtime's usual static int8).
-Activations are uint8 per tensor, calibrated on real images.
+A folded DiracNet is a plain conv-ReLU chain, so its ONNX graph must hold only a chain's ops (`check_graph_ops`), and
+`verify_onnx` compares ONNX Runtime with PyTorch on real images. Backends: `onnxruntime` (fp32), the int8 flows of
+`ONNX_FLOWS` (uint8 activations calibrated on real images), and `onnxruntime-int8` (`chain` for a folded DiracNet,
+`plain` for other models). The export is timm's `onnx_export`; the comparison is ours rather than its
+`check_forward` (absolute, one batch of random inputs): relative to the logit scale, on real images, at two batch
+sizes so that a batch axis that is not dynamic fails.
 """
 import contextlib
 import copy
@@ -47,27 +40,38 @@ class OnnxFlow:
     weight_bits: int
 
 
+# - chain: every same-width layer one int8 conv plus an identity add of its own input (QLinearAdd), activations in
+#   per-channel units (`dirac_tap.chain_dirac_taps`); width-changing layers as in split;
+# - split: the Dirac taps in an exact 1x1 int8 conv beside the learned 3x3 weights (`dirac_tap.split_dirac_taps`);
+#   7-bit weights (+-64): no pair of u8 x s8 products exceeds int16, so the file is exact on CPUs without VNNI too;
+# - plain: the folded model as it is, per-channel 8-bit weights (ONNX Runtime's usual static int8).
 ONNX_FLOWS = {'chain': OnnxFlow(chain_dirac_taps, weight_bits=7), 'split': OnnxFlow(split_dirac_taps, weight_bits=7),
               'plain': OnnxFlow(None, weight_bits=8)}
 
 
 def export_onnx(model: nn.Module, path: str, input_size: Sequence[int], opset: int = 18) -> None:
-    """ Export `model` (eval, fp32) with a dynamic batch axis: input 'input' (N, C, H, W), output 'logits';
-    `MaxPool -> Relu` pairs are reordered to `Relu -> MaxPool` (see `relu_before_maxpool`). ONNX is NCHW: a
-    channels_last model is exported from a contiguous copy (the exporter would otherwise add layout ops). """
+    """ Export `model` (eval, fp32) with timm's `onnx_export` (the dynamo exporter, a dynamic batch axis): input
+    'input' (N, C, H, W), output 'logits'; then `MaxPool -> Relu` pairs are reordered to `Relu -> MaxPool` (see
+    `relu_before_maxpool`) and the graph checked. ONNX is NCHW: a channels_last model is exported from a contiguous
+    copy (the exporter would otherwise add layout ops). """
     import onnx
+    from timm.utils.onnx import onnx_export
     if any(p.dim() == 4 and p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous()
            for p in model.parameters()):
         model = copy.deepcopy(model).to(memory_format=torch.contiguous_format)
-    example = torch.randn(2, *input_size)  # batch 2: torch.export would specialize a batch of 1 to a constant
-    with contextlib.redirect_stdout(io.StringIO()):  # the exporter prints its progress; failures still raise
-        program = torch.onnx.export(
-            model.eval(), (example,), None, dynamo=True, opset_version=opset, input_names=['input'],
-            output_names=['logits'], dynamic_shapes=({0: torch.export.Dim('batch')},), verbose=False)
-    proto = program.model_proto
-    relu_before_maxpool(proto.graph)
-    onnx.checker.check_model(proto)
-    onnx.save(proto, path)
+    partial = f'{path}.partial'  # `path` appears only once checked (a backend reuses a file it finds)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):  # the exporter prints its progress; failures still raise
+            # batch 2: torch.export would specialize a batch of 1 to a constant
+            onnx_export(model.eval(), partial, batch_size=2, input_size=tuple(input_size), opset=opset,
+                        use_dynamo=True, check=False, input_names=['input'], output_names=['logits'])
+        proto = onnx.load(partial)
+        relu_before_maxpool(proto.graph)
+        onnx.checker.check_model(proto, full_check=True)
+        onnx.save(proto, path)
+    finally:
+        if os.path.exists(partial):
+            os.remove(partial)
 
 
 def relu_before_maxpool(graph) -> int:
