@@ -7,7 +7,7 @@ file per rank and loader worker.
 import os
 import sys
 
-import timm_dirac.data as data
+import timm_dirac.train.data as data
 from timm_dirac.train import parse_args, train
 
 dump_dir, argv = sys.argv[1], sys.argv[2:]

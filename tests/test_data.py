@@ -1,5 +1,5 @@
-""" timm_dirac.data: the shipped CIFAR-10 sample, image folders and transforms through timm's `create_dataset`, the
-class check, unreadable images, and the loaders training gets (`create_loaders`). """
+""" timm_dirac.data and timm_dirac.train.data: the shipped CIFAR-10 sample and image folders through timm's
+`create_dataset`, fixed subsets and hold-outs, splits, unreadable and 16-bit images, and the transforms. """
 import random
 from pathlib import Path
 
@@ -12,8 +12,9 @@ import timm
 import timm_dirac  # noqa: F401
 from timm.data import resolve_data_config
 from timm_dirac.data import (
-    DataError, MissingSplitError, eval_transform, holdout_indices, hub_dataset_id, is_test_split,
-    label_names, load_eval_split, load_split, train_transform)
+    DataError, MissingSplitError, eval_transform, hub_dataset_id, is_test_split, label_names, load_eval_split,
+    load_split)
+from timm_dirac.train.data import holdout_indices, train_transform
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -19,8 +19,8 @@ from typing import Optional
 import pytest
 from PIL import Image
 
-import timm_dirac.data as data
-from timm_dirac.data import DataError
+import timm_dirac.train.data as data
+from timm_dirac.data import DataError, label_names
 from timm_dirac.train import parse_args, train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -122,7 +122,7 @@ def _summary(run: Path) -> list:
         return list(csv.DictReader(f))
 
 
-@pytest.mark.parametrize('source', ['wds', 'hfids'])
+@pytest.mark.parametrize('source', ['wds', pytest.param('hfids', marks=pytest.mark.slow)])  # hfids: ~30 s
 def test_a_stream_trains_each_sample_once_per_epoch_and_resumes(tmp_path, shards, parquet, source, recorded,
                                                                 interrupted, capsys):
     """ One process: each epoch reads every sample once, reshuffled; a run stopped after its epoch-1 checkpoint
@@ -173,13 +173,13 @@ def test_webdataset_class_names(tmp_path):
     timm's synsets; without either, training refuses naming the fix. """
     folder = write_shards(tmp_path / 'plain')
     info = json.loads((folder / '_info.json').read_text())
-    assert data.label_names('wds/plain', str(folder)) == CLASSES
+    assert label_names('wds/plain', str(folder)) == CLASSES
     del info['label_names']
     (folder / '_info.json').write_text(json.dumps(info))
     from timm.data import ImageNetInfo
-    assert data.label_names('wds/imagenet-1k', str(folder)) == ImageNetInfo('imagenet-1k').label_names()
+    assert label_names('wds/imagenet-1k', str(folder)) == ImageNetInfo('imagenet-1k').label_names()
     with pytest.raises(DataError, match='integer labels without class names.*label_names.*_info.json'):
-        data.label_names('wds/plain', str(folder))
+        label_names('wds/plain', str(folder))
 
 
 def test_unreadable_image_in_a_shard_stops_the_run(tmp_path):
@@ -212,10 +212,28 @@ def test_other_class_names_in_validation_are_refused(tmp_path):
         data._check_classes(CLASSES, SimpleNamespace(class_names=None), 'test', 'train', 'hfds/x')
 
 
-def test_default_workers_never_exceed_the_cpus():
-    cpus = len(os.sched_getaffinity(0))
-    assert data.default_workers(1) == min(4, cpus)
-    assert data.default_workers(cpus) <= 1 and data.default_workers(cpus + 1) == 0
+@pytest.mark.parametrize('cpus,processes', [(1, 1), (2, 1), (2, 2), (3, 4), (64, 8)])
+def test_default_loader_workers_never_exceed_the_cpus(tmp_path, monkeypatch, cpus, processes):
+    """ Without --workers, the loaders of the `processes` training processes of a machine with `cpus` CPUs run no
+    more workers together than it has CPUs, and at least one each where there are CPUs enough. """
+    import timm
+    from accelerate import Accelerator
+    from timm.data import resolve_data_config
+
+    for split in ('train', 'val'):
+        for cls in CLASSES:
+            (tmp_path / split / cls).mkdir(parents=True)
+            for i in range(4):
+                _image(i).save(tmp_path / split / cls / f'{i}.png')
+    monkeypatch.setattr(os, 'sched_getaffinity', lambda pid: set(range(cpus)), raising=False)
+    monkeypatch.setattr(os, 'cpu_count', lambda: cpus)
+    monkeypatch.setenv('LOCAL_WORLD_SIZE', str(processes))
+    args = parse_args(FLAGS + ['--data-dir', str(tmp_path), '--val-split', 'validation', '--test-split', 'val'])
+    data_config = resolve_data_config({}, model=timm.create_model('diracnet34_1_cifar', layers=(1, 1, 1)))
+    loaders = data.create_loaders(args, data_config, Accelerator(cpu=True))
+    (each,) = {loader.num_workers for loader in (loaders.train_loader, loaders.val_loader, loaders.test_loader)}
+    assert each * processes <= cpus and (each >= 1) == (cpus >= processes)
+    assert f'{each} loader workers per process' in loaders.description  # the run's header says it
 
 
 def _free_port() -> int:

@@ -20,8 +20,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from accelerate.utils import RNG_STATE_NAME
 
-from timm_dirac.data import fixed_subset, holdout_indices, load_split
+from timm_dirac.data import fixed_subset, load_split
+from timm_dirac.train.data import holdout_indices
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / 'timm_dirac' / 'assets' / 'cifar10_sample'
@@ -140,9 +142,9 @@ def test_two_machines_four_ranks_train_and_resume(tmp_path):
     assert [r['epoch'] for r in _summary(run)] == list(range(1, EPOCHS + 1))
     assert sorted(p.name for p in run.iterdir()) == [
         'args.yaml', 'best', 'checkpoint-1', 'checkpoint-2', 'hub-folded', 'hub-train', 'last', 'summary.csv']
-    for epoch in range(1, EPOCHS + 1):
-        rng = sorted(p.name for p in (run / f'checkpoint-{epoch}').glob('random_states_*.pkl'))
-        assert rng == [f'random_states_{r}.pkl' for r in range(WORLD)]
+    for epoch in range(1, EPOCHS + 1):  # each rank's RNG state, as accelerate names its file
+        rng = sorted(p.name for p in (run / f'checkpoint-{epoch}').glob(f'{RNG_STATE_NAME}_*.pkl'))
+        assert rng == sorted(f'{RNG_STATE_NAME}_{r}.pkl' for r in range(WORLD))
     state = torch.load(run / 'last' / 'train_state.pt', weights_only=True)
     assert state['num_updates'] == EPOCHS * TRAIN // (BATCH * WORLD)
 
@@ -158,8 +160,8 @@ def test_two_machines_four_ranks_train_and_resume(tmp_path):
         for k, v in before['weights'].items():
             torch.testing.assert_close(after['weights'][k], v, rtol=0, atol=1e-6, msg=k)
     straight_rows, resumed_rows = _summary(run), _summary(out / 'resumed')
-    assert [r['epoch'] for r in resumed_rows] == [1, 2] and not list((out / 'resumed').glob('.*tmp'))
-    assert len(list((out / 'resumed' / 'checkpoint-2').glob('random_states_*.pkl'))) == WORLD
+    assert [r['epoch'] for r in resumed_rows] == [1, 2] and not list((out / 'resumed').glob('.*'))  # no leftovers
+    assert len(list((out / 'resumed' / 'checkpoint-2').glob(f'{RNG_STATE_NAME}_*.pkl'))) == WORLD
     for a, b in zip(straight_rows, resumed_rows):
         assert [a[m] for m in ('lr', 'train_top1', 'val_top1', 'val_top5')] == [
             b[m] for m in ('lr', 'train_top1', 'val_top1', 'val_top5')]

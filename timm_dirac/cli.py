@@ -12,12 +12,14 @@ from .errors import run_refusing
 
 # subcommand -> (module, one-line help)
 COMMANDS = {
-    'demo': ('timm_dirac.demo', 'build a DiracNet, fold it, check the outputs match and time both forms'),
-    'benchmark': ('timm_dirac.benchmark', 'inference speed of DiracNets (train form, folded) vs ResNet/RepVGG'),
-    'export-onnx': ('timm_dirac.export', 'export a folded model to ONNX, checked with ONNX Runtime on real images'),
-    'quantize': ('timm_dirac.quantize', 'post-training static int8 of a folded model, calibrated on real images'),
-    'convert': ('timm_dirac.convert', "convert a checkpoint (ours or the authors', path or URL) into a Hub folder"),
-    'push': ('timm_dirac.push', 'upload a Hub folder to the Hugging Face Hub (--dry-run lists the files)'),
+    'demo': ('timm_dirac.deploy.demo', 'build a DiracNet, fold it, check the outputs match and time both forms'),
+    'benchmark': ('timm_dirac.deploy.benchmark', 'inference speed of DiracNets (train form, folded) vs ResNet/RepVGG'),
+    'export-onnx': ('timm_dirac.deploy.export',
+                    'export a folded model to ONNX, checked with ONNX Runtime on real images'),
+    'quantize': ('timm_dirac.deploy.quantize',
+                 'post-training static int8 of a folded model, calibrated on real images'),
+    'convert': ('timm_dirac.hub.convert', "convert a checkpoint (ours or the authors', path or URL) into a Hub folder"),
+    'push': ('timm_dirac.hub.push', 'upload a Hub folder to the Hugging Face Hub (--dry-run lists the files)'),
     'validate': ('timm_dirac.validate', 'top-1/top-5 and loss on an image folder or a datasets dataset'),
 }
 

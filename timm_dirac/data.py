@@ -1,24 +1,12 @@
-""" Datasets, transforms and loaders: every source is read through timm's `create_dataset`
+""" Reading datasets, for evaluation and training alike: every source through timm's `create_dataset`
 
-Sources, with timm's names: image folders (`--data-dir <root>/<split>/<class>/<image>`, timm's split synonyms),
-`hfds/<Hub id or local folder>` (Hugging Face `datasets`, random access; the split may be a slice such as
-`test[:500]`), and the streams `wds/<name>` (webdataset tar shards in `--data-dir`, with `_info.json`),
-`hfids/<Hub id or local folder>` (`datasets` streaming) and `tfds/<name>` (where tensorflow-datasets is installed).
-Training (`create_loaders`) and evaluation (`load_eval_split`: validate, export, quantize, benchmark) read the
-same datasets.
-
-What we add to timm's readers, in a thin layer: an unreadable image stops the run naming it (timm's readers skip it
-with a warning and count another image twice), 16-bit images are scaled to 8 bits (PIL's convert clips them), and
-training refuses splits whose class names differ (not only their counts) or are unknown (integer labels).
-
-Transforms: 32 px nets (input <= 64 px) get the CIFAR recipe timm lacks (pad 4 reflect, random crop, flip);
-larger nets get timm's `create_transform`. Mean, std, size and crop come from the model's pretrained_cfg.
-
-Model selection never sees the test split: `--holdout N` sets aside fixed random images of the train split (for a
-webdataset stream: fixed random whole shards of at least N samples) for validation, the same on every rank, seed
-and resume, and the test split is scored once, at the end.
+Sources, with timm's names: image folders (`<root>/<split>/<class>/<image>`, timm's split synonyms), `hfds/<Hub id or
+local folder>` (`datasets`, random access; a split may be a slice such as `test[:500]`) and the streams `wds/`,
+`hfids/`, `tfds/`. What we add to timm's readers, and why: an unreadable image stops the run naming it (timm skips
+it and counts another image twice), 16-bit images are scaled to 8 bits (PIL's convert clips them), missing splits and
+unnamed labels are refused naming the fix. The training-only part (loaders, hold-outs, augmentation) is
+`timm_dirac.train.data`.
 """
-import io
 import logging
 import os
 import re
@@ -27,13 +15,16 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 from PIL import Image
-from torch.utils.data import Dataset, IterableDataset, Subset, random_split
+from torch.utils.data import Dataset, Subset, random_split
 
 from timm.data import create_dataset, create_transform
 
+from ._timm_compat import search_split
+
 __all__ = [
     'CLASS_LABEL_FIX', 'DataError', 'MissingSplitError', 'Images', 'to_rgb', 'load_split', 'load_eval_split',
-    'is_datasets_folder', 'fixed_subset', 'is_test_split', 'label_names', 'hub_dataset_id', 'eval_transform']
+    'is_datasets_folder', 'fixed_generator', 'fixed_subset', 'is_test_split', 'label_names', 'hub_dataset_id',
+    'eval_transform', 'open_split', 'source_prefix', 'class_names_of', 'unnamed_labels']
 
 EVAL_SPLITS = ('validation', 'test')  # an evaluation without a named split reads the first of these the data has
 STREAMS = ('wds', 'hfids', 'tfds')  # timm's iterable readers: shards read in order, no random access
@@ -63,20 +54,20 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
 
 # ------------------------------------------------------------------------------------------------- one split
-def _prefix(dataset: str) -> str:
+def source_prefix(dataset: str) -> str:
+    """ The reader prefix of a timm dataset name ('hfds', 'wds', ...; '' for image folders). """
     prefix, sep, _ = (dataset or '').partition('/')
     return prefix.lower() if sep else ''
 
 
 class Images(Dataset):
-    """ A map-style timm dataset (`ImageDataset` of an image folder or `hfds/`), decoded here instead of by timm:
-    an unreadable image raises DataError naming it (timm skips it and returns the next image in its place), a
-    label outside the class list raises too. `class_names` is None for integer labels without names. """
+    """ A map-style timm dataset (`ImageDataset` of an image folder or `hfds/`) whose images are decoded here, from
+    its reader's files, instead of by timm's `__getitem__`: an unreadable image raises DataError naming it (timm
+    skips it and returns the next image in its place), a label outside the class list raises too. `class_names`
+    is None for integer labels without names. """
 
     def __init__(self, dataset, source: str, split: str, class_names: Optional[List[str]],
                  transform: Optional[Callable] = None):
-        dataset.load_bytes = True  # timm hands over the file's bytes, we decode them (to_rgb) and name failures
-        dataset._max_retries = 1  # a file that cannot be read at all fails here too, not as the next one
         self.dataset, self.source, self.split = dataset, source, split
         self.class_names = class_names
         self.transform = transform
@@ -94,8 +85,9 @@ class Images(Dataset):
 
     def __getitem__(self, index: int) -> Tuple[Any, int]:
         try:
-            data, label = self.dataset[index]
-            image = to_rgb(Image.open(io.BytesIO(data)))
+            stream, label, *_ = self.dataset.reader[index]  # timm's Reader: (open image file, label)
+            with stream:
+                image = to_rgb(Image.open(stream))
         except Exception as e:  # PIL, datasets and the OS raise many types for a bad image
             raise DataError(f'cannot read {self.where(index)} ({e}); replace or delete it.') from e
         if self.class_names is not None and not 0 <= label < len(self.class_names):
@@ -115,11 +107,11 @@ def _raise_on_skipped_sample(record: logging.LogRecord) -> bool:
 logging.getLogger('timm.data.readers.reader_wds').addFilter(_raise_on_skipped_sample)
 
 
-def _open(dataset: str, data_dir: Optional[str], split: str, **stream_kwargs) -> Dataset:
+def open_split(dataset: str, data_dir: Optional[str], split: str, **stream_kwargs) -> Dataset:
     """ timm's `create_dataset` for one split, its failures as DataError naming the fix (MissingSplitError for a
     split the data does not have). Map-style sources come back as `Images`, streams as timm's IterableImageDataset
     with `class_names` set (None where unknown). """
-    prefix, name = _prefix(dataset), (dataset or '').partition('/')[2] if _prefix(dataset) else ''
+    prefix, name = source_prefix(dataset), (dataset or '').partition('/')[2] if source_prefix(dataset) else ''
     if dataset and not prefix and dataset != 'folder':
         raise DataError(f'unknown --dataset {dataset!r}: use hfds/<Hub id or local folder>, hfids/..., wds/<name> '
                         f'with --data-dir <shard folder>, or leave it empty and pass --data-dir with image folders.')
@@ -141,8 +133,7 @@ def _open(dataset: str, data_dir: Optional[str], split: str, **stream_kwargs) ->
                             'with train/ and val/ image folders>.')
         if not os.path.isdir(data_dir):
             raise DataError(f'--data-dir {data_dir} does not exist.')
-        from timm.data.dataset_factory import _search_split  # timm's split synonyms (val, valid, eval, ...)
-        if os.path.normpath(_search_split(data_dir, split)) == os.path.normpath(data_dir):
+        if os.path.normpath(search_split(data_dir, split)) == os.path.normpath(data_dir):
             raise MissingSplitError(f'no folder for split {split!r} in {data_dir}; pass the folder name as the split '
                                     f'(--split, or --train-split/--val-split in training).')
     try:
@@ -181,24 +172,6 @@ def _open(dataset: str, data_dir: Optional[str], split: str, **stream_kwargs) ->
     return out
 
 
-class _EpochStream(IterableDataset):
-    """ timm's training stream, its reader's pipeline rebuilt each epoch: without loader workers timm's reader
-    keeps its sample-shuffle RNG from epoch to epoch, so a resumed epoch would be read in another order. """
-
-    def __init__(self, dataset):
-        self.dataset = dataset
-
-    def __iter__(self):
-        return iter(self.dataset)
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def set_epoch(self, epoch: int) -> None:
-        self.dataset.set_epoch(epoch)
-        self.dataset.reader.ds = None  # built again, from the seeds and the epoch, at the next iteration
-
-
 def _stream_class_names(reader, prefix: str, name: str) -> Optional[List[str]]:
     """ A stream's class names in label order: the ClassLabel of `hfids/`; for a webdataset (whose `.cls` files
     hold only indices) the `label_names` list of its `_info.json`, else, for `wds/imagenet-1k` (timm's shards,
@@ -220,7 +193,8 @@ def _stream_class_names(reader, prefix: str, name: str) -> Optional[List[str]]:
     return sorted(mapping, key=mapping.get) if mapping else None
 
 
-def _class_names(ds: Dataset) -> Optional[List[str]]:
+def class_names_of(ds: Dataset) -> Optional[List[str]]:
+    """ The class names of a split opened by `open_split`, through any subsets of it. """
     while isinstance(ds, Subset):
         ds = ds.dataset
     return ds.class_names
@@ -236,10 +210,10 @@ def load_split(
     """ One map-style split as a torch Dataset of (transformed image, label), and its number of classes (None for
     integer labels without class names: enough to evaluate, not to train). `num_samples` keeps a fixed random
     subset (the same for every seed and rank) of that many samples. """
-    if _prefix(dataset) in STREAMS:
+    if source_prefix(dataset) in STREAMS:
         raise DataError(f'{dataset} is a stream (no random access): evaluate it with timm-dirac-train, or read the '
                         f'same data with hfds/ or an image folder.')
-    ds = _open(dataset, data_dir, split)
+    ds = open_split(dataset, data_dir, split)
     ds.transform = transform
     num_classes = len(ds.class_names) if ds.class_names is not None else None
     if num_samples is not None:
@@ -288,8 +262,7 @@ def load_eval_split(
         dataset, data_dir = source, None
     elif os.path.isdir(source):
         dataset, data_dir = '', source
-        from timm.data.dataset_factory import _search_split
-        if all(os.path.normpath(_search_split(source, s)) == os.path.normpath(source) for s in ('train', *EVAL_SPLITS)):
+        if all(os.path.normpath(search_split(source, s)) == os.path.normpath(source) for s in ('train', *EVAL_SPLITS)):
             if split and '[' in split:
                 raise DataError(f'split {split!r}: slices apply to hfds/ datasets; an image folder is read whole.')
             try:
@@ -320,23 +293,25 @@ def label_names(dataset: str, data_dir: Optional[str] = None, split: str = 'trai
     """ The class names of a dataset in label order: the ClassLabel names of `hfds/`/`hfids/`, the class folders
     of `data_dir`'s `split` folder (as timm numbers them), a webdataset's `_info.json` `label_names`. """
     # a stream's reader wants its epoch length even when only its class names are read
-    ds = _open(dataset, data_dir, split, **(dict(num_samples=1) if _prefix(dataset) in STREAMS else {}))
-    names = _class_names(ds)
+    ds = open_split(dataset, data_dir, split, **(dict(num_samples=1) if source_prefix(dataset) in STREAMS else {}))
+    names = class_names_of(ds)
     if names is None:
-        raise DataError(_unnamed(dataset or data_dir, split))
+        raise DataError(unnamed_labels(dataset or data_dir, split))
     return names
 
 
-def _unnamed(source: str, split: str) -> str:
+def unnamed_labels(source: str, split: str) -> str:
+    """ The refusal of a split with integer labels and no class names, naming the fix for its source. """
     fix = ('Add "label_names": [...] (in label order) to the shard folder\'s _info.json (for ImageNet shards: '
-           '--dataset wds/imagenet-1k names them by timm\'s synsets).' if _prefix(source) == 'wds' else CLASS_LABEL_FIX)
+           '--dataset wds/imagenet-1k names them by timm\'s synsets).' if source_prefix(source) == 'wds' else
+           CLASS_LABEL_FIX)
     return (f'split {split!r} of {source} has integer labels without class names (no ClassLabel column): training '
             f'needs them for the classifier and the exported config. {fix}')
 
 
 def hub_dataset_id(dataset: str) -> Optional[str]:
     """ The Hub id of `hfds/<id>` (or `hfids/<id>`) for model cards; None for a local folder or other sources. """
-    if _prefix(dataset) not in ('hfds', 'hfids'):
+    if source_prefix(dataset) not in ('hfds', 'hfids'):
         return None
     name = dataset.partition('/')[2]
     return None if os.path.exists(os.path.expanduser(name)) else name

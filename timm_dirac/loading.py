@@ -1,9 +1,8 @@
-""" Loading weights and models for the commands (`validate`, `export-onnx`, `quantize`, `benchmark`, `convert`)
+""" Loading models and weights for the commands (`validate`, `export-onnx`, `quantize`, `benchmark`, `convert`)
 
-Weight files are read by timm's `load_state_dict` with `weights_only=True` (never arbitrary unpickling) and refused in
-one line when truncated, corrupt or not finite; models come from a registry name (with or without its pretrained
-weights), a `local-dir:` / `hf-hub:` name, a checkpoint folder in the Hub layout or a weights file, in eval mode.
-Kept here rather than in a library: the refusals that say what is wrong with a file and how to get a good one.
+Models come from a registry name, a `local-dir:` / `hf-hub:` name, a Hub-layout folder or a weights file, in eval mode;
+weight files are read by timm's `load_state_dict` with `weights_only=True`. Ours on top: refusals in one line that say
+what is wrong with a file (truncated, corrupt, not finite, another architecture) and how to get a good one.
 """
 import hashlib
 import json

@@ -1,12 +1,8 @@
-""" `timm-dirac validate`: top-1 / top-5 accuracy and cross-entropy of a model on an image folder or a dataset
+""" `timm-dirac validate`: top-1 / top-5 and cross-entropy of a model on an image folder or a `datasets` dataset, and
+`evaluate`, the one top-1/top-5 loop of validate and training
 
-The model's own preprocessing (timm `resolve_data_config` + `create_transform`, overridable) is used. Datasets are
-read as training reads them (`timm_dirac.data.load_eval_split`): an image folder (split sub-folders, or one
-sub-folder per class), or `hfds/<Hub id or local path>` for a Hugging Face `datasets` dataset (a local folder is
-also recognised without the prefix). `--split test[:500]` picks a slice; without `--split` the first of validation,
-test that the dataset has. An unreadable image stops the run with its name (it is not skipped).
-Weights (`timm_dirac.loading.load_model`): `--pretrained` (the model's tag), `--checkpoint` (a Hub-layout folder or
-a checkpoint file), or a model name `local-dir:<folder>` / `hf-hub:<repo id>`.
+The data is read as training reads it (`timm_dirac.data.load_eval_split`), with the model's own preprocessing (timm's
+data config, overridable); the weights come from `timm_dirac.loading.load_model`.
 """
 import argparse
 import json
@@ -33,10 +29,11 @@ def evaluate(
         desc: str = 'eval',
 ) -> Dict[str, float]:
     """ Top-1 / top-5 accuracy (%) and mean cross-entropy of `predict` (a batch of images -> logits) over
-    (images, labels) batches: the one evaluation of validate, training, quantize and the benchmarks.
+    (images, labels) batches: the one top-1/top-5 evaluation of the package (validate, training).
 
     `gather` collects the per-sample results of every rank (accelerate's `gather_for_metrics`, which also drops the
-    samples a sharded loader repeats to even out its last batch). A label the classifier does not have, an empty
+    samples a sharded loader repeats to even out its last batch): why our own loop, not timm's `accuracy`, whose
+    batch means cannot drop them. A label the classifier does not have, an empty
     dataset and non-finite logits are refused: no number is reported for them.
     """
     totals = torch.zeros(3, dtype=torch.float64)  # loss sum, top-1 hits, top-5 hits

@@ -1,18 +1,12 @@
-""" Train DiracNets (or any timm model) with Hugging Face accelerate: one script from a CPU to many GPU nodes
+""" Train DiracNets (or any timm model) with accelerate, from one CPU to many GPU nodes
 
-    python train.py --config train_configs/quick_cifar10.yaml                     # one process
+    python train.py --config train_configs/quick_cifar10.yaml [--resume output/train/<run>]
     accelerate launch --multi_gpu --num_processes 8 train.py --config train_configs/diracnet28_10_cifar10.yaml
-    python train.py --config train_configs/quick_cifar10.yaml --resume output/train/<run>
 
-In four stages, as accelerate's `complete_cv_example.py`: `build` (accelerator, model, data, optimizer, schedule),
-`start_or_resume` (the run folder, or the state of its newest checkpoint), `fit` (train, evaluate, checkpoint each
-epoch), `export` (the best checkpoint scored once in fp32 and written as Hub folders). The engine is
-`accelerate.Accelerator` (device placement, DDP, bf16/fp16 autocast, gradient accumulation, state save/load); the
-pieces are timm's (create_dataset, create_optimizer_v2, create_scheduler_v2, ModelEmaV3, Mixup, losses).
-
-A run folder holds `args.yaml`, `summary.csv`, `checkpoint-<epoch>/` folders (the last one and the best
-`--checkpoint-hist`), the links `last` and `best`, and at the end `test.csv` and the best weights as Hub folders
-`hub-train/` and `hub-folded/` (reparameterized). A run killed at any moment resumes exactly (see `checkpoints`).
+Four stages, as accelerate's `complete_cv_example.py`: `build`, `start_or_resume`, `fit` (train, evaluate, checkpoint
+each epoch), `export` (the best checkpoint scored once in fp32, written as Hub folders). The engine is accelerate's,
+the pieces timm's; ours is what neither gives: checkpoints that are verified and survive a kill (`checkpoints`), a
+choice of `best` that never sees the test split, and one-line refusals.
 """
 import argparse
 import contextlib
@@ -38,7 +32,7 @@ from timm.utils import ModelEmaV3, distribute_bn
 
 from ..data import hub_dataset_id, is_test_split
 from ..errors import run_refusing
-from ..loading import check_weights
+from ..loading import check_weights, load_checkpoint_file
 from ..deploy.qat import merge_qat, prepare_qat
 from .data import TrainData, create_loaders
 from .args import ConfigError, build_parser, check_args, parse_args
@@ -51,6 +45,7 @@ __all__ = ['main', 'parse_args', 'build_parser', 'train', 'build', 'run_folder',
            'evaluate', 'train_one_epoch', 'build_optimizer', 'pick_precision', 'young_batchnorm', 'save_checkpoint',
            'ConfigError', 'CheckpointError', 'TrainingError', 'Interrupted']
 
+METRICS = ('loss', 'top1', 'top5')  # the evaluation's numbers, in summary.csv's column order
 # flags that define what a run trains on: a resume with other values would silently train another run
 RUN_FLAGS = ('model', 'model_kwargs', 'num_classes', 'img_size', 'input_size', 'diracify', 'diracify_layers', 'qat',
              'dataset', 'data_dir', 'train_split', 'val_split', 'holdout', 'train_num_samples', 'val_num_samples',
@@ -90,9 +85,11 @@ def create_model(args: argparse.Namespace, num_classes: Optional[int], verbose: 
     # an initial checkpoint goes through timm's pretrained loader: our checkpoint filter, classifier/in_chans adaption
     weights = dict(pretrained=args.pretrained and start)
     if args.initial_checkpoint and start:
-        weights = dict(pretrained=True, pretrained_cfg_overlay=dict(file=args.initial_checkpoint))
+        weights = dict(pretrained=True, pretrained_cfg_overlay=_initial_checkpoint_cfg(args.model,
+                                                                                       args.initial_checkpoint))
     model = timm.create_model(args.model, num_classes=num_classes, drop_rate=args.drop, **weights,
                               **args.model_kwargs)
+    model.pretrained_cfg.pop('state_dict', None)
     if args.diracify:
         from ..diracify import diracify
         try:
@@ -101,6 +98,21 @@ def create_model(args: argparse.Namespace, num_classes: Optional[int], verbose: 
         except ValueError as e:
             raise ConfigError(f'--diracify: {e}') from e
     return model
+
+
+def _initial_checkpoint_cfg(model_name: str, path: str) -> Dict[str, Any]:
+    """ The pretrained cfg overlay that loads the weights file `path` (read safely, finite): with the size of the
+    file's own classifier, since timm's loader keeps a classifier only where the model's class count is the cfg's
+    (it would drop a 10-class file's head from a model whose registered weights have 1000). """
+    state_dict = load_checkpoint_file(path)
+    check_weights(state_dict, path, floating=False)
+    overlay = dict(file=path, state_dict=state_dict)
+    classifiers = getattr(timm.models.get_pretrained_cfg(model_name), 'classifier', None) or ()
+    classifiers = (classifiers,) if isinstance(classifiers, str) else classifiers
+    sizes = {state_dict[f'{name}.weight'].shape[0] for name in classifiers if f'{name}.weight' in state_dict}
+    if len(sizes) == 1:
+        overlay['num_classes'] = sizes.pop()
+    return overlay
 
 
 def build(args: argparse.Namespace) -> Setup:
@@ -256,18 +268,18 @@ def fit(setup: Setup, args: argparse.Namespace, run_dir: Path, state: Dict[str, 
             distribute_bn(accelerator.unwrap_model(setup.model), world, reduce=True)
             if ema is not None:
                 distribute_bn(ema.module, world, reduce=True)
+        _check_finite_epoch(setup, train_metrics['loss'], epoch + 1, run_dir)  # a diverged model is not evaluated
         val = evaluate(accelerator.unwrap_model(setup.model), data.val_loader, accelerator, args.channels_last)
         row = dict(epoch=epoch + 1, lr=setup.optimizer.param_groups[0]['lr'],
                    **{f'train_{k}': v for k, v in train_metrics.items()},
-                   **{f'val_{k}': v for k, v in val.items() if k != 'count'})
+                   **{f'val_{k}': val[k] for k in METRICS})
         line = (f'epoch {epoch + 1}/{setup.num_epochs} lr {row["lr"]:.4g} | train loss {train_metrics["loss"]:.4f} '
                 f'top1 {train_metrics["top1"]:.2f} {train_metrics["img_s"]:.0f} img/s | val ({val["count"]} images) '
                 f'loss {val["loss"]:.4f} top1 {val["top1"]:.2f} top5 {val["top5"]:.2f}')
         if ema is not None:
             ema_val = evaluate(ema.module, data.val_loader, accelerator, args.channels_last, desc='eval ema')
-            row.update({f'ema_val_{k}': v for k, v in ema_val.items() if k != 'count'})
+            row.update({f'ema_val_{k}': ema_val[k] for k in METRICS})
             line += f' | ema loss {ema_val["loss"]:.4f} top1 {ema_val["top1"]:.2f} top5 {ema_val["top5"]:.2f}'
-        _check_finite_epoch(setup, row, epoch + 1, run_dir)
         metric = _scored_metric(row, args)
         setup.scheduler.step(epoch + 1, metric)
         row['epoch_s'] = time.perf_counter() - start
@@ -284,17 +296,17 @@ def fit(setup: Setup, args: argparse.Namespace, run_dir: Path, state: Dict[str, 
         save_checkpoint(accelerator, run_dir, state)
 
 
-def _check_finite_epoch(setup: Setup, row: Dict[str, Any], epoch: int, run_dir: Path) -> None:
-    """ Stop before a diverged epoch is checkpointed: its losses and every weight (and EMA weight) must be finite. """
+def _check_finite_epoch(setup: Setup, train_loss: float, epoch: int, run_dir: Path) -> None:
+    """ Stop before a diverged epoch is evaluated and checkpointed: its training loss and every weight (and EMA
+    weight) must be finite. """
     def kept() -> str:  # looked up only when the run stops
         last = complete_checkpoints(run_dir)
         return f'{run_dir / "last"} (epoch {checkpoint_epoch(last[-1])}) is the last good checkpoint' if last else \
             'no checkpoint was written'
 
     fix = 'lower --lr, or set --clip-grad'
-    losses = [k for k, v in row.items() if k.endswith('loss') and not math.isfinite(v)]
-    if losses:
-        raise TrainingError(f'epoch {epoch}: {losses[0]} is {row[losses[0]]} (training diverged): {fix}; {kept()}.')
+    if not math.isfinite(train_loss):
+        raise TrainingError(f'epoch {epoch}: train_loss is {train_loss} (training diverged): {fix}; {kept()}.')
     try:
         check_weights(setup.accelerator.unwrap_model(setup.model).state_dict(), f'epoch {epoch}', floating=False)
         if setup.ema is not None:

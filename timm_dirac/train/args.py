@@ -64,7 +64,7 @@ def build_parser() -> _Parser:
     g = p.add_argument_group('Model')
     g.add_argument('--model', default=None, metavar='NAME', help='e.g. diracnet34')
     g.add_argument('--model-kwargs', nargs='*', default={}, action=_Kwargs, metavar='K=V',
-                   help='extra model arguments, e.g. depth=16 width=2')
+                   help='extra model arguments, e.g. layers=(4,4,4) channels=(32,64,128)')
     g.add_argument('--pretrained', action='store_true')
     g.add_argument('--initial-checkpoint', default=None, metavar='PATH',
                    help='start from these weights (e.g. <run>/last/model.safetensors; train or folded form)')
@@ -156,7 +156,7 @@ def _config_value(parser: _Parser, key: Any, value: Any, path: str) -> Any:
         return None
     if dest == 'model_kwargs':
         if not isinstance(value, dict):
-            raise ConfigError(f'{path}: model_kwargs must be a mapping, e.g. {{depth: 16}}.')
+            raise ConfigError(f'{path}: model_kwargs must be a mapping, e.g. {{layers: [4, 4, 4]}}.')
         words = [flag] + [f'{k}={v!r}' for k, v in value.items()]
     elif action.nargs == 0:  # a switch: its value as is
         if not isinstance(value, bool):

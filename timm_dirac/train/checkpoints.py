@@ -1,18 +1,9 @@
-""" The run folder and its checkpoints: written atomically, verified on every read, resumable after a kill anywhere.
+""" The run folder and its checkpoints: written atomically, verified on every read, resumable after a kill anywhere
 
-A run folder appears whole (created as a temp folder with args.yaml and renamed into place) and is locked while a
-process trains in it. A checkpoint is `accelerate.Accelerator.save_state` (model as safetensors, optimizer, scaler,
-RNG per rank; accelerate 1.16 loads all of these with `torch.load(weights_only=True)` or safetensors) plus our
-`train_state.pt` (epoch, scheduler, EMA, best list, summary: accelerate's `save_custom_state` would need
-`torch.load(weights_only=False)` to read it back) and `checkpoint.sha256`, the SHA-256 of every other file; it is
-written into a temp folder and renamed into place, so a `checkpoint-<epoch>` folder is complete. Every checkpoint
-read (to resume, or the best one to export) is checked against its SHA-256 list first.
-
-The newest checkpoint is the folder's one source of truth: `last`, `best`, the pruning and summary.csv follow from
-it (`publish`), after each save and again on resume, which repairs a run killed between any two steps of a save.
-timm's `CheckpointSaver` ranks its top-k in single torch.save files it writes in place (not atomically; with `args`
-they hold a Namespace that weights_only=True refuses) and `resume_checkpoint` reads one such file, without RNG or
-per-rank state: our folders are accelerate's, so the top-k list is ours (`rank_best`) and the restore accelerate's.
+A run folder holds args.yaml, summary.csv, `checkpoint-<epoch>/` folders (the last and the `--checkpoint-hist` best),
+the links `last` and `best`, and at the end test.csv and Hub folders. A checkpoint is accelerate's `save_state` plus our
+`train_state.pt` and `checkpoint.sha256`; the newest checkpoint is the one source of truth, from which `publish`
+(re)makes `last`, `best`, the pruning and summary.csv after each save and on resume.
 """
 import contextlib
 import csv
@@ -146,6 +137,7 @@ def find_resume_checkpoint(resume: str) -> Tuple[Path, Optional[Path]]:
 
 def verify_checkpoint(checkpoint: Path) -> None:
     """ Refuse a checkpoint whose files are not exactly those its SHA-256 list recorded, byte for byte. """
+    # why our own: accelerate's load_state reads whatever files are there; a damaged one would resume another run
     fix = (f'{checkpoint.name} is damaged: restore it from a copy, or move it out of the run folder (--resume then '
            f'continues from the newest checkpoint left, a finished run exports from its newest)')
     try:
@@ -192,6 +184,7 @@ def save_checkpoint(accelerator, run_dir: Path, state: Dict[str, Any]) -> None:
         accelerator.save_state(str(tmp), safe_serialization=True)
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
+            # why our own: accelerate's save_custom_state is read back by load_custom_state with weights_only=False
             torch.save(state, tmp / 'train_state.pt')
             sums = ''.join(f'{file_sha256(p)}  {p.name}\n' for p in sorted(tmp.iterdir()) if p.is_file())
             (tmp / MANIFEST).write_text(sums, encoding='utf-8')
@@ -206,17 +199,21 @@ def save_checkpoint(accelerator, run_dir: Path, state: Dict[str, Any]) -> None:
 def load_checkpoint(accelerator, checkpoint: Path) -> Dict[str, Any]:
     """ Restore model, optimizer, scaler and RNG states from a verified `checkpoint`; returns its train_state. The
     RNG state is compared with the one restored: accelerate skips an unreadable one silently. """
-    from accelerate.utils import load as accelerate_load
+    from accelerate.utils import RNG_STATE_NAME, load as accelerate_load
 
     verify_checkpoint(checkpoint)
-    state = torch.load(checkpoint / 'train_state.pt', map_location='cpu', weights_only=True)
+    try:  # tensors and plain containers only, never arbitrary unpickling
+        state = torch.load(checkpoint / 'train_state.pt', map_location='cpu', weights_only=True)
+    except Exception as e:
+        raise CheckpointError(f'cannot read {checkpoint / "train_state.pt"} ({first_sentence(e)}): move the checkpoint '
+                              f'out of the run folder to resume from the one before.') from e
     try:
         accelerator.load_state(str(checkpoint))
     except Exception as e:
         raise CheckpointError(f'cannot restore {checkpoint} ({first_sentence(e)}): a checkpoint of another model or '
                               f'other flags? Resume with the flags of that run.') from e
-    rng_file = checkpoint / f'random_states_{accelerator.process_index}.pkl'
-    try:
+    rng_file = checkpoint / f'{RNG_STATE_NAME}_{accelerator.process_index}.pkl'
+    try:  # accelerate skips an RNG file it cannot read, silently
         restored = torch.equal(accelerate_load(rng_file)['torch_manual_seed'], torch.get_rng_state())
     except Exception:
         restored = False
@@ -249,6 +246,7 @@ def publish(run_dir: Path, state: Dict[str, Any]) -> None:
 def rank_best(best: List[Tuple[float, int]], metric: float, epoch: int, keep: int, lower_is_better: bool
               ) -> List[Tuple[float, int]]:
     """ The `keep` best (metric, epoch) pairs with this epoch's added; ties go to the earlier epoch. """
+    # why our own: timm's CheckpointSaver ranks single torch.save files written in place, not accelerate's folders
     best = best + [(metric, epoch)]
     best.sort(key=lambda x: (x[0] if lower_is_better else -x[0], x[1]))
     return best[:keep]

@@ -1,9 +1,9 @@
-""" Training's data: loaders for map-style and streamed data, hold-out and fixed subsets, the training transform
+""" Training's data: the train / validation / test loaders prepared for accelerate, and the training transform
 
-Every source is read through timm's `create_dataset` (`timm_dirac.data`); this adds what training alone needs: the
-train / validation / test loaders prepared for accelerate (streams sharded per rank and worker, resumed at epoch
-boundaries), the hold-out of the train split (fixed random images, or whole shards of a stream, the same on every rank,
-seed and resume), split label sets that must agree, and the CIFAR recipe for 32 px nets (timm lacks it).
+On top of the shared reading (`timm_dirac.data`), what training alone needs: streams sharded per rank and loader
+worker and resumed at epoch boundaries, a hold-out of the train split that is the same on every rank, seed and resume
+(fixed random images, or whole shards of a stream), splits that must share one label set, and the CIFAR recipe for
+32 px nets, which timm's `create_transform` lacks.
 """
 import os
 import signal
@@ -11,15 +11,19 @@ from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
-from torch.utils.data import DataLoader, Dataset, Subset, random_split
+from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset, random_split
 from torchvision import transforms
 
 from timm.data import create_transform
 from timm.data.random_erasing import RandomErasing
 
+from .._timm_compat import wds_split_info
 from ..data import (
-    EVAL_SPLITS, STREAMS, DataError, MissingSplitError, _class_names, _EpochStream, _open, _prefix, _unnamed,
-    eval_transform, fixed_generator, fixed_subset, is_test_split)
+    EVAL_SPLITS, STREAMS, DataError, MissingSplitError, class_names_of, eval_transform, fixed_generator, fixed_subset,
+    is_test_split, open_split, source_prefix, unnamed_labels)
+
+__all__ = ['TrainData', 'create_loaders', 'holdout_indices', 'default_workers', 'train_transform', 'is_small_input']
+
 
 def holdout_indices(num_samples: int, holdout: int) -> Tuple[List[int], List[int]]:
     """ (train, held out) indices of a split of `num_samples`: `holdout` fixed random samples are set aside for
@@ -32,6 +36,24 @@ def holdout_indices(num_samples: int, holdout: int) -> Tuple[List[int], List[int
 
 
 # ------------------------------------------------------------------------------------------------- training
+class _EpochStream(IterableDataset):
+    """ timm's training stream, its reader's pipeline rebuilt each epoch: without loader workers timm's reader
+    keeps its sample-shuffle RNG from epoch to epoch, so a resumed epoch would be read in another order. """
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __iter__(self):
+        return iter(self.dataset)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.dataset.set_epoch(epoch)
+        self.dataset.reader.ds = None  # built again, from the seeds and the epoch, at the next iteration
+
+
 @dataclass
 class TrainData:
     """ What training reads: loaders already prepared for `accelerator` (batches on its device; the validation and
@@ -68,7 +90,7 @@ def default_workers(processes_per_machine: int = 1) -> int:
 def _check_classes(names: List[str], ds: Dataset, split: str, train_split: str, source: str) -> None:
     """ Refuse a validation or test split whose class names are not the train split's (same count, other names
     would score one class as another). """
-    other = _class_names(ds)
+    other = class_names_of(ds)
     if other == names:
         return
     def show(n: Optional[List[str]]) -> str:
@@ -90,24 +112,24 @@ def _train_transform_of(args, data_config: Dict[str, Any]) -> Callable:
 def _map_loaders(args, data_config, accelerator):
     """ Image folders and `hfds/`: (train, validation, test) datasets, the split validation reads, the names. """
     source = args.dataset or args.data_dir
-    train_set = _open(args.dataset, args.data_dir, args.train_split)
+    train_set = open_split(args.dataset, args.data_dir, args.train_split)
     names = train_set.class_names
     if names is None:
-        raise DataError(_unnamed(source, args.train_split))
+        raise DataError(unnamed_labels(source, args.train_split))
     train_set.transform = _train_transform_of(args, data_config)
     val_split = None
     if args.holdout:
         kept, held = holdout_indices(len(train_set), args.holdout)
-        same = _open(args.dataset, args.data_dir, args.train_split)
+        same = open_split(args.dataset, args.data_dir, args.train_split)
         same.transform = eval_transform(data_config)
         train_set, val_set = Subset(train_set, kept), Subset(same, held)
     else:
-        val_set, val_split = _val_split(args, lambda split: _open(args.dataset, args.data_dir, split), accelerator)
+        val_set, val_split = _val_split(args, lambda split: open_split(args.dataset, args.data_dir, split), accelerator)
         val_set.transform = eval_transform(data_config)
         _check_classes(names, val_set, val_split, args.train_split, source)
     test_set = None
     if args.test_split:
-        test_set = _open(args.dataset, args.data_dir, args.test_split)
+        test_set = open_split(args.dataset, args.data_dir, args.test_split)
         test_set.transform = eval_transform(data_config)
         _check_classes(names, test_set, args.test_split, args.train_split, source)
     if args.train_num_samples is not None:
@@ -179,8 +201,7 @@ def _stream_workers(reader, prefix: str, world: int, requested: Optional[int], d
 def _wds_holdout(args) -> Tuple[str, str]:
     """ --holdout for a webdataset: fixed random whole shards of at least `holdout` samples become the validation
     split (the same on every rank, seed and resume), the others the train split, as timm's split strings. """
-    from timm.data.readers.reader_wds import _load_info, _parse_split_info
-    split = _parse_split_info(args.train_split, _load_info(args.data_dir))
+    split = wds_split_info(args.data_dir, args.train_split)
     files, lengths = list(split.filenames), list(split.shard_lengths)
     if not lengths:
         raise DataError(f'--holdout on wds/ holds out whole shards and needs their lengths: give split '
@@ -203,7 +224,7 @@ def _stream_sets(args, data_config, accelerator, default_workers: int):
     """ `wds/`, `hfids/`, `tfds/`: the training stream (each rank and worker reads its own shards; the epoch has
     the split's stated size or --train-num-samples), the evaluation streams (read by rank 0's workers and dealt
     to the ranks by accelerate), the split validation reads, the names and the loader workers. """
-    prefix, world = _prefix(args.dataset), accelerator.num_processes
+    prefix, world = source_prefix(args.dataset), accelerator.num_processes
     kwargs = dict(seed=args.seed, download=getattr(args, 'dataset_download', False))
     train_split, val_split = args.train_split, None
     if args.holdout:
@@ -211,17 +232,17 @@ def _stream_sets(args, data_config, accelerator, default_workers: int):
             raise DataError(f'--holdout on a {prefix}/ stream: it has no shards to hold out here; validate on a '
                             f'split (--holdout 0 --val-split NAME), or read the data with hfds/ to hold out images.')
         train_split, held_split = _wds_holdout(args)
-    train_set = _open(args.dataset, args.data_dir, train_split, is_training=True, batch_size=args.batch_size,
+    train_set = open_split(args.dataset, args.data_dir, train_split, is_training=True, batch_size=args.batch_size,
                       num_samples=args.train_num_samples, **kwargs)
     names = train_set.class_names
     if names is None:
-        raise DataError(_unnamed(args.dataset, args.train_split))
+        raise DataError(unnamed_labels(args.dataset, args.train_split))
     workers = _stream_workers(train_set.reader, prefix, world, args.workers, default_workers, accelerator)
     train_set.set_loader_cfg(num_workers=workers)
     train_set.transform = _train_transform_of(args, data_config)
 
     def open_eval(split: str, num_samples: Optional[int] = None) -> Dataset:
-        ds = _open(args.dataset, args.data_dir, split, is_training=False, num_samples=num_samples, **kwargs)
+        ds = open_split(args.dataset, args.data_dir, split, is_training=False, num_samples=num_samples, **kwargs)
         # rank 0 reads the whole split once (timm's reader would split it over the ranks and pad unevenly), and
         # accelerate deals its batches to the ranks, so gather_for_metrics counts each sample once
         ds.reader.dist_rank, ds.reader.dist_num_replicas = 0, 1
@@ -277,7 +298,7 @@ def create_loaders(args, data_config: Dict[str, Any], accelerator) -> TrainData:
     world = accelerator.num_processes
     local = int(os.environ.get('LOCAL_WORLD_SIZE', world))
     workers = args.workers if args.workers is not None else default_workers(local)
-    stream = _prefix(args.dataset) in STREAMS
+    stream = source_prefix(args.dataset) in STREAMS
     if stream:  # the stream's shards may call for fewer workers
         train_set, val_set, test_set, val_split, names, workers = _main_first(
             accelerator, lambda: _stream_sets(args, data_config, accelerator, default_workers(local)))
@@ -335,8 +356,8 @@ def train_transform(
         re_prob: float = 0.,
 ) -> Callable:
     """ Training transform: the CIFAR recipe (pad size/8 reflect, random crop, flip, optional colour jitter and
-    random erasing) for inputs <= 64 px, else timm's `create_transform` (random-resized crop, flip, colour jitter,
-    optional Auto/RandAugment, random erasing). """
+    random erasing; ours because timm's `create_transform` has no pad-and-crop) for inputs <= 64 px, else timm's
+    `create_transform` (random-resized crop, flip, colour jitter, optional Auto/RandAugment, random erasing). """
     mean, std = data_config['mean'], data_config['std']
     if is_small_input(data_config):
         if auto_augment:

@@ -7,13 +7,13 @@ from typing import Dict, Optional, Tuple
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from timm.data import Mixup
 from timm.optim import create_optimizer_v2
 from timm.utils import ModelEmaV3, accuracy
 
+from .. import validate
 from ..machine import auto_precision
 
 __all__ = ['pick_precision', 'make_accelerator', 'build_optimizer', 'train_one_epoch', 'evaluate', 'young_batchnorm']
@@ -102,28 +102,21 @@ def train_one_epoch(
     return dict(loss=loss_sum / count, top1=100 * correct / count, img_s=count / elapsed), num_updates
 
 
-@torch.no_grad()
 def evaluate(model: nn.Module, loader, accelerator, channels_last: bool = False, desc: str = 'eval',
              fp32: bool = False) -> Dict[str, float]:
     """ Loss, top-1 and top-5 over every rank's samples, each counted once (`gather_for_metrics` drops the samples
-    a prepared loader repeats to even out the last batch); in the run's precision, or in fp32 with `fp32` (a model
-    not prepared by the accelerator, whose forward would autocast). """
+    a prepared loader repeats to even out the last batch): `timm_dirac.validate.evaluate` with the model in the run's
+    precision, or in fp32 with `fp32` (a model not prepared by the accelerator, whose forward would autocast). """
     model.eval()
-    totals = torch.zeros(3, dtype=torch.float64, device=accelerator.device)  # loss sum, top1, top5
-    count = 0
-    for images, labels in tqdm(loader, desc=desc, disable=not accelerator.is_main_process, leave=False):
-        images, labels = images.to(accelerator.device), labels.to(accelerator.device)
+
+    def predict(images: torch.Tensor) -> torch.Tensor:
+        images = images.to(accelerator.device)
         if channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         with contextlib.nullcontext() if fp32 else accelerator.autocast():
-            logits = model(images)
-        hits = logits.topk(min(5, logits.shape[1]), dim=1).indices == labels[:, None]
-        loss = F.cross_entropy(logits.float(), labels, reduction='none')
-        per_sample = accelerator.gather_for_metrics(torch.stack([loss, hits[:, 0], hits.any(1)], 1).double())
-        totals += per_sample.sum(0)
-        count += per_sample.shape[0]
-    loss_sum, top1, top5 = totals.tolist()
-    return dict(loss=loss_sum / count, top1=100 * top1 / count, top5=100 * top5 / count, count=count)
+            return model(images)
+    return validate.evaluate(predict, loader, gather=accelerator.gather_for_metrics,
+                             progress=accelerator.is_main_process, desc=desc)
 
 
 def young_batchnorm(model: nn.Module, batches: int, tolerance: float = 0.01) -> str:
