@@ -29,7 +29,7 @@ import timm_dirac
 from timm.optim import param_groups_weight_decay
 from timm_dirac.deploy.dirac_tap import centre_tap_ratio
 from timm_dirac.diracnet import CIFAR_MEAN, CIFAR_STD
-from timm_dirac.validate import evaluate
+from timm_dirac.metrics import evaluate
 
 NETWORKS = ('dirac', 'plain', 'resnet')
 # settings a resumed sweep must share with its file (torch version and thread count only move the times)

@@ -3,7 +3,7 @@
 The preprocessing is read from the weights' timm `config.json` (input size, crop_pct, interpolation, mean, std) and
 written out here, and ONNX Runtime runs the file, so the score checks the exported file the way a deployment would
 run it, not through the code that wrote it (no timm transform, no export or quantize code); only the counting is the
-package's one evaluation (`timm_dirac.validate.evaluate`).
+package's one evaluation (`timm_dirac.metrics.evaluate`).
 
     python benchmarks/eval_onnx.py int8/model_int8_split.onnx \\
         --config timm_dirac/assets/weights/diracnet16_4_cifar.td_cifar10/config.json \\
@@ -19,7 +19,7 @@ import torch
 from datasets import load_dataset
 from PIL import Image
 
-from timm_dirac.validate import evaluate
+from timm_dirac.metrics import evaluate
 
 
 def preprocess(image: Image.Image, cfg: dict) -> np.ndarray:

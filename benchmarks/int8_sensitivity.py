@@ -26,7 +26,7 @@ from timm_dirac.deploy.dirac_tap import centre_tap_ratio, diagonal_centre
 from timm_dirac.diracnet import DiracBlock
 from timm_dirac.loading import fold, load_images, load_model
 from timm_dirac.machine import machine_info
-from timm_dirac.validate import evaluate
+from timm_dirac.metrics import evaluate
 
 SCHEMES = {'plain 8-bit': (False, 127), 'split 7-bit': (True, 64)}
 
@@ -47,7 +47,7 @@ def quantize_layer(weight: torch.Tensor, split: bool, qmax: int) -> torch.Tensor
 
 
 def score(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, reference: torch.Tensor = None) -> Dict:
-    """ Top-1 (`validate.evaluate`) and, against `reference` logits, the logits' signal-to-quantization-noise ratio;
+    """ Top-1 (`metrics.evaluate`) and, against `reference` logits, the logits' signal-to-quantization-noise ratio;
     returns the logits too. """
     outputs = []
 

@@ -1,6 +1,6 @@
 """ `timm-dirac quantize`: post-training static int8 of the folded model, calibrated on real images.
 
-Each flow (`--flow`: the int8 backends of `deploy.backends`) is scored on the evaluation images (`validate.evaluate`)
+Each flow (`--flow`: the int8 backends of `deploy.backends`) is scored on the evaluation images (`metrics.evaluate`)
 and timed against ONNX Runtime fp32 of the same model; the fastest within `--max-drop` is chosen. The default,
 `chain`, takes the Dirac taps out of the int8 weights (`dirac_tap`), which a folded DiracNet needs to keep its
 accuracy in int8; `split`, `plain`, `onnxruntime-int8` and `pt2e` are the others (`backends/onnxruntime.py`,
@@ -23,7 +23,7 @@ from .backends import onnxruntime as ort_backend
 from ..diracify import is_folded
 from ..loading import default_data, fold, load_images, load_model
 from ..machine import machine_info
-from ..validate import evaluate
+from ..metrics import evaluate
 from .timing import time_interleaved
 
 METHODS = ('minmax', 'percentile', 'entropy')
@@ -31,7 +31,7 @@ METHODS = ('minmax', 'percentile', 'entropy')
 
 def top1(predict: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor, labels: torch.Tensor,
          batch_size: int = 32) -> float:
-    """ Top-1 accuracy (%) of `predict` (a batch of images -> logits) by `validate.evaluate`, fed fixed-size batches
+    """ Top-1 accuracy (%) of `predict` (a batch of images -> logits) by `metrics.evaluate`, fed fixed-size batches
     (the last one padded with zeros and the padding's logits dropped) since a lowered int8 graph has a static batch
     size. """
     def padded(batch: torch.Tensor) -> torch.Tensor:

@@ -13,7 +13,7 @@ from timm.data import Mixup
 from timm.optim import create_optimizer_v2
 from timm.utils import ModelEmaV3, accuracy
 
-from .. import validate
+from .. import metrics
 from ..machine import auto_precision
 
 __all__ = ['pick_precision', 'make_accelerator', 'build_optimizer', 'train_one_epoch', 'evaluate', 'young_batchnorm']
@@ -105,7 +105,7 @@ def train_one_epoch(
 def evaluate(model: nn.Module, loader, accelerator, channels_last: bool = False, desc: str = 'eval',
              fp32: bool = False) -> Dict[str, float]:
     """ Loss, top-1 and top-5 over every rank's samples, each counted once (`gather_for_metrics` drops the samples
-    a prepared loader repeats to even out the last batch): `timm_dirac.validate.evaluate` with the model in the run's
+    a prepared loader repeats to even out the last batch): `timm_dirac.metrics.evaluate` with the model in the run's
     precision, or in fp32 with `fp32` (a model not prepared by the accelerator, whose forward would autocast). """
     model.eval()
 
@@ -115,7 +115,7 @@ def evaluate(model: nn.Module, loader, accelerator, channels_last: bool = False,
             images = images.contiguous(memory_format=torch.channels_last)
         with contextlib.nullcontext() if fp32 else accelerator.autocast():
             return model(images)
-    return validate.evaluate(predict, loader, gather=accelerator.gather_for_metrics,
+    return metrics.evaluate(predict, loader, gather=accelerator.gather_for_metrics,
                              progress=accelerator.is_main_process, desc=desc)
 
 
