@@ -6,9 +6,9 @@ Every run trains on the same class-balanced subset with the same seed, schedule 
 augmentation (pad-4 reflect, random crop, flip). Results go to a JSON file run by run, so an interrupted sweep
 resumes where it stopped; `--plot` turns the JSON into a table and PNG plots.
 
-    python benchmarks/depth_sweep.py --data <CIFAR-10 folder> --out docs/results/depth_sweep.json   # depth sweep
-    python benchmarks/depth_sweep.py --data <CIFAR-10 folder> --sweep init --out docs/results/init_sweep.json
-    python benchmarks/depth_sweep.py --plot docs/results/depth_sweep.json
+    python benchmarks/depth_sweep.py --data <CIFAR-10 folder> --out docs/reports/depth_sweep.json   # depth sweep
+    python benchmarks/depth_sweep.py --data <CIFAR-10 folder> --sweep init --out docs/reports/init_sweep.json
+    python benchmarks/depth_sweep.py --plot docs/reports/depth_sweep.json
 """
 import argparse
 import copy
@@ -236,7 +236,7 @@ def plot(path: Path):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('--sweep', choices=('depth', 'init'), default='depth')
-    parser.add_argument('--out', default='docs/results/depth_sweep.json', help='results JSON (resumed if present)')
+    parser.add_argument('--out', default='docs/reports/depth_sweep.json', help='results JSON (resumed if present)')
     parser.add_argument('--plot', type=Path, help='only print the table and draw the plot of this results JSON')
     parser.add_argument('--data', type=Path, default=None,
                         help='local CIFAR-10 datasets folder (the Parquet files of uoft-cs/cifar10)')

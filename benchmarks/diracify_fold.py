@@ -10,7 +10,7 @@ loads with timm alone.
 
     python benchmarks/diracify_fold.py output/diracify/vgg11_bn-dirac   # the shipped sample's 1,000 test images
     python benchmarks/diracify_fold.py output/diracify/vgg11_bn-dirac --dataset hfds/uoft-cs/cifar10 --split test
-    python benchmarks/diracify_fold.py --plot docs/results RUN_DIR [RUN_DIR ...]   # table + plot of several runs
+    python benchmarks/diracify_fold.py --plot docs/reports RUN_DIR [RUN_DIR ...]   # table + plot of several runs
 """
 import argparse
 import csv

@@ -1,4 +1,4 @@
-""" GPU check: DiracNets on one NVIDIA GPU in one run of at most about 8 minutes, tables into docs/gpu/.
+""" GPU check: DiracNets on one NVIDIA GPU in one run of at most about 8 minutes, tables into docs/reports/.
 
 1. Inference: images/s, latency and peak memory of the folded DiracNet-18/34 against ResNet-18/34 and the folded
    RepVGG-A1/A2, with fp16 and bf16 weights and inputs, batch 1/64/256, channels_last, eager PyTorch; a GEMM of
@@ -398,7 +398,7 @@ def write_report(result: Dict[str, Any], out: Path, clock: Clock) -> None:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     p.add_argument('--device', default='cuda', choices=['cuda', 'cpu'], help='cpu: a smoke run with tiny settings')
-    p.add_argument('--out', default=str(ROOT / 'docs' / 'gpu'), help='folder for gpu_check.md and gpu_check.json')
+    p.add_argument('--out', default=str(ROOT / 'docs' / 'reports'), help='folder for gpu_check.md and gpu_check.json')
     p.add_argument('--budget-s', type=float, default=450., help='no section or compile case starts after this')
     p.add_argument('--models', nargs='+', default=list(DEFAULT_MODELS), metavar='NAME', help='inference models')
     p.add_argument('--precisions', nargs='+', default=['fp16', 'bf16'], choices=list(DTYPES))

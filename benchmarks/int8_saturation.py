@@ -6,7 +6,7 @@ saturating run then tells what the same file scores on an AVX2 / AVX-512 CPU wit
 
     python benchmarks/int8_saturation.py int8/model_int8_split.onnx int8/model_int8_plain.onnx \\
         --checkpoint timm_dirac/assets/weights/diracnet16_4_cifar.td_cifar10 --data hfds/<CIFAR-10 folder> \\
-        --num 3000 --out docs/deploy/int8_saturation.json
+        --num 3000 --out docs/reports/int8_saturation.json
 """
 import argparse
 import json

@@ -10,7 +10,7 @@ For each, the logits' signal-to-quantization-noise ratio against the float model
 test images; beside them the layer's centre-tap ratio (median over channels of |Dirac tap| / max |other weight|).
 
     python benchmarks/int8_sensitivity.py --checkpoint timm_dirac/assets/weights/diracnet16_4_cifar.td_cifar10 \\
-        --data hfds/<CIFAR-10 folder> --out docs/deploy/int8_sensitivity.json --plot docs/deploy/int8_sensitivity.png
+        --data hfds/<CIFAR-10 folder> --out docs/reports/int8_sensitivity.json --plot docs/reports/int8_sensitivity.png
 """
 import argparse
 import json

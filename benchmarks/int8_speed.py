@@ -7,7 +7,8 @@ each DiracNet int8 file against ResNet int8 (`onnxruntime-int8`, static QDQ) and
 as the median of the per-round ratios (a round's neighbours share its load, so the pairs are robust to the load
 moving between rounds on a shared machine).
 
-    python benchmarks/int8_speed.py --models diracnet18 diracnet34 --flows split plain --batch-sizes 1 32
+    python benchmarks/int8_speed.py --models diracnet18 diracnet34 --flows chain split plain --batch-sizes 1 32 \
+        --out docs/reports/int8_speed-<cpu>.json
 """
 import argparse
 import json

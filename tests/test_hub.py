@@ -213,6 +213,58 @@ def test_card_shows_the_int8_command_and_measured_int8_rows():
     assert 'int8:' not in card, 'the int8 rows are not listed under Training'
 
 
+def test_card_names_the_file_of_quantize_default_flow_and_calls_no_other_flow_the_default():
+    """ The card's int8 section and table follow `timm-dirac quantize`'s own default, which writes
+    <out>/model_int8_<flow>.onnx. """
+    import argparse
+
+    from timm_dirac.deploy import quantize
+    from timm_dirac.deploy.backends import Setup
+    from timm_dirac.hub.card import DEFAULT_INT8_FLOW
+
+    parser = argparse.ArgumentParser()
+    quantize.add_arguments(parser)
+    assert parser.parse_args(['--out', 'int8']).flow == [DEFAULT_INT8_FLOW]
+    written = f'{Setup((3, 32, 32), "out").tag}_int8_{DEFAULT_INT8_FLOW}.onnx'
+    model = timm.create_model('diracnet34_1_cifar', layers=(1, 1, 1)).eval()
+    rows = [dict(flow=flow, fp32_top1=90.0, int8_top1=89.9, speedup='1x') for flow in ('split', DEFAULT_INT8_FLOW)]
+    card = generate_model_card(model, dict(int8=dict(rows=rows, command='quantize', measured='here')))
+    assert f'int8/{written}' in card and 'model_int8_split' not in card
+    assert [line for line in card.splitlines() if 'default' in line.lower() and '|' in line] == [
+        f'| {DEFAULT_INT8_FLOW} (default) | 90.00 | 89.90 | 0.10 | 1x |']
+    assert [s for s in re.findall(r'`(\w+)` flow', card)] == [DEFAULT_INT8_FLOW]
+
+
+def test_card_install_line_is_one_that_works_today():
+    """ No index serves timm-dirac yet: the card installs it from a clone, as the README does. """
+    card = generate_model_card(timm.create_model('diracnet34_1_cifar', layers=(1, 1, 1)))
+    usage = card[card.index('## Model Usage'):]
+    install = usage[usage.index('```bash'):usage.index('```', usage.index('```bash') + 3)]
+    assert 'pip install -e' in install and not re.search(r'pip install timm-dirac\b', install)
+
+
+def test_run_card_on_a_local_folder_names_the_data_and_puts_its_scores_in_the_metadata(tmp_path):
+    """ A run on local data (the main job reads the sample shipped in the package) names that data, not an absolute
+    path of the machine, and its scores go into model-index; only Hub datasets are listed under `datasets`. """
+    from timm_dirac.assets import asset_path
+
+    model = timm.create_model('diracnet34_1_cifar', layers=(1, 1, 1))
+    info = dict(dataset=None, data=f'hfds/{asset_path("cifar10_sample")}', metrics=dict(top1=71.6, top5=98.1),
+                eval_split='test', license='apache-2.0')
+    card = ModelCard.load(save_hub_folder(model, tmp_path / 'hub', train_info=info, label_names=CIFAR10) / 'README.md')
+    assert {(r.metric_type, r.metric_value, r.dataset_type, r.dataset_split) for r in card.data.eval_results} == {
+        ('accuracy', 71.6, 'timm_dirac/assets/cifar10_sample', 'test'),
+        ('top-5-accuracy', 98.1, 'timm_dirac/assets/cifar10_sample', 'test')}
+    assert card.data.datasets is None and str(ROOT) not in card.text and 'not stated' not in card.text
+    assert '**Dataset:** CIFAR-10 sample' in card.text and 'timm_dirac/assets/cifar10_sample' in card.text
+
+    elsewhere = tmp_path / 'my_images'
+    (elsewhere / 'train').mkdir(parents=True)
+    info.update(data=str(elsewhere))
+    card = ModelCard.load(save_hub_folder(model, tmp_path / 'hub2', train_info=info) / 'README.md')
+    assert {r.dataset_type for r in card.data.eval_results} == {'my_images'} and str(tmp_path) not in card.text
+
+
 RELEASE_FACTS = ('69.63', '89.12', 'modelzoo-networks', 'v2_in1k', 'does not re-host', 'OpenCV')
 
 

@@ -7,6 +7,8 @@ authors' file checked by its hash) carry that tag's name, source, licence and re
 anything else is described as what it is.
 """
 import json
+import os
+from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
 
 import torch
@@ -15,7 +17,8 @@ import torch.nn as nn
 from .._timm_compat import generate_readme
 from ..diracify import is_folded
 
-__all__ = ['REPORTED_RESULTS', 'REPO_ID_PLACEHOLDER', 'generate_model_card', 'count_params_macs', 'published_cfg']
+__all__ = ['REPORTED_RESULTS', 'REPO_ID_PLACEHOLDER', 'DEFAULT_INT8_FLOW', 'generate_model_card', 'count_params_macs',
+           'published_cfg']
 
 AUTHORS_REPO = 'https://github.com/szagoruyko/diracnets'
 
@@ -23,20 +26,32 @@ _AUTHORS_IMAGENET_EVAL = (
     "The authors trained and evaluated these weights with OpenCV: resize to 256 with cv2.INTER_CUBIC (bicubic, no "
     "antialiasing), centre crop 224, ImageNet mean / std. This config uses timm's closest setting (bicubic, crop_pct "
     "0.875); timm resizes with PIL, which antialiases, so its accuracy can differ from the reported one by about a "
-    "point (pytorchcv, https://github.com/osmr/imgclsmob, reports {pytorchcv} for its {name}).")
+    "point (pytorchcv, https://github.com/osmr/imgclsmob, reports {top1:.2f} top-1 ({error:.2f}% error) for its "
+    "{name}).")
 
-# Accuracy the weights' authors report, per `<architecture>.<tag>`, for the model cards of exactly those weights.
+
+def _authors_imagenet_eval(pytorchcv_top1: float, name: str) -> str:
+    return _AUTHORS_IMAGENET_EVAL.format(top1=pytorchcv_top1, error=100 - pytorchcv_top1, name=name)
+
+
+# Accuracy others report, per `<architecture>.<tag>`, with its source: the weights' authors (for the model cards of
+# exactly those weights) and pytorchcv's re-evaluation of the same files with PIL preprocessing. The README and
+# docs cite these entries (tests/test_docs.py checks the numbers they show against them).
 REPORTED_RESULTS: Dict[str, Dict[str, Any]] = {
     'diracnet18.v2_in1k': dict(
         dataset='imagenet-1k', split='validation', top1=69.63, top5=89.12,
         source="the authors' export notebook (top-1 / top-5 error 30.37 / 10.88)", source_url=AUTHORS_REPO,
-        note=_AUTHORS_IMAGENET_EVAL.format(pytorchcv='68.53 top-1 (31.47% error)', name='DiracNetV2-18')),
+        pytorchcv_top1=68.53, note=_authors_imagenet_eval(68.53, 'DiracNetV2-18')),
     'diracnet34.v2_in1k': dict(
         dataset='imagenet-1k', split='validation', top1=72.21,
         source='the DiracNets paper (top-1 error 27.79), also cited by the RepVGG paper',
         source_url='https://arxiv.org/abs/1706.00388',
-        note=_AUTHORS_IMAGENET_EVAL.format(pytorchcv='71.25 top-1 (28.75% error)', name='DiracNetV2-34')),
+        pytorchcv_top1=71.25, note=_authors_imagenet_eval(71.25, 'DiracNetV2-34')),
 }
+
+# the flow `timm-dirac quantize` runs without --flow (tests/test_hub.py checks it against the command's default);
+# it writes <--out>/model_int8_<flow>.onnx
+DEFAULT_INT8_FLOW = 'chain'
 
 # what a card says where the Hub repository id belongs until `push` fills in the real one
 REPO_ID_PLACEHOLDER = '<namespace>/<repository>'
@@ -119,6 +134,26 @@ def count_params_macs(model: nn.Module) -> Dict[str, Tuple[float, float]]:
     return out
 
 
+def _local_data(data: str) -> Tuple[str, str]:
+    """ (model-index dataset type, readable name) of what a run read that is not a Hub dataset: a local folder is
+    named by its folder name (the data shipped in this package by its path in it; never a machine's absolute path)
+    and its dataset card's `pretty_name` where it has one; anything else as given. """
+    from huggingface_hub import metadata_load
+
+    from ..assets import asset_path
+
+    prefix, _, rest = data.partition('/')
+    path = Path(os.path.expanduser(rest if prefix in ('hfds', 'hfids') else data))
+    if not path.is_dir():
+        return data, data
+    path, shipped = path.resolve(), asset_path('.').resolve()
+    name = f'timm_dirac/assets/{path.relative_to(shipped).as_posix()}' if path.is_relative_to(shipped) else path.name
+    card = path / 'README.md'
+    pretty = (metadata_load(card) or {}).get('pretty_name') if card.is_file() else None
+    where = 'shipped in timm-dirac as' if name.startswith('timm_dirac/') else 'the local folder'
+    return name, f'{pretty}: {where} {name}' if pretty else f'{where} {name}'
+
+
 def _fact(value: Any) -> str:
     return json.dumps(value) if isinstance(value, (dict, list, tuple)) else str(value)
 
@@ -129,7 +164,8 @@ def _usage(repo_id: str) -> str:
     hub_name = f'hf-hub:{repo_id}'
     return '\n'.join([
         '```bash',
-        'pip install timm-dirac  # or, in a clone of the timm-dirac repository: pip install -e .',
+        '# timm-dirac is not on PyPI yet: install it from a clone of its repository',
+        'git clone <timm-dirac repository URL> timm-dirac && pip install -e ./timm-dirac',
         '```',
         '### Image Classification',
         '```python',
@@ -171,12 +207,13 @@ def _usage(repo_id: str) -> str:
         f"folded = timm.create_model('{hub_name}', pretrained=True, inference_mode=True)  # or build it folded",
         '```',
         '### int8 (ONNX Runtime)',
-        'The `split` flow keeps each folded Dirac tap out of the int8 weights (an exact int8 1x1 conv carries it), so '
-        'the learned weights keep their precision; its 7-bit weights cannot saturate the 16-bit pair sums of x86 '
-        'CPUs without VNNI, so one file serves every CPU.',
+        f'`timm-dirac quantize` runs its default `{DEFAULT_INT8_FLOW}` flow, which keeps each folded Dirac tap out of '
+        'the int8 weights (an identity add of the layer\'s own input in per-channel units, or an exact int8 1x1 conv '
+        'where the width changes), so the learned weights keep their precision; its 7-bit weights cannot saturate '
+        'the 16-bit pair sums of x86 CPUs without VNNI, so one file serves every CPU.',
         '```bash',
         'timm-dirac quantize --checkpoint <this folder> --calib hfds/<training images> --out int8/  '
-        '# int8/model_int8_split.onnx',
+        f'# writes int8/model_int8_{DEFAULT_INT8_FLOW}.onnx',
         '```',
     ])
 
@@ -192,8 +229,9 @@ def _comparison(results: Dict[str, Any], split: Optional[str], source: Optional[
     if int8:
         lines += ['', '### int8 deployment', '', '| flow | fp32 top-1 | int8 top-1 | drop | int8 / ONNX Runtime fp32 |',
                   '|---|---|---|---|---|']
-        lines += [f"| {r['flow']} | {r['fp32_top1']:.2f} | {r['int8_top1']:.2f} | "
-                  f"{r['fp32_top1'] - r['int8_top1']:.2f} | {r['speedup']} |" for r in int8['rows']]
+        lines += [f"| {r['flow']}{' (default)' if r['flow'] == DEFAULT_INT8_FLOW else ''} | {r['fp32_top1']:.2f} | "
+                  f"{r['int8_top1']:.2f} | {r['fp32_top1'] - r['int8_top1']:.2f} | {r['speedup']} |"
+                  for r in int8['rows']]
         lines += ['', f"Measured with `{int8['command']}` ({int8['measured']})."]
     return '\n'.join(lines).strip('\n')
 
@@ -211,7 +249,8 @@ def generate_model_card(
     only then does the card show the tag's name, source, licence and reported accuracy. `repo_id` fills in the
     usage examples (`push` does it on upload; until then they read REPO_ID_PLACEHOLDER).
 
-    `train_info` may hold `dataset` (a name like 'cifar10' or a Hub dataset id), `metrics` (e.g. {'top1': 94.1,
+    `train_info` may hold `dataset` (a name like 'cifar10' or a Hub dataset id), `data` (what the run read, e.g.
+    `hfds/<local folder>`: names the data where `dataset` is not given), `metrics` (e.g. {'top1': 94.1,
     'top5': 99.8, 'loss': 0.2}, percent), `eval_split`, `metrics_source`, `license`, `source` (what the weights were
     converted from), `int8` (measured by `timm-dirac quantize`: `rows` of flow, fp32_top1, int8_top1, speedup;
     `command`; `measured`, the data and machine), and any other facts (epochs, recipe, command, ...), listed under
@@ -228,6 +267,10 @@ def generate_model_card(
     url = cfg.get('url') or ''
     authors_release = release and (reported is not None or 'modelzoo-networks' in url)
     dataset_id, dataset_name = _dataset(train_info.pop('dataset', None) or (reported or {}).get('dataset'))
+    data = train_info.pop('data', None)
+    hub_dataset = dataset_id  # only a Hub dataset goes into the metadata's `datasets`
+    if not dataset_id and data:
+        dataset_id, dataset_name = _local_data(data)
     license_id = train_info.pop('license', None) or cfg.get('license') or 'unknown'
 
     # metrics: measured ones from train_info, else those the weights' authors report
@@ -304,6 +347,6 @@ def generate_model_card(
     card.data = ModelCardData(
         library_name='timm', license=license_id, pipeline_tag='image-classification',
         tags=['image-classification', 'timm', 'timm-dirac', 'diracnet', 'reparameterized'],
-        datasets=[dataset_id] if dataset_id else None, model_name=name, eval_results=eval_results or None,
+        datasets=[hub_dataset] if hub_dataset else None, model_name=name, eval_results=eval_results or None,
     )
     return str(card)
