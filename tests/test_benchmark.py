@@ -132,3 +132,14 @@ def test_plot_script_draws_the_json_the_command_writes(tmp_path):
                                                                        for r in result['rows']])))
     with pytest.raises(SystemExit, match='nothing to plot'):
         plot.main([str(tmp_path / 'cifar.json')])
+
+
+@pytest.mark.parametrize('kwargs, message', [
+    (dict(repeats=0), 'repeats'), (dict(batch_sizes=(1, 0)), 'batch_sizes'), (dict(batch_sizes=()), 'batch_sizes'),
+    (dict(img_size=-32), 'img_size'), (dict(gemm_sizes=(0,)), 'gemm_sizes'), (dict(threads=-1), 'threads'),
+    (dict(warmup=-1), 'warmup'), (dict(min_time=float('nan')), 'min_time')])
+def test_the_python_api_refuses_meaningless_numbers_before_any_model_is_built(monkeypatch, kwargs, message):
+    import timm_dirac.deploy.benchmark as benchmark
+    monkeypatch.setattr(benchmark, 'build_cases', lambda *a, **k: pytest.fail('models were built'))
+    with pytest.raises(ValueError, match=message):
+        benchmark.run_benchmark(models=('diracnet34_1_cifar',), **kwargs)

@@ -87,3 +87,40 @@ def test_nan_comparison_fails_the_onnx_check():
             model[0].weight.fill_(float('nan'))
         with pytest.raises(RuntimeError, match='differs from PyTorch'):
             ort_backend.verify_onnx(path, model, images)
+
+
+# every numeric flag of every command, with values that mean nothing there: refused by argparse in one line (exit 2)
+# before the command runs, so no model is built, no data read and no folder made
+NUMERIC_FLAGS = {
+    'validate': {'--batch-size': ('0', '-1'), '--workers': ('-1',), '--num-classes': ('0', '-3'),
+                 '--img-size': ('0', '-32'), '--crop-pct': ('nan', 'inf', '0', '-0.5', '1.5')},
+    'export-onnx': {'--num-images': ('0', '-4'), '--tolerance': ('nan', 'inf', '0', '-0.001'), '--opset': ('x', '1.5')},
+    'quantize': {'--num-calib': ('0', '-1'), '--num-eval': ('0',), '--max-drop': ('nan', 'inf', '-0.5', '101'),
+                 '--bench-batch': ('0', '-8'), '--repeats': ('0', '-2')},
+    'benchmark': {'--batch-sizes': ('0', '-1'), '--img-size': ('0', '-1'), '--repeats': ('0',), '--warmup': ('-1',),
+                  '--min-time': ('nan', 'inf', '-1'), '--gemm-sizes': ('0',), '--threads': ('0', '-2')},
+    'demo': {'--batch-size': ('0', '-2'), '--repeats': ('0', '-1')},
+    'convert': {'--num-classes': ('0', '-10')},
+}
+REQUIRED = {'validate': ['--dataset', str(SAMPLE)], 'export-onnx': ['--out', 'OUT/m.onnx'],
+            'quantize': ['--out', 'OUT/int8'], 'benchmark': ['--out', 'OUT/bench'], 'demo': [],
+            'convert': ['x.pth', '--model', 'diracnet34_1_cifar', '--out', 'OUT/hub']}
+
+
+@pytest.mark.parametrize('command,flag,value', [(c, f, v) for c, flags in NUMERIC_FLAGS.items()
+                                                for f, values in flags.items() for v in values])
+def test_every_numeric_flag_is_checked_before_work(tmp_path, capsys, command, flag, value):
+    argv = [command] + [a.replace('OUT', str(tmp_path)) for a in REQUIRED[command]] + [flag, value]
+    err = _refused(capsys, argv, f'argument {flag}: {value!r} is not')
+    assert 'timm-dirac ' + command in err
+    assert not list(tmp_path.iterdir())
+
+
+def test_the_numeric_flags_accept_what_means_something():
+    import argparse
+    from timm_dirac.errors import number
+    assert number(int, 1)('3') == 3 and number(float, 0, 100)('0') == 0. and number(float, 0, above=True)('1e-9')
+    for parse, text in ((number(int, 0), '-1'), (number(float, 0, 1, above=True), '0'), (number(float), 'nan'),
+                        (number(float), '-inf'), (number(int), '2.5')):
+        with pytest.raises(argparse.ArgumentTypeError):
+            parse(text)

@@ -222,3 +222,45 @@ def test_unreadable_row_of_a_datasets_split_is_named_and_empty_names_refused(tmp
     for empty in ('hfds/', 'hfids/'):
         with pytest.raises(DataError, match='names no dataset'):
             load_eval_split(empty) if empty == 'hfds/' else label_names(empty)
+
+
+def test_a_relative_path_missing_here_is_found_beside_the_installed_package(tmp_path, monkeypatch):
+    """ `timm_dirac/assets/...` from any working directory (an installed wheel in an empty folder); what exists
+    here wins, and what exists nowhere comes back as given (a Hub id). """
+    from timm_dirac.data import local_path
+    monkeypatch.chdir(tmp_path)
+    shipped = Path(timm_dirac.__file__).resolve().parent / 'assets' / 'cifar10_sample'
+    assert Path(local_path('timm_dirac/assets/cifar10_sample')) == shipped
+    (tmp_path / 'timm_dirac' / 'assets' / 'cifar10_sample').mkdir(parents=True)
+    assert local_path('timm_dirac/assets/cifar10_sample') == 'timm_dirac/assets/cifar10_sample'
+    assert local_path('uoft-cs/cifar10') == 'uoft-cs/cifar10'
+    monkeypatch.chdir(tmp_path / 'timm_dirac')
+    ds, classes = load_split('hfds/timm_dirac/assets/cifar10_sample', None, 'test', num_samples=4)
+    assert classes == 10 and len(ds) == 4
+
+
+def test_model_and_data_classes_are_compared_by_name():
+    from timm_dirac.data import check_model_classes
+    names = ['airplane', 'automobile', 'bird']
+    check_model_classes(names, list(names), 'x', 'test')
+    check_model_classes(None, names, 'x', 'test')  # a model without names: the evaluation checks labels only
+    with pytest.raises(DataError, match=r"split 'test' of x has 2 classes \['bird', 'cat'\] but the model was "
+                                        r"trained on 3 classes"):
+        check_model_classes(names, ['bird', 'cat'], 'x', 'test')
+    with pytest.raises(DataError, match='in the same order'):
+        check_model_classes(names, names[::-1], 'x', 'test')
+
+
+def test_a_train_sample_count_above_the_split_is_refused_before_a_run_folder(tmp_path):
+    """ `--train-num-samples 1000` on 8 images trained on the 8 in silence. """
+    from timm_dirac.train import parse_args, train
+    for split in ('train', 'val'):
+        for cls in ('a', 'b'):
+            (tmp_path / 'img' / split / cls).mkdir(parents=True)
+            for i in range(4):
+                Image.new('RGB', (32, 32), (i, 0, 0)).save(tmp_path / 'img' / split / cls / f'{i}.png')
+    flags = ['--model', 'diracnet34_1_cifar', '--model-kwargs', 'layers=(1,1,1)', '--data-dir', str(tmp_path / 'img'),
+             '--holdout', '0', '--epochs', '1', '-b', '4', '--workers', '0', '--output', str(tmp_path / 'out')]
+    with pytest.raises(DataError, match='--train-num-samples 1000 is more than the 8 train samples'):
+        train(parse_args(flags + ['--train-num-samples', '1000']))
+    assert not (tmp_path / 'out').exists()

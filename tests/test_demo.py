@@ -13,3 +13,10 @@ def test_demo_folds_checks_and_times(capsys):
     assert 'DiracConv2d' not in _line(out, 'folded layers:') and 'BatchNorm2d' not in _line(out, 'folded layers:')
     assert float(_line(out, 'max |folded - train| / max |train| = ').split()[0]) <= 1e-5
     assert 'median of 2 interleaved rounds: train form' in out and 'speedup' in out
+
+
+def test_demo_refuses_a_batch_or_repeat_count_of_zero_in_one_line(capsys):
+    for flag in ('--batch-size', '--repeats'):
+        assert main(['demo', '--model', 'diracnet34_1_cifar', flag, '0']) == 2
+        err = capsys.readouterr().err
+        assert err.count('\n') == 1 and f"argument {flag}: '0' is not an integer at least 1" in err, err

@@ -38,6 +38,30 @@ def test_export_onnx_without_the_extra_names_it(tmp_path, capsys, monkeypatch):
     assert err.count('\n') == 1 and 'needs onnx, not installed: pip install "timm-dirac[export]"' in err
 
 
+@pytest.mark.parametrize('opset', ['1', '7', '17', '99'])
+def test_an_opset_the_exporter_does_not_write_is_refused_before_work(tmp_path, capsys, monkeypatch, opset):
+    """ torch's exporter printed a traceback for --opset 1 and 99 and wrote an opset-18 file, exit 0. """
+    import timm_dirac.deploy.export as export
+    monkeypatch.setattr(export, 'load_model', lambda *a, **k: pytest.fail('work started'))
+    assert main(['export-onnx', '--model', 'diracnet34_1_cifar', '--out', str(tmp_path / 'm.onnx'),
+                 '--opset', opset]) == 2
+    err = capsys.readouterr().err
+    assert err.count('\n') == 1 and f'opset {opset}: torch\'s ONNX exporter writes opsets 18 to ' in err, err
+    assert not list(tmp_path.iterdir())
+
+
+def test_a_file_in_another_opset_than_asked_is_refused(tmp_path, monkeypatch):
+    """ Where the exporter's conversion fails it keeps its own opset: the file is checked, not trusted. """
+    from timm_dirac.deploy.backends import onnxruntime as ort_backend
+    monkeypatch.setattr(ort_backend, 'supported_opsets', lambda: range(13, 29))
+    model = fold(timm.create_model('diracnet34_1_cifar', layers=(1, 1, 1)).eval())
+    with pytest.raises(RuntimeError, match=r'could not write this model in opset 13 \(it wrote \[18\]\)'):
+        export_onnx(model, str(tmp_path / 'm.onnx'), (3, 32, 32), 13)
+    assert not list(tmp_path.iterdir())
+    monkeypatch.undo()
+    assert ort_backend.supported_opsets()[0] == 18  # the exporter's own: below it the conversion fails like that
+
+
 def test_batchnorm_statistics_of_the_check_images_give_untrained_models_real_logits():
     """ Why export-onnx (and demo) give untrained weights the BatchNorm statistics of their images (torch's
     `update_bn`, one pass) before checking: with the initial ones the signal vanishes over 34 layers. """

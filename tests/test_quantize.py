@@ -196,3 +196,39 @@ def test_existing_output_folder_is_refused(tmp_path, capsys):
     assert main(['quantize', '--model', 'diracnet34_1_cifar', '--out', str(out)]) == 2
     assert 'already exists' in capsys.readouterr().err
     assert [p.name for p in out.iterdir()] == ['keep.txt']
+
+
+def test_an_evaluation_folder_of_other_classes_is_refused(tmp_path, capsys):
+    """ One image of class `a` for a CIFAR-10 model scored 100.00, `goal_met: true`: the classes are compared with
+    the model's label names (as training compares splits) before any work. """
+    from PIL import Image
+    (tmp_path / 'other' / 'test' / 'a').mkdir(parents=True)
+    Image.new('RGB', (32, 32)).save(tmp_path / 'other' / 'test' / 'a' / 'x.png')
+    out = tmp_path / 'int8'
+    assert main(['quantize', '--checkpoint', str(WEIGHTS), '--eval-data', str(tmp_path / 'other'), '--num-calib',
+                 '8', '--repeats', '1', '--out', str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count('\n') == 1 and "has 1 class ['a'] but the model was trained on 10 classes ['airplane'" in err, err
+    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ['other']
+
+
+def test_a_model_without_a_classifier_is_refused(tmp_path, capsys):
+    """ A head-less model (num_classes=0) reported `int8 top-1 0.00 (drop +0.00)` within budget: its outputs are
+    features, so quantize refuses it rather than claim an accuracy. """
+    checkpoint = tmp_path / 'headless'
+    timm.models.save_for_hf(timm.create_model('diracnet34_1_cifar', layers=(1, 1, 1), num_classes=0),
+                            str(checkpoint), model_args=dict(layers=(1, 1, 1)))
+    assert main(['quantize', '--checkpoint', str(checkpoint), '--out', str(tmp_path / 'int8')]) == 2
+    err = capsys.readouterr().err
+    assert err.count('\n') == 1 and 'has no classifier (num_classes=0)' in err, err
+    assert not (tmp_path / 'int8').exists()
+
+
+@pytest.mark.parametrize('kwargs, message', [
+    (dict(max_drop=float('nan')), 'max_drop nan'), (dict(max_drop=-1), 'max_drop -1'),
+    (dict(num_calib=0), 'num_calib 0'), (dict(num_eval=-5), 'num_eval -5'), (dict(repeats=0), 'repeats 0'),
+    (dict(bench_batches=(0, 8)), 'bench_batch 0')])
+def test_the_python_api_refuses_meaningless_numbers_before_work(tmp_path, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        run_quantize('diracnet34_1_cifar', None, DATA, str(tmp_path / 'int8'), **kwargs)
+    assert not list(tmp_path.iterdir())

@@ -7,6 +7,7 @@ Every image is one solid colour that numbers it (red + 256 x green), so the prob
 import io
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -50,9 +51,11 @@ def _add(tar: tarfile.TarFile, name: str, payload: bytes) -> None:
     tar.addfile(member, io.BytesIO(payload))
 
 
-def write_shards(folder: Path, bad: int = -1) -> Path:
+def write_shards(folder: Path, bad: int = -1, labels: Optional[dict] = None) -> Path:
     """ timm's webdataset layout: `train-00000{k}.tar` shards of `<key>.png` + `<key>.cls` (the class index as
-    text), one validation shard (samples TRAIN..TRAIN+VAL-1), and `_info.json` with the splits and class names. """
+    text; `labels` overrides some, by sample number), one validation shard (samples TRAIN..TRAIN+VAL-1), and
+    `_info.json` with the splits and class names. """
+    labels = labels or {}
     folder.mkdir(parents=True)
     splits = {'train': [list(range(s * PER_SHARD, (s + 1) * PER_SHARD)) for s in range(SHARDS)],
               'validation': [list(range(TRAIN, TRAIN + VAL))]}
@@ -64,7 +67,7 @@ def write_shards(folder: Path, bad: int = -1) -> Path:
             with tarfile.open(folder / names[-1], 'w') as tar:
                 for n in numbers:
                     _add(tar, f'{n:06d}.png', b'\xff\xd8 not an image' if n == bad else _png(n))
-                    _add(tar, f'{n:06d}.cls', str(n % 2).encode())
+                    _add(tar, f'{n:06d}.cls', str(labels.get(n, n % 2)).encode())
         info['splits'][split] = dict(name=split, num_samples=sum(map(len, shards)), filenames=names,
                                      shard_lengths=[len(s) for s in shards])
     (folder / '_info.json').write_text(json.dumps(info))
@@ -358,3 +361,178 @@ def test_wds_trains_as_the_imagenet_config_does(tmp_path, shards, capsys):
     assert f'validation on {PER_SHARD} images held out of train, validation scored at the end' in out
     assert f'val ({PER_SHARD} images)' in out and f'test (validation, {VAL} images' in out
     assert (tmp_path / 'run' / 'test.csv').is_file()
+
+
+# ------------------------------------------------------------------------------ a stream that is not its index
+def _truncate(shard: Path) -> None:
+    """ Cut a tar shard in the middle of a member, as an interrupted copy leaves it. """
+    payload = shard.read_bytes()
+    shard.write_bytes(payload[:len(payload) * 6 // 10 + 100])
+
+
+def _edit_info(folder: Path, **split_fields) -> None:
+    info = json.loads((folder / '_info.json').read_text())
+    info['splits']['train'].update(split_fields)
+    (folder / '_info.json').write_text(json.dumps(info))
+
+
+def _wds_flags(folder: Path, out: Path, *extra: str, workers: Optional[str] = '0') -> list:
+    return FLAGS + ['--dataset', 'wds/shards', '--data-dir', str(folder), '--epochs', '1', '--output', str(out),
+                    '--experiment', 'run', *extra] + (['--workers', workers] if workers else [])
+
+
+@pytest.mark.parametrize('workers', ['0', '2'])
+def test_a_truncated_train_shard_is_named_with_both_counts(tmp_path, workers):
+    """ timm's reader read the 9 samples left of a cut shard and filled the epoch by reading others twice; the
+    counts of each loader worker (other processes: shared memory) name the shard at the end of the epoch, and the
+    new run leaves no folder. """
+    folder = write_shards(tmp_path / 'shards')
+    _truncate(folder / 'train-000001.tar')
+    flags = _wds_flags(folder, tmp_path / 'out', workers=workers)
+    with pytest.raises(DataError, match=r"split 'train' of wds/shards are not what _info.json says: "
+                                        r"train-000001.tar holds \d+ samples where the index says 16"):
+        train(parse_args(flags))
+    assert not (tmp_path / 'out' / 'run').exists()
+
+
+def test_a_shard_damaged_between_epochs_stops_the_run_before_its_checkpoint(tmp_path, interrupted):
+    folder = write_shards(tmp_path / 'shards')
+    flags = _wds_flags(folder, tmp_path / 'out')
+    flags[flags.index('--epochs') + 1] = '2'
+    with interrupted():
+        train(parse_args(flags))
+    _truncate(folder / 'train-000002.tar')
+    run = tmp_path / 'out' / 'run'
+    with pytest.raises(DataError, match=r'train-000002.tar holds \d+ samples where the index says 16.*stops before'):
+        train(parse_args(flags + ['--resume', str(run)]))
+    assert (run / 'checkpoint-1').is_dir() and not (run / 'checkpoint-2').exists()
+    assert (run / 'last').resolve().name == 'checkpoint-1'
+
+
+def test_a_truncated_validation_shard_is_named_before_a_score(tmp_path):
+    """ The validation stream announced 16 images and scored fewer: now it is refused before a score is said. """
+    folder = write_shards(tmp_path / 'shards')
+    _truncate(folder / 'validation-000000.tar')
+    with pytest.raises(DataError, match=r"split 'validation' .* validation-000000.tar holds \d+ samples where the "
+                                        r"index says 16"):
+        train(parse_args(_wds_flags(folder, tmp_path / 'out')))
+
+
+@pytest.mark.parametrize('fields, message', [
+    (dict(num_samples=100), 'says num_samples 100 but its shard_lengths add up to 64'),
+    (dict(num_samples=40), 'says num_samples 40 but its shard_lengths add up to 64'),
+    (dict(shard_lengths=[16, 16, 16]), 'lists 4 shard files but 3 shard_lengths'),
+])
+def test_an_index_that_disagrees_with_itself_is_refused_before_training(tmp_path, fields, message):
+    folder = write_shards(tmp_path / 'shards')
+    _edit_info(folder, **fields)
+    with pytest.raises(DataError, match=message):
+        train(parse_args(_wds_flags(folder, tmp_path / 'out')))
+    assert not (tmp_path / 'out').exists()
+
+
+def test_shard_lengths_that_disagree_with_the_shards_are_named(tmp_path):
+    """ shard_lengths 4 x 40 over shards of 16: timm read every sample about 2.5 times an epoch. """
+    folder = write_shards(tmp_path / 'shards')
+    _edit_info(folder, shard_lengths=[40] * SHARDS, num_samples=40 * SHARDS)
+    with pytest.raises(DataError, match=r'train-00000\d.tar holds 16 samples where the index says 40.* \(and 1 more\)'):
+        train(parse_args(_wds_flags(folder, tmp_path / 'out')))
+
+
+@pytest.mark.parametrize('label', [7, -1, -100])
+def test_a_label_outside_the_classes_is_named_by_shard_and_key(tmp_path, label):
+    """ 7 >= 2 classes, -1, and -100 (which the loss would ignore): refused naming the sample and its shard, where
+    the loss reported `index 7 is out of bounds for dimension 1 with size 2`. """
+    folder = write_shards(tmp_path / 'shards', labels={21: label})
+    with pytest.raises(DataError, match=rf"sample '000021' of shard .*train-000001.tar has label {label}, outside the "
+                                        r"2 classes \(0 to 1\)"):
+        train(parse_args(_wds_flags(folder, tmp_path / 'out')))
+
+
+@pytest.mark.parametrize('extra, message', [
+    (['-b', '4096'], '64 training samples per epoch do not fill one global batch of 4096'),
+    (['-b', '100000'], 'do not fill one global batch of 100000'),
+    (['--train-num-samples', '1000'], '--train-num-samples 1000 is more than the 64 samples'),
+    (['-b', '32', '--workers', '4'], r'64 training samples per epoch cannot fill batches of 32 for each of the 4 '
+                                     r'readers .*pass -b 16 or less, or fewer --workers'),
+])
+def test_a_batch_or_sample_count_the_stream_cannot_give_is_refused_up_front(tmp_path, shards, extra, message):
+    """ Before any batch or run folder: -b 100000 over 64 samples ran a machine out of memory (timm's reader
+    repeats samples until each reader's batches are full). """
+    with pytest.raises(DataError, match=message):
+        train(parse_args(_wds_flags(shards, tmp_path / 'out', *extra, workers=None)))
+    assert not (tmp_path / 'out').exists()
+
+
+def test_loader_workers_are_lowered_until_each_fills_its_batches(capsys):
+    from types import SimpleNamespace
+    info = SimpleNamespace(filenames=[f'{i}.tar' for i in range(4)], shard_lengths=[16] * 4, name='train')
+    reader = SimpleNamespace(split_info=info, num_samples=64)
+    printer = SimpleNamespace(print=print)
+    assert data._stream_workers(reader, 'wds', 1, None, 4, printer, samples=64, batch_size=32) == 2
+    assert data._stream_workers(reader, 'wds', 1, None, 4, printer, samples=64, batch_size=8) == 4
+
+
+def test_a_shard_folder_without_its_index_names_the_flag(tmp_path):
+    folder = write_shards(tmp_path / 'shards')
+    (folder / '_info.json').unlink()
+    with pytest.raises(DataError, match=r'has no _info.json .* --train-split "train-\{000000..000003\}.tar\|64"'):
+        train(parse_args(_wds_flags(folder, tmp_path / 'out')))
+    assert not (tmp_path / 'out').exists()
+
+
+def test_a_streamed_validation_split_scores_what_it_announces(tmp_path, shards):
+    """ A streamed evaluation is read whole: a --val-num-samples other than its index is refused up front, and a
+    stream without an index that gives another count than announced is refused before a score. """
+    with pytest.raises(DataError, match='--val-num-samples 10: a streamed evaluation split is read whole'):
+        train(parse_args(_wds_flags(shards, tmp_path / 'out', '--val-num-samples', '10')))
+    from types import SimpleNamespace
+    import torch
+
+    class Announced(torch.utils.data.IterableDataset):  # a stream that says 10 and gives 16
+        reader = None
+
+        def __iter__(self):
+            return iter([(torch.zeros(3), 0)] * 16)
+
+        def __len__(self):
+            return 10
+    stream = data._Stream(Announced(), 'hfids', 'hfids/x', 'validation', CLASSES, False, 0)
+    accelerator = SimpleNamespace(device=torch.device('cpu'), num_processes=1, gather=lambda t: t, is_main_process=True)
+    loader = data._CheckedLoader(torch.utils.data.DataLoader(stream, batch_size=4), stream, accelerator, False)
+    with pytest.raises(DataError, match="split 'validation' of hfids/x gave 16 samples where 10 were announced"):
+        list(loader)
+
+
+def test_integer_labelled_shards_train_under_their_indices(tmp_path, capsys):
+    """ timm trains shards without label_names: so do we, with the model's class count (or --num-classes), said
+    once; the Hub folder names the classes by index. """
+    folder = write_shards(tmp_path / 'shards')
+    info = json.loads((folder / '_info.json').read_text())
+    del info['label_names']
+    (folder / '_info.json').write_text(json.dumps(info))
+    train(parse_args(_wds_flags(folder, tmp_path / 'out')))
+    out = capsys.readouterr().out
+    assert out.count('has integer labels without class names') == 1
+    assert 'training a 10-class classifier (the default of diracnet34_1_cifar' in out and '"label_names"' in out
+    config = json.loads((tmp_path / 'out' / 'run' / 'hub-folded' / 'config.json').read_text())
+    assert config['label_names'] == [str(i) for i in range(10)]
+    more = write_shards(tmp_path / 'more', labels={5: 3})  # --num-classes 3 names 0, 1, 2: label 3 is refused
+    (more / '_info.json').write_text(json.dumps(info))
+    with pytest.raises(DataError, match=r"label 3, outside the 3 classes .*or pass --num-classes"):
+        train(parse_args(_wds_flags(more, tmp_path / 'out2', '--num-classes', '3')))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_two_processes_name_a_truncated_shard_once(tmp_path):
+    """ 2 ranks x 2 loader workers: the rank whose worker read the cut shard knows its count; the gather at the end
+    of the epoch tells every rank, rank 0 names the shard once, and the new run leaves no folder. """
+    folder = write_shards(tmp_path / 'shards')
+    _truncate(folder / 'train-000003.tar')
+    out = _launch(None, FLAGS + ['--dataset', 'wds/shards', '--data-dir', str(folder), '--workers', '2', '--epochs',
+                                 '1', '--output', str(tmp_path / 'out'), '--experiment', 'run'], ok=False)
+    errors = [line for line in out.splitlines() if 'timm-dirac-train: error:' in line]
+    assert len(errors) == 1 and re.search(r'train-000003.tar holds \d+ samples where the index says 16', errors[0]), \
+        out[-3000:]
+    assert 'gloo' not in out and not (tmp_path / 'out' / 'run').exists()

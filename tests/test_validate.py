@@ -134,9 +134,10 @@ def test_an_unreadable_image_stops_the_run_with_its_name(tmp_path, capsys):
     assert 'cannot read image file' in err and 'bad.jpg' in err and len(err.strip().splitlines()) == 1, err
 
 
-def test_integer_labels_without_class_names_validate_alike(tmp_path):
+def test_integer_labels_without_class_names_validate_alike(tmp_path, capsys):
     """ A `datasets` split whose label column is plain integers (no ClassLabel), as timm's reader takes: validate
-    scores it exactly like the ClassLabel original; training refuses it, naming the fix. """
+    scores it exactly like the ClassLabel original; training trains it as timm does, under the indices of the
+    model's classes (said once, with how to name them); a Hub folder's class names are asked for by name. """
     import datasets
     from timm_dirac.data import DataError, label_names
     from timm_dirac.train import main as train_main
@@ -151,8 +152,51 @@ def test_integer_labels_without_class_names_validate_alike(tmp_path):
     assert result['loss'] == pytest.approx(expected['loss'], abs=1e-6)
     with pytest.raises(DataError, match='integer labels without class names.*ClassLabel'):
         label_names(f'hfds/{tmp_path / "plain"}', split='test')
-    with pytest.raises(DataError, match=r"integer labels without class names .*cast_column\('label'"):
-        train_main(['--model', 'diracnet34_1_cifar', '--dataset', f'hfds/{tmp_path / "plain"}', '--train-split', 'test',
-                    '--holdout', '0', '--val-split', 'test', '--test-split', '', '--output', str(tmp_path / 'run'),
-                    '--debug'])
-    assert not (tmp_path / 'run').exists()  # refused before a run folder is made
+    capsys.readouterr()
+    train_main(['--model', 'diracnet34_1_cifar', '--model-kwargs', 'layers=(1,1,1)', '--dataset',
+                f'hfds/{tmp_path / "plain"}', '--train-split', 'test', '--holdout', '0', '--val-split', 'test',
+                '--test-split', '', '--epochs', '1', '-b', '16', '--warmup-epochs', '0', '--workers', '0',
+                '--output', str(tmp_path / 'run'), '--experiment', 'plain', '--debug'])
+    out = capsys.readouterr().out
+    assert out.count('integer labels without class names') == 1 and "cast_column('label'" in out
+    config = json.loads((tmp_path / 'run' / 'plain' / 'hub-folded' / 'config.json').read_text())
+    assert config['label_names'] == [str(i) for i in range(10)]
+
+
+def test_validate_works_from_any_folder_with_the_shipped_sample(tmp_path, monkeypatch):
+    """ `--dataset timm_dirac/assets/cifar10_sample` from a folder without it (as after `pip install` in an empty
+    folder): a relative path that does not exist from there is looked up beside the installed package. """
+    monkeypatch.chdir(tmp_path)
+    for dataset in ('timm_dirac/assets/cifar10_sample', 'hfds/timm_dirac/assets/cifar10_sample'):
+        result = _run(tmp_path, '--model', 'diracnet16_4_cifar.td_cifar10', '--pretrained', '--dataset', dataset,
+                      '--split', 'test[:8]')
+        assert result['samples'] == 8 and result['dataset'] == dataset
+
+
+def test_a_folder_of_other_classes_or_a_model_without_classifier_is_refused(tmp_path, capsys):
+    """ Folder classes a/b for a CIFAR-10 model printed a top-1: the data's class names are compared with the
+    model's `label_names`, as training compares splits; a head-less model gives features, not scores. """
+    from PIL import Image
+    from timm_dirac.validate import validate
+    for cls in ('a', 'b'):
+        (tmp_path / 'ab' / 'test' / cls).mkdir(parents=True)
+        Image.new('RGB', (32, 32)).save(tmp_path / 'ab' / 'test' / cls / 'x.png')
+    assert cli_main(['validate', '--checkpoint', str(WEIGHTS), '--dataset', str(tmp_path / 'ab'), '--split', 'test',
+                     '--no-progress', '--workers', '0']) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "has 2 classes ['a', 'b'] but the model was trained on 10 " \
+                                                  "classes ['airplane'" in err, err
+    from torchvision import transforms
+    from timm_dirac.data import load_eval_split
+    dataset, _ = load_eval_split(str(tmp_path / 'ab'), 'test', transforms.ToTensor())
+    with pytest.raises(ValueError, match=r'has no classifier \(num_classes=0\)'):
+        validate(timm.create_model('diracnet34_1_cifar', num_classes=0), dataset, progress=False)
+
+
+@pytest.mark.parametrize('label', [-1, -100, 3])
+def test_a_label_the_classifier_does_not_have_is_refused(label):
+    """ -100 is what cross-entropy skips: it would have been left out of the loss and counted as a miss. """
+    from timm_dirac.metrics import evaluate
+    batches = [(torch.zeros(2, 3), torch.tensor([0, label]))]
+    with pytest.raises(ValueError, match=f'The data has label {label} but the model has 3 classes'):
+        evaluate(lambda x: x, batches)

@@ -16,6 +16,14 @@ def wds_split_info(root: str, split: str):
     return _parse_split_info(split, _load_info(root))
 
 
+def wds_pipeline(reader):
+    """ The webdataset pipeline of a timm `ReaderWds`, built now if the reader has not built it yet (timm builds it
+    lazily, in the loader worker): per-shard sample counting wraps it. """
+    if reader.ds is None:
+        reader._lazy_init()
+    return reader.ds
+
+
 def set_pretrained_file(model_name: str, file: str) -> None:
     """ Point the registered pretrained cfg `<arch>.<tag>` (the same object serves `<arch>` where the tag is its
     default) at a local weights file, which timm's loader reads before `hf_hub_id`. timm has no public setter:
@@ -26,4 +34,4 @@ def set_pretrained_file(model_name: str, file: str) -> None:
 
 
 __all__ = ['download_cached_file', 'generate_readme', 'pretrained_cfg_registry', 'resolve_pretrained_source',
-           'search_split', 'set_pretrained_file', 'wds_split_info']
+           'search_split', 'set_pretrained_file', 'wds_pipeline', 'wds_split_info']

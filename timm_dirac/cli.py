@@ -2,6 +2,8 @@
 
 A subcommand module provides `add_arguments(parser)` and `run(args) -> int`; it is imported only when used,
 so `timm-dirac convert` does not pay for onnxruntime and `timm-dirac benchmark` does not need huggingface_hub.
+A bad flag is refused as any error is, in one line with exit code 2, before the command runs: numeric flags take
+their checks from `number` (finite, within the range that means something).
 """
 import argparse
 import importlib
@@ -24,8 +26,19 @@ COMMANDS = {
 }
 
 
+class _Refused(Exception):
+    """ A flag argparse refused; `main` says it in one line. """
+
+
+class _Parser(argparse.ArgumentParser):
+    """ argparse, its refusals one line (`prog: error: message`) instead of the usage and a line, exit code 2. """
+
+    def error(self, message: str):
+        raise _Refused(f'{self.prog}: error: {message} (see --help)')
+
+
 def main(argv: Optional[List[str]] = None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog='timm-dirac', description='DiracNets for timm: fold, benchmark, export to ONNX, quantize to int8, convert '
                                        'checkpoints, publish to the Hub and validate.')
     parser.add_argument('--debug', action='store_true', help='show the Python traceback of an error (default: one '
@@ -38,7 +51,11 @@ def main(argv: Optional[List[str]] = None) -> int:
                          help='show the Python traceback of an error')
         if name in chosen:
             importlib.import_module(module_name).add_arguments(sub)
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except _Refused as e:
+        print(e, file=sys.stderr)
+        return 2
     module = COMMANDS[args.command][0]
     return run_refusing(f'timm-dirac {args.command}', lambda: importlib.import_module(module).run(args), args.debug)
 

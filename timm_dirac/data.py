@@ -4,14 +4,16 @@ Sources, with timm's names: image folders (`<root>/<split>/<class>/<image>`, tim
 local folder>` (`datasets`, random access; a split may be a slice such as `test[:500]`) and the streams `wds/`,
 `hfids/`, `tfds/`. What we add to timm's readers, and why: an unreadable image stops the run naming it (timm skips
 it and counts another image twice), 16-bit images are scaled to 8 bits (PIL's convert clips them), missing splits and
-unnamed labels are refused naming the fix. The training-only part (loaders, hold-outs, augmentation) is
-`timm_dirac.train.data`.
+unnamed labels are refused naming the fix, a shard folder's `_info.json` whose counts disagree with each other is
+refused, evaluation data of other classes than the model's is refused, and a relative local path that does not exist
+from the working directory is looked up beside the installed package (so `timm_dirac/assets/...` works anywhere). The
+training-only part (loaders, hold-outs, augmentation, the per-shard counts of a stream) is `timm_dirac.train.data`.
 """
 import logging
 import os
 import re
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from PIL import Image
@@ -24,7 +26,8 @@ from ._timm_compat import search_split
 __all__ = [
     'CLASS_LABEL_FIX', 'DataError', 'MissingSplitError', 'Images', 'to_rgb', 'load_split', 'load_eval_split',
     'is_datasets_folder', 'fixed_generator', 'fixed_subset', 'is_test_split', 'label_names', 'hub_dataset_id',
-    'eval_transform', 'open_split', 'source_prefix', 'class_names_of', 'unnamed_labels']
+    'eval_transform', 'open_split', 'source_prefix', 'class_names_of', 'unnamed_labels', 'local_path',
+    'describe_classes', 'check_model_classes', 'stream_index_size', 'name_classes_fix']
 
 EVAL_SPLITS = ('validation', 'test')  # an evaluation without a named split reads the first of these the data has
 STREAMS = ('wds', 'hfids', 'tfds')  # timm's iterable readers: shards read in order, no random access
@@ -54,6 +57,18 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
 
 # ------------------------------------------------------------------------------------------------- one split
+def local_path(path: str) -> str:
+    """ `path` with `~` expanded, as given where it exists from the working directory (or is absolute); a relative
+    path that does not is looked up in the folder the installed `timm_dirac` package lives in, so that
+    `timm_dirac/assets/cifar10_sample` names the shipped sample from any folder, a wheel's install included. A path
+    found in neither place comes back as given (a Hub id, or a path the caller refuses naming it). """
+    path = os.path.expanduser(path)
+    if not path or os.path.isabs(path) or os.path.exists(path):
+        return path
+    beside = Path(__file__).resolve().parent.parent / path
+    return str(beside) if beside.exists() else path
+
+
 def source_prefix(dataset: str) -> str:
     """ The reader prefix of a timm dataset name ('hfds', 'wds', ...; '' for image folders). """
     prefix, sep, _ = (dataset or '').partition('/')
@@ -120,14 +135,18 @@ def open_split(dataset: str, data_dir: Optional[str], split: str, **stream_kwarg
     if prefix in ('hfds', 'hfids'):
         if not name:
             raise DataError(f'--dataset {dataset} names no dataset: pass {prefix}/<Hub id or local folder>.')
-        path = os.path.expanduser(name)
+        path = local_path(name)
         if path.startswith(('/', '.', '~')) and not os.path.isdir(path):
             raise DataError(f'dataset folder {path} does not exist; check --dataset {prefix}/<Hub id or local folder>.')
         dataset = f'{prefix}/{path}'
-    elif prefix == 'wds' and not (data_dir and os.path.isdir(data_dir)):
-        raise DataError(f'--dataset {dataset} reads the webdataset shards in --data-dir: pass the shard folder '
-                        f'(with _info.json), got {data_dir!r}.')
+    elif prefix == 'wds':
+        data_dir = local_path(data_dir or '')
+        if not os.path.isdir(data_dir):
+            raise DataError(f'--dataset {dataset} reads the webdataset shards in --data-dir: pass the shard folder '
+                            f'(with _info.json), got {data_dir!r}.')
+        _check_wds_index(data_dir, split)
     elif not prefix:
+        data_dir = local_path(data_dir) if data_dir else data_dir
         if not data_dir:
             raise DataError('no data given: pass --dataset hfds/<Hub id or local folder> or --data-dir <folder '
                             'with train/ and val/ image folders>.')
@@ -135,7 +154,7 @@ def open_split(dataset: str, data_dir: Optional[str], split: str, **stream_kwarg
             raise DataError(f'--data-dir {data_dir} does not exist.')
         if os.path.normpath(search_split(data_dir, split)) == os.path.normpath(data_dir):
             raise MissingSplitError(f'no folder for split {split!r} in {data_dir}; pass the folder name as the split '
-                                    f'(--split, or --train-split/--val-split in training).')
+                                    f'({_split_flags(prefix)}).')
     try:
         ds = create_dataset(dataset or '', root=data_dir, split=split, **stream_kwargs)
     except ImportError as e:
@@ -145,7 +164,7 @@ def open_split(dataset: str, data_dir: Optional[str], split: str, **stream_kwarg
         text = str(e)
         if 'split' in text.lower() and ('unknown' in text.lower() or 'not found' in text.lower()):
             raise MissingSplitError(f'dataset {dataset or data_dir} has no split {split!r} ({text}); pass one it has '
-                                    f'(--split, or --train-split/--val-split in training).') from e
+                                    f'({_split_flags(prefix)}).') from e
         if 'num_samples' in text or 'length is unknown' in text.lower():
             raise DataError(f'the stream {dataset} does not state the size of split {split!r}: pass its sample '
                             f'count (--train-num-samples / --val-num-samples N).') from e
@@ -154,6 +173,8 @@ def open_split(dataset: str, data_dir: Optional[str], split: str, **stream_kwarg
         raise DataError(f'cannot load dataset {dataset or data_dir!r} split {split!r}: {type(e).__name__}: {text} '
                         f'(a local folder? relative paths count from the working directory, or in a config from '
                         f'the config file\'s folder).') from e
+    if prefix == 'wds':
+        _check_wds_counts(ds.reader.split_info, data_dir, split)
     if prefix in STREAMS:
         splits = ds.reader.builder.info.splits if prefix == 'hfids' else None
         try:
@@ -170,6 +191,49 @@ def open_split(dataset: str, data_dir: Optional[str], split: str, **stream_kwarg
     if len(out) == 0:
         raise DataError(f'split {split!r} of {dataset or data_dir} is empty.')
     return out
+
+
+def _split_flags(prefix: str) -> str:
+    """ The flags that name a split: training's alone for a stream (the commands read no streams). """
+    training = '--train-split/--val-split/--test-split'
+    return f'{training} of timm-dirac-train' if prefix in STREAMS else f'--split, or {training} in training'
+
+
+def _check_wds_index(data_dir: str, split: str) -> None:
+    """ Refuse a shard folder without timm's index (`_info.json` or `info.json`) unless the split names its shards
+    and sample count itself: timm's reader would go on with an empty index and report a missing split. """
+    if '.tar' in split or any(os.path.isfile(os.path.join(data_dir, n)) for n in ('_info.json', 'info.json')):
+        return
+    raise DataError(f'{data_dir} has no _info.json (timm\'s index of the shards: per split its filenames, '
+                    f'shard_lengths and num_samples, and the label_names): write one, or name the shards and their '
+                    f'sample count in the split, e.g. --train-split "{split}-{{000000..000003}}.tar|64" (and '
+                    f'--val-split likewise).')
+
+
+def _check_wds_counts(info, data_dir: str, split: str) -> None:
+    """ Refuse an index whose counts disagree with each other (a shard list and lengths of other sizes, lengths
+    that do not add up to num_samples): timm's reader would take num_samples and repeat or skip samples to fit. What
+    each shard really holds is counted as it is read (`timm_dirac.train.data`). """
+    lengths, files = list(info.shard_lengths or ()), list(info.filenames)
+    where = f'split {info.name or split!r} of {os.path.join(data_dir, "_info.json")}'
+    if lengths and len(lengths) != len(files):
+        raise DataError(f'{where} lists {len(files)} shard files but {len(lengths)} shard_lengths; give one length per '
+                        f'shard.')
+    if lengths and sum(lengths) != info.num_samples:
+        raise DataError(f'{where} says num_samples {info.num_samples} but its shard_lengths add up to {sum(lengths)}: '
+                        f'count the samples of each shard and fix the index.')
+
+
+def stream_index_size(ds, prefix: str) -> Optional[int]:
+    """ The samples a stream's split holds by its index: a webdataset's `_info.json` (or `|N` in the split), the
+    split info of `hfids/` and `tfds/`; None where the source does not say. """
+    reader = ds.reader
+    if prefix == 'wds':
+        return reader.split_info.num_samples or None
+    if prefix == 'hfids':
+        splits = reader.builder.info.splits or {}
+        return getattr(splits.get(reader.split), 'num_examples', None) or None
+    return getattr(getattr(reader, 'split_info', None), 'num_examples', None) or None
 
 
 def _stream_class_names(reader, prefix: str, name: str) -> Optional[List[str]]:
@@ -197,7 +261,7 @@ def class_names_of(ds: Dataset) -> Optional[List[str]]:
     """ The class names of a split opened by `open_split`, through any subsets of it. """
     while isinstance(ds, Subset):
         ds = ds.dataset
-    return ds.class_names
+    return getattr(ds, 'class_names', None)
 
 
 def load_split(
@@ -256,6 +320,7 @@ def load_eval_split(
     class folders themselves (e.g. ImageNet's `val/`, named after the folder). Without `split`, the first of
     EVAL_SPLITS that the data has.
     """
+    source = f'hfds/{local_path(source[5:])}' if source.startswith('hfds/') else local_path(source)
     if not source.startswith('hfds/') and is_datasets_folder(source):
         source = f'hfds/{source}'
     if source.startswith('hfds/'):
@@ -301,12 +366,38 @@ def label_names(dataset: str, data_dir: Optional[str] = None, split: str = 'trai
 
 
 def unnamed_labels(source: str, split: str) -> str:
-    """ The refusal of a split with integer labels and no class names, naming the fix for its source. """
-    fix = ('Add "label_names": [...] (in label order) to the shard folder\'s _info.json (for ImageNet shards: '
-           '--dataset wds/imagenet-1k names them by timm\'s synsets).' if source_prefix(source) == 'wds' else
-           CLASS_LABEL_FIX)
-    return (f'split {split!r} of {source} has integer labels without class names (no ClassLabel column): training '
-            f'needs them for the classifier and the exported config. {fix}')
+    """ The refusal of a split with integer labels and no class names where names are needed, naming the fix. """
+    return (f'split {split!r} of {source} has integer labels without class names (no ClassLabel column): the '
+            f'exported config needs them. {name_classes_fix(source)}')
+
+
+def name_classes_fix(source: str) -> str:
+    """ How to give the classes of `source` their names. """
+    if source_prefix(source) == 'wds':
+        return ('Add "label_names": [...] (in label order) to the shard folder\'s _info.json (for ImageNet shards: '
+                '--dataset wds/imagenet-1k names them by timm\'s synsets).')
+    return CLASS_LABEL_FIX
+
+
+def describe_classes(names: Optional[Sequence[str]]) -> str:
+    """ e.g. "10 classes ['airplane', 'automobile', 'bird', 'cat', 'deer'] ..." for messages. """
+    if names is None:
+        return 'integer labels without class names'
+    names = list(names)
+    return f'{len(names)} class{"" if len(names) == 1 else "es"} {names[:5]}{" ..." if len(names) > 5 else ""}'
+
+
+def check_model_classes(model_names: Optional[Sequence[str]], data_names: Optional[Sequence[str]], source: str,
+                        split: str) -> None:
+    """ Refuse evaluation data whose class names are not the model's (its `pretrained_cfg['label_names']`), as
+    training refuses splits of other classes: a folder of other (or fewer) classes numbers them otherwise, and the
+    score would count one class as another. Either side without names is not compared (the evaluation still
+    refuses labels the classifier does not have). """
+    if model_names is None or data_names is None or list(model_names) == list(data_names):
+        return
+    raise DataError(f'split {split!r} of {source} has {describe_classes(data_names)} but the model was trained on '
+                    f'{describe_classes(model_names)}: evaluate on data of the model\'s classes (the same names in '
+                    f'the same order), or a model trained on these.')
 
 
 def hub_dataset_id(dataset: str) -> Optional[str]:

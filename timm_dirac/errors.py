@@ -1,13 +1,16 @@
-""" How the command-line tools end on an error: one line that names the problem, exit code 2, no traceback.
+""" How the command-line tools end on an error: one line that names the problem, exit code 2, no traceback; and the
+numeric flag type that refuses what a number flag cannot mean (NaN, infinities, out-of-range values) before any work.
 
 `--debug` (on `timm-dirac` and `timm-dirac-train`) re-raises instead, so the traceback is there when a developer
 wants it. The messages of the project's own errors name the fix; an error from deeper down (torch, PIL, datasets)
 is reduced to its last line with its type, which is what a user can search for.
 """
+import argparse
+import math
 import sys
-from typing import Callable
+from typing import Callable, Optional, Union
 
-__all__ = ['one_line', 'first_sentence', 'run_refusing']
+__all__ = ['one_line', 'first_sentence', 'run_refusing', 'number']
 
 
 def one_line(error: BaseException) -> str:
@@ -41,3 +44,24 @@ def run_refusing(prog: str, func: Callable[[], int], debug: bool = False) -> int
         print(f'{prog}: error: {one_line(e)} (--debug shows the traceback)'
               if not isinstance(e, (ValueError, OSError)) else f'{prog}: error: {one_line(e)}', file=sys.stderr)
         return 2
+
+
+def number(kind: type = int, low: Optional[float] = None, high: Optional[float] = None, above: bool = False
+           ) -> Callable[[str], Union[int, float]]:
+    """ An argparse `type` for a numeric flag: an int (or a float) that is finite, at least `low` (more than it with
+    `above`) and at most `high`; anything else is refused naming the range. """
+    def parse(text: str) -> Union[int, float]:
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        in_range = value is not None and math.isfinite(value) and (
+            low is None or (value > low if above else value >= low)) and (high is None or value <= high)
+        if not in_range:
+            what = 'an integer' if kind is int else 'a finite number'
+            bounds = [f'{"above" if above else "at least"} {low:g}'] if low is not None else []
+            bounds += [f'at most {high:g}'] if high is not None else []
+            raise argparse.ArgumentTypeError(f'{text!r} is not {what}{" " + " and ".join(bounds) if bounds else ""}')
+        return value
+    parse.__name__ = kind.__name__  # argparse names the type in some messages
+    return parse

@@ -8,7 +8,16 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-__all__ = ['evaluate']
+__all__ = ['evaluate', 'check_classifier']
+
+
+def check_classifier(model: torch.nn.Module) -> None:
+    """ Refuse to score a model without a classifier (`num_classes=0`, timm's feature extractors): its outputs are
+    pooled features, which an evaluation would take for class scores and report a top-1 of. """
+    if getattr(model, 'num_classes', None) == 0:
+        name = getattr(model, 'pretrained_cfg', {}).get('architecture') or type(model).__name__
+        raise ValueError(f'{name} has no classifier (num_classes=0): its outputs are features, not class scores, '
+                         f'so no accuracy can be measured and none is claimed; use a checkpoint with its classifier.')
 
 
 @torch.no_grad()
@@ -34,7 +43,8 @@ def evaluate(
         logits = predict(images)
         labels = labels.to(logits.device)
         if labels.numel() and not 0 <= int(labels.min()) <= int(labels.max()) < logits.shape[1]:
-            raise ValueError(f'The data has label {int(labels.max())} but the model has {logits.shape[1]} classes: '
+            label = int(labels.min()) if int(labels.min()) < 0 else int(labels.max())  # cross-entropy skips -100
+            raise ValueError(f'The data has label {label} but the model has {logits.shape[1]} classes: '
                              f'evaluate a model trained on this label set (or pass --num-classes).')
         hits = logits.topk(min(5, logits.shape[1]), dim=1).indices == labels[:, None]
         loss = F.cross_entropy(logits.float(), labels, reduction='none')

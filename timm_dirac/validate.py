@@ -1,7 +1,9 @@
 """ `timm-dirac validate`: top-1 / top-5 and cross-entropy of a model on an image folder or a `datasets` dataset
 
 The data is read as training reads it (`timm_dirac.data.load_eval_split`), with the model's own preprocessing (timm's
-data config, overridable); the weights come from `timm_dirac.loading.load_model`.
+data config, overridable); the weights come from `timm_dirac.loading.load_model`. What is scored is checked first:
+data whose class names are not the model's (`pretrained_cfg['label_names']`) and a model without a classifier are
+refused, as training refuses splits of other classes.
 """
 import argparse
 import json
@@ -13,7 +15,7 @@ from typing import Any, Dict
 import torch
 import torch.nn as nn
 
-from .metrics import evaluate
+from .metrics import check_classifier, evaluate
 
 __all__ = ['validate']
 
@@ -26,7 +28,16 @@ def validate(
         device: str = 'cpu',
         progress: bool = True,
 ) -> Dict[str, Any]:
-    """ Top-1 / top-5 accuracy (%) and mean cross-entropy of `model` (eval mode) over `dataset`. """
+    """ Top-1 / top-5 accuracy (%) and mean cross-entropy of `model` (eval mode) over `dataset`, whose class names
+    (where it has them, e.g. from `load_eval_split`) must be the model's. """
+    from .data import check_model_classes, class_names_of
+
+    check_classifier(model)
+    base = dataset
+    while isinstance(base, torch.utils.data.Subset):
+        base = base.dataset
+    check_model_classes(getattr(model, 'pretrained_cfg', {}).get('label_names'), class_names_of(dataset),
+                        getattr(base, 'source', 'the dataset'), getattr(base, 'split', '') or 'given')
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers, shuffle=False)
     model = model.eval().to(device)
     start = time.perf_counter()
@@ -55,6 +66,8 @@ def _weights_source(args: argparse.Namespace, model: nn.Module) -> str:
 
 
 def add_arguments(parser: argparse.ArgumentParser):
+    from .errors import number
+
     parser.add_argument('--model', default='', help='model name (name.tag, local-dir:<folder>, hf-hub:<repo id>)')
     src = parser.add_mutually_exclusive_group()
     src.add_argument('--pretrained', action='store_true', help="load the model's pretrained weights")
@@ -63,11 +76,12 @@ def add_arguments(parser: argparse.ArgumentParser):
     parser.add_argument('--dataset', required=True, help='image folder, or hfds/<Hub id or local path>')
     parser.add_argument('--split', default=None, help='split, e.g. validation, test, test[:1000] (default: validation, '
                                                       'else test, whichever the dataset has)')
-    parser.add_argument('--batch-size', type=int, default=128)
-    parser.add_argument('--workers', type=int, default=2)
-    parser.add_argument('--num-classes', type=int, default=None, help='override the classifier size')
-    parser.add_argument('--img-size', type=int, default=None, help='override the input size')
-    parser.add_argument('--crop-pct', type=float, default=None, help='override the crop fraction')
+    parser.add_argument('--batch-size', type=number(int, 1), default=128)
+    parser.add_argument('--workers', type=number(int, 0), default=2)
+    parser.add_argument('--num-classes', type=number(int, 1), default=None, help='override the classifier size')
+    parser.add_argument('--img-size', type=number(int, 1), default=None, help='override the input size')
+    parser.add_argument('--crop-pct', type=number(float, 0, 1, above=True), default=None,
+                        help='override the crop fraction (0 to 1]')
     parser.add_argument('--interpolation', default=None, help='override the resize interpolation')
     parser.add_argument('--reparam', action='store_true', help='fold the model (timm reparameterize_model) first')
     parser.add_argument('--device', default='cpu')

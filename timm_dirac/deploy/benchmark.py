@@ -10,6 +10,7 @@ import argparse
 import copy
 import gc
 import json
+import math
 import os
 import re
 import statistics
@@ -224,6 +225,13 @@ def run_benchmark(
     unknown = [p for p in precisions if p not in PRECISIONS]
     if unknown:
         raise ValueError(f'Unknown precision {unknown}: precisions are {tuple(PRECISIONS)}.')
+    counts = dict(repeats=[repeats], batch_sizes=batch_sizes, gemm_sizes=gemm_sizes,
+                  img_size=[img_size] if img_size is not None else [], threads=[threads] if threads else [])
+    for name, values in counts.items():
+        if (name in ('repeats', 'batch_sizes') and not values) or any(not isinstance(v, int) or v < 1 for v in values):
+            raise ValueError(f'{name} {values}: pass whole numbers of at least 1.')
+    if not (isinstance(warmup, int) and warmup >= 0 and math.isfinite(min_time) and min_time >= 0):
+        raise ValueError(f'warmup {warmup}, min_time {min_time}: pass a warmup count and seconds of at least 0.')
     get_backends(backends)  # refuse an unknown name or a missing package before any work
     if threads:
         torch.set_num_threads(threads)
@@ -276,6 +284,8 @@ def format_table(result: Dict[str, Any]) -> str:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from ..errors import number
+
     parser.add_argument('--models', nargs='+', default=list(DEFAULT_MODELS), metavar='NAME',
                         help='timm model names (DiracNets are registered by this package)')
     parser.add_argument('--forms', nargs='+', default=['train', 'folded'], choices=['train', 'folded'])
@@ -285,15 +295,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              'images; speed only): onnxruntime-int8 is what quantize writes by default')
     parser.add_argument('--precision', nargs='+', default=['fp32', 'bf16'], choices=list(PRECISIONS),
                         help='bf16 runs under CPU autocast')
-    parser.add_argument('--batch-sizes', nargs='+', type=int, default=[1, 32])
-    parser.add_argument('--img-size', type=int, default=None, help="input size (default: each model's own)")
+    parser.add_argument('--batch-sizes', nargs='+', type=number(int, 1), default=[1, 32])
+    parser.add_argument('--img-size', type=number(int, 1), default=None, help="input size (default: each model's own)")
     parser.add_argument('--channels-last', action=argparse.BooleanOptionalAction, default=True)
-    parser.add_argument('--repeats', type=int, default=5, help='interleaved timing rounds (medians are reported)')
-    parser.add_argument('--warmup', type=int, default=2)
-    parser.add_argument('--min-time', type=float, default=0.5, help='seconds per case per repeat (about)')
-    parser.add_argument('--gemm-sizes', nargs='+', type=int, default=[1024, 2048],
+    parser.add_argument('--repeats', type=number(int, 1), default=5,
+                        help='interleaved timing rounds (medians are reported)')
+    parser.add_argument('--warmup', type=number(int, 0), default=2)
+    parser.add_argument('--min-time', type=number(float, 0), default=0.5, help='seconds per case per repeat (about)')
+    parser.add_argument('--gemm-sizes', nargs='+', type=number(int, 1), default=[1024, 2048],
                         help='square GEMM sizes timed among the models for the peak of each precision')
-    parser.add_argument('--threads', type=int, default=None, help='torch (and ONNX Runtime) threads')
+    parser.add_argument('--threads', type=number(int, 1), default=None, help='torch (and ONNX Runtime) threads')
     parser.add_argument('--out', default='bench/', help='folder for benchmark.json and benchmark.md')
 
 

@@ -11,9 +11,12 @@ from .timing import time_interleaved
 
 
 def add_arguments(parser: argparse.ArgumentParser):
+    from ..errors import number
+
     parser.add_argument('--model', default='diracnet18', help='registered diracnet* model name')
-    parser.add_argument('--batch-size', type=int, default=8)
-    parser.add_argument('--repeats', type=int, default=5, help='interleaved timing rounds (median reported)')
+    parser.add_argument('--batch-size', type=number(int, 1), default=8)
+    parser.add_argument('--repeats', type=number(int, 1), default=5,
+                        help='interleaved timing rounds (median reported)')
 
 
 def run(args: argparse.Namespace) -> int:

@@ -13,11 +13,13 @@ from pathlib import Path
 
 from torch.optim.swa_utils import update_bn
 
-from .backends.onnxruntime import DEFAULT_TOLERANCE, REQUIRES, check_graph_ops, export_onnx, verify_onnx
+from .backends.onnxruntime import DEFAULT_TOLERANCE, REQUIRES, check_graph_ops, check_opset, export_onnx, verify_onnx
 from ..loading import MODEL_SOURCES, default_data, fold, load_images, load_model
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from ..errors import number
+
     parser.add_argument('--model', default=None, help='timm model name (optional with a --checkpoint folder)')
     parser.add_argument('--pretrained', action='store_true', help="the model's pretrained weights")
     parser.add_argument('--checkpoint', default=None, metavar='DIR',
@@ -27,10 +29,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help='real images for the check: hfds/<Hub id or local folder> or an image folder (default: '
                              'the CIFAR-10 sample shipped in timm_dirac/assets/cifar10_sample)')
     parser.add_argument('--split', default='test')
-    parser.add_argument('--num-images', type=int, default=32)
-    parser.add_argument('--tolerance', type=float, default=DEFAULT_TOLERANCE,
-                        help='max |ONNX - PyTorch| as a fraction of the largest |logit|')
-    parser.add_argument('--opset', type=int, default=18)
+    parser.add_argument('--num-images', type=number(int, 1), default=32)
+    parser.add_argument('--tolerance', type=number(float, 0, above=True), default=DEFAULT_TOLERANCE,
+                        help='max |ONNX - PyTorch| as a fraction of the largest |logit| (above 0)')
+    parser.add_argument('--opset', type=number(int), default=18,
+                        help="ONNX opset: the exporter's (18) up to the installed onnx's newest")
 
 
 def check_packages(data: str) -> None:
@@ -45,6 +48,7 @@ def check_packages(data: str) -> None:
 def run(args: argparse.Namespace) -> int:
     data = args.data or default_data()
     check_packages(data)
+    check_opset(args.opset)
     out = Path(args.out)
     if out.exists():
         raise FileExistsError(f'{out} already exists: pass a new --out file (nothing is overwritten).')

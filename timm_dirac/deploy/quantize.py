@@ -5,9 +5,12 @@ and timed against ONNX Runtime fp32 of the same model; the fastest within `--max
 `chain`, takes the Dirac taps out of the int8 weights (`dirac_tap`), which a folded DiracNet needs to keep its
 accuracy in int8; `split`, `plain`, `onnxruntime-int8` and `pt2e` are the others (`backends/onnxruntime.py`,
 `backends/pt2e.py`). Activations are uint8 per tensor, calibrated with `--method` (`pt2e` keeps torchao's).
+What is scored is checked before any work: evaluation data whose class names are not the model's and a model
+without a classifier (nothing to score) are refused.
 """
 import argparse
 import json
+import math
 import os
 import shutil
 import statistics
@@ -20,10 +23,11 @@ import torch
 
 from .backends import BACKENDS, Backend, Runner, Setup, backend_names, get_backends
 from .backends import onnxruntime as ort_backend
+from ..data import check_model_classes, class_names_of, load_eval_split
 from ..diracify import is_folded
 from ..loading import default_data, fold, load_images, load_model
 from ..machine import machine_info
-from ..metrics import evaluate
+from ..metrics import check_classifier, evaluate
 from .timing import time_interleaved
 
 METHODS = ('minmax', 'percentile', 'entropy')
@@ -73,11 +77,18 @@ def run_quantize(
     backends = get_backends(flows, int8=True, what='flow')
     if method not in METHODS:
         raise ValueError(f'unknown calibration method {method!r}: choose from {", ".join(METHODS)}.')
+    _check_counts(num_calib=num_calib, num_eval=num_eval, repeats=repeats, bench_batch=min(bench_batches, default=0))
+    if not (isinstance(max_drop, (int, float)) and math.isfinite(max_drop) and 0 <= max_drop <= 100):
+        raise ValueError(f'max_drop {max_drop}: the top-1 points an int8 flow may lose are a number from 0 to 100.')
     out_dir = Path(out)
     if out_dir.exists():
         raise FileExistsError(f'{out_dir} already exists: pass a new --out folder (nothing is overwritten).')
 
     model = load_model(model_name, checkpoint)
+    check_classifier(model)  # int8 is chosen on its top-1 against fp32's
+    eval_source = eval_data or calib_data
+    check_model_classes(model.pretrained_cfg.get('label_names'),
+                        class_names_of(load_eval_split(eval_source, eval_split)[0]), eval_source, eval_split)
     if not is_folded(model):
         log('the checkpoint is in the train form: folded it (BatchNorm and Dirac terms into plain convs) first')
     model = fold(model)
@@ -105,6 +116,13 @@ def run_quantize(
         shutil.rmtree(work, ignore_errors=True)
         raise
     return report
+
+
+def _check_counts(**counts: Optional[int]) -> None:
+    """ Refuse a count below 1 (None: not given) before any work. """
+    for name, value in counts.items():
+        if value is not None and not (isinstance(value, int) and value >= 1):
+            raise ValueError(f'{name} {value}: pass a whole number of at least 1.')
 
 
 def _quantize_flows(model, model_name, checkpoint, calib, images, labels, input_size, work: Path,
@@ -148,6 +166,8 @@ def _quantize_flows(model, model_name, checkpoint, calib, images, labels, input_
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from ..errors import number
+
     parser.add_argument('--model', default=None, help='timm model name (optional with a --checkpoint folder)')
     parser.add_argument('--checkpoint', default=None, metavar='DIR',
                         help='checkpoint folder (config.json + model.safetensors) or weights file, train form or '
@@ -156,18 +176,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help='calibration images: hfds/<Hub id or local folder> or an image folder (default: the '
                              'CIFAR-10 sample shipped in timm_dirac/assets/cifar10_sample)')
     parser.add_argument('--calib-split', default='train')
-    parser.add_argument('--num-calib', type=int, default=512)
+    parser.add_argument('--num-calib', type=number(int, 1), default=512)
     parser.add_argument('--eval-data', default=None, help='dataset for the accuracy check (default: --calib)')
     parser.add_argument('--eval-split', default='test')
-    parser.add_argument('--num-eval', type=int, default=None, help='evaluation images (default: the whole split)')
+    parser.add_argument('--num-eval', type=number(int, 1), default=None,
+                        help='evaluation images (default: the whole split)')
     parser.add_argument('--flow', nargs='+', default=['chain'], metavar='FLOW',
                         help=f'one or more int8 backends: {", ".join(backend_names(int8=True))} (default: chain)')
     parser.add_argument('--method', default='minmax', metavar='METHOD',
                         help=f'activation calibration: {", ".join(METHODS)} (default: minmax)')
-    parser.add_argument('--max-drop', type=float, default=0.5, help='top-1 points an int8 flow may lose')
-    parser.add_argument('--bench-batch', type=int, nargs='+', default=[1, 32],
+    parser.add_argument('--max-drop', type=number(float, 0, 100), default=0.5,
+                        help='top-1 points an int8 flow may lose (0 to 100)')
+    parser.add_argument('--bench-batch', type=number(int, 1), nargs='+', default=[1, 32],
                         help='batch sizes of the speed comparison with ONNX Runtime fp32')
-    parser.add_argument('--repeats', type=int, default=5)
+    parser.add_argument('--repeats', type=number(int, 1), default=5)
     parser.add_argument('--out', required=True, metavar='DIR', help='a new folder for the int8 models and report')
 
 

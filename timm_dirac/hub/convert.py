@@ -83,12 +83,14 @@ def _check_shape(state_dict: Mapping[str, Any], source: str, model_name: str, mo
 def add_arguments(parser: argparse.ArgumentParser):
     from timm.utils import ParseKwargs
 
+    from ..errors import number
+
     parser.add_argument('source', help='checkpoint path or URL: ours (train or folded) or the authors\' (folded or '
                                        'functional v2), read with weights_only=True')
     parser.add_argument('--model', required=True, help='architecture (optionally .tag), e.g. diracnet18')
     parser.add_argument('--model-kwargs', nargs='*', default={}, action=ParseKwargs, metavar='K=V',
                         help="model shape, e.g. 'layers=(4,4,4)' 'channels=(32,64,128)' (DiracNet-16-2)")
-    parser.add_argument('--num-classes', type=int, default=None,
+    parser.add_argument('--num-classes', type=number(int, 1), default=None,
                         help="classifier size (default: the checkpoint's, e.g. 100 for a CIFAR-100 file)")
     parser.add_argument('--out', required=True, help='output Hub folder (must not exist unless --overwrite)')
     parser.add_argument('--form', choices=('auto', 'train', 'folded'), default='auto',

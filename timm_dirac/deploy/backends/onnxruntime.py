@@ -23,9 +23,9 @@ from ...diracify import is_folded
 from ...diracnet import DiracBlock
 from ._registry import Runner, Setup, register_backend
 
-__all__ = ['ALLOWED_OPS', 'DEFAULT_TOLERANCE', 'ONNX_FLOWS', 'export_onnx', 'relu_before_maxpool', 'op_types',
-           'check_graph_ops', 'ort_session', 'verify_onnx', 'quantize_onnxruntime', 'write_int8_onnx', 'prepare_fp32',
-           'prepare_chain', 'prepare_split', 'prepare_plain', 'prepare_int8']
+__all__ = ['ALLOWED_OPS', 'DEFAULT_TOLERANCE', 'ONNX_FLOWS', 'supported_opsets', 'check_opset', 'export_onnx',
+           'relu_before_maxpool', 'op_types', 'check_graph_ops', 'ort_session', 'verify_onnx', 'quantize_onnxruntime',
+           'write_int8_onnx', 'prepare_fp32', 'prepare_chain', 'prepare_split', 'prepare_plain', 'prepare_int8']
 
 ALLOWED_OPS = {'Conv', 'Relu', 'MaxPool', 'GlobalAveragePool', 'ReduceMean', 'Flatten', 'Reshape', 'Gemm', 'MatMul'}
 DEFAULT_TOLERANCE = 1e-4  # max |ONNX Runtime - PyTorch| relative to max |PyTorch logit|
@@ -49,13 +49,36 @@ ONNX_FLOWS = {'chain': OnnxFlow(chain_dirac_taps, weight_bits=7), 'split': OnnxF
               'plain': OnnxFlow(None, weight_bits=8)}
 
 
+def supported_opsets() -> range:
+    """ The ONNX opsets torch's (dynamo) exporter writes: its own, torchlib's (18), up to the newest the installed
+    onnx defines, to which it converts. Below 18 its conversion of a DiracNet's graph fails and it writes 18 after a
+    traceback instead, so those are not offered. """
+    import onnx
+    try:
+        from torch.onnx._internal.exporter._constants import TORCHLIB_OPSET as lowest
+    except ImportError:  # moved in another torch: the exporter's opset since torch 2.5
+        lowest = 18
+    return range(lowest, onnx.defs.onnx_opset_version() + 1)
+
+
+def check_opset(opset: int) -> None:
+    """ Refuse an opset the exporter does not write (`supported_opsets`), before any work. """
+    opsets = supported_opsets()
+    if not (isinstance(opset, int) and opset in opsets):
+        raise ValueError(f'opset {opset}: torch\'s ONNX exporter writes opsets {opsets[0]} to {opsets[-1]} (the '
+                         f'installed onnx\'s newest); pass --opset in that range (default 18).')
+
+
 def export_onnx(model: nn.Module, path: str, input_size: Sequence[int], opset: int = 18) -> None:
     """ Export `model` (eval, fp32) with timm's `onnx_export` (the dynamo exporter, a dynamic batch axis): input
     'input' (N, C, H, W), output 'logits'; then `MaxPool -> Relu` pairs are reordered to `Relu -> MaxPool` (see
-    `relu_before_maxpool`) and the graph checked. ONNX is NCHW: a channels_last model is exported from a contiguous
-    copy (the exporter would otherwise add layout ops). """
+    `relu_before_maxpool`) and the graph checked, its opset the one asked for (`check_opset`; the exporter keeps
+    its own where a conversion fails). ONNX is NCHW: a channels_last model is exported from a contiguous copy (the
+    exporter would otherwise add layout ops). """
     import onnx
     from timm.utils.onnx import onnx_export
+
+    check_opset(opset)
     if any(p.dim() == 4 and p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous()
            for p in model.parameters()):
         model = copy.deepcopy(model).to(memory_format=torch.contiguous_format)
@@ -66,6 +89,10 @@ def export_onnx(model: nn.Module, path: str, input_size: Sequence[int], opset: i
             onnx_export(model.eval(), partial, batch_size=2, input_size=tuple(input_size), opset=opset,
                         use_dynamo=True, check=False, input_names=['input'], output_names=['logits'])
         proto = onnx.load(partial)
+        written = [o.version for o in proto.opset_import if o.domain in ('', 'ai.onnx')]
+        if written != [opset]:
+            raise RuntimeError(f'torch\'s ONNX exporter could not write this model in opset {opset} (it wrote '
+                               f'{written}); pass --opset {written[0] if written else 18}.')
         relu_before_maxpool(proto.graph)
         onnx.checker.check_model(proto, full_check=True)
         onnx.save(proto, path)
