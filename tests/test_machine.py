@@ -58,7 +58,12 @@ def test_train_amp_auto_follows_the_rule_and_flags_override_it(monkeypatch):
     monkeypatch.setattr(machine, 'cpu_features', lambda: {'amx_tile'})
     assert pick_precision(parse_args(['--amp']))[0] == 'bf16'
     assert pick_precision(parse_args(['--amp', '--amp-dtype', 'float16']))[0] == 'fp16'
-    assert pick_precision(parse_args(['--amp', '--no-amp']))[0] is None  # the accelerate launch setting
+    monkeypatch.delenv('ACCELERATE_MIXED_PRECISION', raising=False)  # `python train.py`: no launcher chose one
+    chosen, why = pick_precision(parse_args(['--amp', '--no-amp']))
+    assert chosen == 'no' and 'launch' not in why and why.startswith('no --amp')
+    monkeypatch.setenv('ACCELERATE_MIXED_PRECISION', 'fp16')  # what `accelerate launch --mixed_precision fp16` sets
+    chosen, why = pick_precision(parse_args([]))
+    assert chosen is None and why == 'no --amp: the accelerate launch setting --mixed_precision fp16'
 
 
 def test_quick_config_asks_for_the_automatic_precision():

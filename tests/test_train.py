@@ -5,10 +5,14 @@ gives bit-identical weights to 2 straight epochs. Two processes (`accelerate lau
 distinct samples per rank, identical weights, global batch = 2 x per-rank batch, every val sample counted once.
 Config precedence and the one-line errors for bad input; kills at every step of a checkpoint save resume bit for
 bit; and the hostile cases: a damaged checkpoint file, a finished or empty run folder, a resume with other data
-flags or into a folder another process trains in, Ctrl-C, run folders outside --output.
+flags or into a folder another process trains in, Ctrl-C, run folders outside --output. SIGTERM stops at the next
+step with a checkpoint that resumes at the same sample; what a resume changes is said once and recorded in args.yaml
+(the same data at another path recognised, --epochs below the epochs done refused); configs with aliases and every
+numeric flag out of bounds are refused before any work; the shipped configs train from a wheel.
 """
 import csv
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -773,3 +777,384 @@ def test_ctrl_c_prints_one_line_naming_the_run_to_resume(tmp_path, monkeypatch, 
     assert exc.value.code == 130 and 'Traceback' not in err
     (line,) = [l for l in err.splitlines() if l.startswith('timm-dirac-train')]
     assert f'--resume {tmp_path / "run"}' in line
+
+
+# ------------------------------------------------------------------------------------------- pre-emption
+class SigtermNotHandled(Exception):
+    pass
+
+
+@pytest.fixture
+def sigterm_at(monkeypatch):
+    """ `sigterm_at(step)`: this process gets SIGTERM during its `step`-th training step (from 1; 0: only guard), as
+    from a scheduler. A SIGTERM the run leaves unhandled fails the test (instead of ending pytest). """
+    import signal
+    import timm_dirac.train.loop as loop
+
+    def unhandled(signum, frame):
+        raise SigtermNotHandled
+    previous = signal.signal(signal.SIGTERM, unhandled)
+    accuracy = loop.accuracy
+
+    def at(step: int) -> None:
+        steps = [0]
+
+        def counting(*args, **kwargs):
+            steps[0] += 1
+            if steps[0] == step:
+                os.kill(os.getpid(), signal.SIGTERM)
+            return accuracy(*args, **kwargs)
+        monkeypatch.setattr(loop, 'accuracy', counting)
+    yield at
+    signal.signal(signal.SIGTERM, previous)
+
+
+def _record_samples(monkeypatch) -> List[int]:
+    """ The indices of the training images read, in order (workers 0: read in this process). """
+    import timm_dirac.data as data
+    seen, get = [], data.Images.__getitem__
+
+    def record(self, index):
+        if self.transform is not None and any(type(t).__name__ == 'RandomCrop' for t in self.transform.transforms):
+            seen.append(index)
+        return get(self, index)
+    monkeypatch.setattr(data.Images, '__getitem__', record)
+    return seen
+
+
+SIGTERM_ARGS = SHORT + ['-b', '16', '--epochs', '2']  # 4 batches an epoch
+
+
+def _stopped_by_sigterm(capsys, argv) -> str:
+    """ main(argv) stopped by SIGTERM: exit code 143, one line on stderr, which is returned (with stdout). """
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    out, err = capsys.readouterr()
+    assert exc.value.code == 143 and 'Traceback' not in err  # a shell's code for a process SIGTERM ended
+    (line,) = [l for l in err.splitlines() if l.startswith('timm-dirac-train')]
+    return line + '\n' + out
+
+
+def test_sigterm_stops_at_the_next_step_with_a_checkpoint_there(tmp_path, sigterm_at, capsys):
+    """ SIGTERM during step 2 of epoch 1: the run stops after that step, writes `checkpoint-0-step2` (verified,
+    `last`), and says in one line the run to resume; no traceback, exit code 143. """
+    run = tmp_path / 'run'
+    sigterm_at(2)
+    line = _stopped_by_sigterm(capsys, SIGTERM_ARGS + ['--output', str(tmp_path), '--experiment', 'run'])
+    assert f'--resume {run}' in line and 'checkpoint-0-step2 (epoch 1 at batch 2)' in line
+    assert os.readlink(run / 'last') == 'checkpoint-0-step2'
+    verify_checkpoint(run / 'last')
+    state = torch.load(run / 'last' / 'train_state.pt', weights_only=True)
+    assert state['epoch'] == 0 and state['num_updates'] == 2 and state['partial']['samples'] == 32
+
+
+def test_sigterm_during_evaluation_stops_after_that_epochs_checkpoint(tmp_path, monkeypatch, sigterm_at, capsys):
+    import signal
+    evaluate = train_module.evaluate
+
+    def evaluate_then_sigterm(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return evaluate(*args, **kwargs)
+    monkeypatch.setattr(train_module, 'evaluate', evaluate_then_sigterm)
+    line = _stopped_by_sigterm(capsys, SIGTERM_ARGS + ['--output', str(tmp_path), '--experiment', 'run'])
+    assert 'keeps checkpoint-1 (epoch 1)' in line and f'--resume {tmp_path / "run"}' in line
+    assert os.readlink(tmp_path / 'run' / 'last') == 'checkpoint-1'
+
+
+@pytest.mark.slow
+def test_a_run_stopped_by_sigterm_resumes_at_the_same_sample(tmp_path, monkeypatch, sigterm_at, capsys):
+    """ Stopped at step 2 of epoch 1 and resumed: the two sessions read epoch 1's images in the uninterrupted run's
+    order, each once, then epoch 2 as it does; the updates, the lr and the epochs come out as in that run. """
+    straight_seen = _record_samples(monkeypatch)
+    main(SIGTERM_ARGS + ['--output', str(tmp_path), '--experiment', 'straight'])
+    straight = list(straight_seen)
+    straight_seen.clear()
+    sigterm_at(2)
+    _stopped_by_sigterm(capsys, SIGTERM_ARGS + ['--output', str(tmp_path), '--experiment', 'run'])
+    sigterm_at(0)
+    first = list(straight_seen)
+    straight_seen.clear()
+    main(SIGTERM_ARGS + ['--output', str(tmp_path), '--resume', str(tmp_path / 'run')])
+    out = capsys.readouterr().out
+    assert 'continues at the sample after the 32 its epoch has trained on' in out
+    prefetched = 16  # accelerate's loader reads one batch ahead: the stopped session read batch 3 too
+    assert first[:32] + straight_seen == straight and len(first) == 32 + prefetched
+    run = tmp_path / 'run'
+    assert [r['epoch'] for r in _summary(run)] == [1, 2] and not list(run.glob('checkpoint-*-step*'))
+    assert [r['lr'] for r in _summary(run)] == [r['lr'] for r in _summary(tmp_path / 'straight')]
+    a, b = (torch.load(tmp_path / r / 'last' / 'train_state.pt', weights_only=True) for r in ('straight', 'run'))
+    assert a['num_updates'] == b['num_updates'] == 8
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_process_group_leaves_the_loader_workers_to_the_run(tmp_path):
+    """ SIGTERM to the whole process group, loader workers included (SLURM signals every process of a step): the
+    workers do not die of it (torch's would, and the run would fail at its next batch); the run stops at a step. """
+    env = dict(os.environ, OMP_NUM_THREADS='1', PROBE_FAULT='0:40:sigterm-group',
+               PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get('PYTHONPATH', '')]))
+    flags = SHORT + ['-b', '16', '--epochs', '2', '--train-num-samples', '256', '--workers', '2', '--output',
+                     str(tmp_path), '--experiment', 'run']
+    proc = subprocess.run([sys.executable, str(PROBE), str(tmp_path), 'group', *flags], capture_output=True, text=True,
+                          env=env, timeout=300, start_new_session=True)
+    assert proc.returncode == 143 and 'Traceback' not in proc.stderr, proc.stderr[-3000:]
+    assert 'timm-dirac-train: stopped by SIGTERM' in proc.stderr and 'DataLoader worker' not in proc.stderr
+    assert list((tmp_path / 'run').glob('checkpoint-0-step*'))
+
+
+def test_loader_workers_left_by_a_failed_epoch_do_not_hold_the_process_at_exit():
+    """ Workers ignore SIGTERM (so a scheduler's reaches the run); multiprocessing ends workers at exit with SIGTERM and
+    waits: those a failed epoch leaves waiting for work are killed instead, quietly. """
+    code = ('from torch.utils.data import DataLoader, Dataset\n'
+            'from timm_dirac.train.loop import workers_leave_sigterm\n'
+            'class Broken(Dataset):\n'
+            '    def __len__(self): return 64\n'
+            '    def __getitem__(self, i):\n'
+            '        if i == 9: raise ValueError("unreadable")\n'
+            '        return i\n'
+            'loader = DataLoader(Broken(), batch_size=2, num_workers=2)\n'
+            'workers_leave_sigterm(loader)\n'
+            'batches = iter(loader)\n'
+            'try:\n'
+            '    list(batches)\n'
+            'except ValueError:\n'
+            '    print("failed as a run does")\n')
+    proc = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=120,
+                          env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert proc.returncode == 0 and 'failed as a run does' in proc.stdout
+    assert 'killed by signal' not in proc.stderr
+
+
+def test_no_checkpoint_at_sigterm_where_a_save_takes_longer_than_the_grace_period(tmp_path, monkeypatch, sigterm_at,
+                                                                                  capsys):
+    monkeypatch.setattr(train_module, 'GRACE_SAVE_S', -1)  # every save "took longer"
+    sigterm_at(6)  # epoch 2, batch 2: after epoch 1's save was timed
+    said = _stopped_by_sigterm(capsys, SIGTERM_ARGS + ['--output', str(tmp_path), '--experiment', 'run'])
+    assert 'keeps checkpoint-1 (epoch 1)' in said.splitlines()[0]
+    assert 'more than the -1 s that fit in a scheduler\'s usual grace period' in said
+    assert sorted(p.name for p in (tmp_path / 'run').glob('checkpoint-*')) == ['checkpoint-1']
+
+
+# ------------------------------------------------------------------------------------------- what a resume may change
+def _fake_checkpoint(run: Path, name: str, args: List[str]) -> None:
+    """ A run folder with args.yaml and an (empty, listed) checkpoint folder, enough for what is checked first. """
+    from timm_dirac.train.args import args_yaml
+    (run / name).mkdir(parents=True)
+    (run / name / 'checkpoint.sha256').write_text('')
+    (run / 'args.yaml').write_text(args_yaml(parse_args(args)))
+
+
+def test_epochs_below_the_epochs_done_are_refused(tmp_path, capsys):
+    _fake_checkpoint(tmp_path / 'run', 'checkpoint-5', SHORT + ['--epochs', '10'])
+    _fails(capsys, SHORT + ['--epochs', '3', '--resume', str(tmp_path / 'run')], '--epochs 3', 'has done 5 epochs',
+           '--epochs 5 or more')
+
+
+@pytest.mark.slow
+def test_a_resume_says_and_records_what_it_changes_and_knows_moved_data(tmp_path, interrupted, capsys):
+    """ -b 32 -> 16 and the data copied to another folder: accepted, said in one line, recorded in args.yaml (values
+    and a comment); other data at the new path is refused naming what differs. """
+    import shutil
+    args = SHORT + ['--epochs', '2', '--output', str(tmp_path), '--experiment', 'run']
+    with interrupted():
+        train(parse_args(args))
+    run = tmp_path / 'run'
+    moved = tmp_path / 'staged' / 'cifar10_sample'
+    shutil.copytree(SAMPLE, moved)
+    capsys.readouterr()
+    moved_args = [a if a != f'hfds/{SAMPLE}' else f'hfds/{moved}' for a in args]
+    main(moved_args + ['-b', '16', '--resume', str(run)])
+    out = capsys.readouterr().out
+    (said,) = [l for l in out.splitlines() if l.startswith('resume: ') and 'recorded' in l]
+    assert '--batch-size 32 -> 16' in said and 'recognised as the run\'s' in said and str(moved) in said
+    saved = (run / 'args.yaml').read_text()
+    assert yaml.safe_load(saved)['batch_size'] == 16 and yaml.safe_load(saved)['dataset'] == f'hfds/{moved}'
+    assert '# resumed ' in saved and '--batch-size 32 -> 16' in saved
+    assert parse_args(['--config', str(run / 'args.yaml')]).batch_size == 16  # the record works as a config
+
+    import pyarrow.parquet as pq
+    other = tmp_path / 'other' / 'data'
+    other.mkdir(parents=True)
+    for split, rows in (('train', 5000), ('test', 1000)):  # the same classes, fewer train images
+        name = f'{split}-00000-of-00001.parquet'
+        pq.write_table(pq.read_table(SAMPLE / 'data' / name).slice(0, rows), other / name)
+    _fails(capsys, [a if a != f'hfds/{SAMPLE}' else f'hfds/{tmp_path / "other"}' for a in args] +
+           ['-b', '16', '--resume', str(run)], 'holds other data', 'train: 10000 in the run, 5000 now')
+
+
+@pytest.mark.parametrize('was,batch,world,expected', [
+    (2, 8, 1, (8, 2)),  # 2 -> 1 process: two accumulation steps
+    (1, 16, 2, (8, 1)),  # 1 -> 2: half the batch each
+    (4, 32, 8, (16, 1)),
+    (2, 128, 3, '2 process(es) with a global batch of 256'),  # refused, naming both counts
+])
+def test_another_process_count_keeps_the_global_batch_or_is_refused(tmp_path, was, batch, world, expected):
+    resume = train_module.Resume(tmp_path, tmp_path / 'checkpoint-3', dict(batch_size=batch, grad_accum_steps=1),
+                                 was)
+    args = parse_args(SHORT + ['-b', str(batch)])
+    if isinstance(expected, str):
+        with pytest.raises(ConfigError, match=re.escape(expected)) as e:
+            train_module._keep_global_batch(args, resume, world)
+        assert f'which {world} processes cannot share' in str(e.value) and 'move' not in str(e.value)
+        return
+    train_module._keep_global_batch(args, resume, world)
+    assert (args.batch_size, args.grad_accum_steps) == expected
+    assert args.batch_size * args.grad_accum_steps * world == batch * was
+    assert resume.notes == [] if world == was else f'{world} process(es) instead of {was}' in resume.notes[0]
+
+
+def test_a_checkpoint_inside_an_epoch_resumes_only_where_the_new_batch_reaches_its_sample(tmp_path):
+    resume = train_module.Resume(tmp_path, tmp_path / 'checkpoint-2-step3', dict(batch_size=16, grad_accum_steps=1),
+                                 1)  # 48 samples into epoch 3
+    train_module._keep_global_batch(parse_args(SHORT + ['-b', '24']), resume, 1)  # 2 steps of 24
+    with pytest.raises(ConfigError, match='stopped 48 samples into epoch 3'):
+        train_module._keep_global_batch(parse_args(SHORT + ['-b', '32']), resume, 1)
+
+
+def test_a_runs_args_yaml_is_a_config(tmp_path):
+    """ args.yaml gives back the run's flags as --config (an earlier version's, with a `config` key, too). """
+    from timm_dirac.train.args import args_yaml
+    args = parse_args(TINY + ['--model-kwargs', 'layers=(1,1,1)', 'drop_path_rate=0.1', '--scale', '0.5', '1.0'])
+    (tmp_path / 'args.yaml').write_text(args_yaml(args))
+    again = parse_args(['--config', str(tmp_path / 'args.yaml')])
+    assert yaml.safe_load(args_yaml(again)) == yaml.safe_load(args_yaml(args))  # (tuples come back as lists)
+    (tmp_path / 'old.yaml').write_text(yaml.safe_dump({**vars(args), 'config': 'train_configs/x.yaml'}))
+    assert parse_args(['--config', str(tmp_path / 'old.yaml')]).model == 'diracnet34_1_cifar'
+
+
+# ------------------------------------------------------------------------------------------- inputs refused first
+def test_a_yaml_alias_bomb_is_refused_in_seconds_within_bounded_memory(tmp_path):
+    """ Nested aliases inside model_kwargs (a few hundred bytes that expand exponentially) are refused at once; the
+    check runs in a child whose address space is capped at 2 GB above what its imports took. """
+    import time
+    bomb = tmp_path / 'bomb.yaml'
+    bomb.write_text('model: diracnet18\na: &a ["x","x","x","x","x","x","x","x","x"]\n'
+                    + ''.join(f'{c}: &{c} [*{p},*{p},*{p},*{p},*{p},*{p},*{p},*{p},*{p}]\n'
+                              for p, c in zip('abcdefgh', 'bcdefghi'))
+                    + 'model_kwargs: {layers: *i}\n')
+    assert len(bomb.read_bytes()) < 600
+    code = ('import resource, sys\nfrom timm_dirac.train import main\n'
+            'used = int(open("/proc/self/statm").read().split()[0]) * resource.getpagesize()\n'
+            'resource.setrlimit(resource.RLIMIT_AS, (used + (2 << 30), resource.RLIM_INFINITY))\n'
+            f'main(["--config", {str(bomb)!r}, "--output", {str(tmp_path / "out")!r}])\n')
+    start = time.perf_counter()
+    proc = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=120,
+                          env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert proc.returncode == 2 and time.perf_counter() - start < 60, proc.stderr[-2000:]
+    (line,) = proc.stderr.strip().splitlines()
+    assert 'alias' in line and str(bomb) in line and 'Traceback' not in proc.stderr
+    assert not (tmp_path / 'out').exists()
+
+
+def _numeric_flags():
+    from timm_dirac.train.args import build_parser
+    return [a for a in build_parser()._actions if a.type in (int, float)]
+
+
+@pytest.mark.parametrize('action', _numeric_flags(), ids=lambda a: a.dest)
+def test_every_numeric_flag_refuses_nan_infinity_and_negatives_before_any_work(tmp_path, capsys, action):
+    flag = next(s for s in action.option_strings if s.startswith('--'))
+    count = action.nargs if isinstance(action.nargs, int) else 1
+    for value in (['nan', 'inf', '-1'] if action.type is float else ['-1']):
+        _fails(capsys, SHORT + ['--output', str(tmp_path / 'out'), flag] + [value] * count, flag)
+    assert not (tmp_path / 'out').exists()
+
+
+@pytest.mark.parametrize('flag,value', [('--decay-epochs', '0'), ('--dist-timeout', '0'), ('--img-size', '0'),
+                                        ('--num-classes', '0'), ('--momentum', '1'), ('--mixup-switch-prob', '2'),
+                                        ('--seed', str(2 ** 32)), ('--scale', ['0.9', '0.1']),
+                                        ('--ratio', ['0', '1'])])
+def test_numbers_meaningless_for_their_flag_are_refused(tmp_path, capsys, flag, value):
+    _fails(capsys, SHORT + ['--output', str(tmp_path / 'out'), flag] + ([value] if isinstance(value, str) else value),
+           flag)
+    assert not (tmp_path / 'out').exists()
+
+
+# ------------------------------------------------------------------------------------------- the package, the first hour
+def test_a_shipped_config_is_found_by_name_with_its_data(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # an empty folder: no train_configs/ here
+    for name in ('quick_cifar10.yaml', 'quick_cifar10'):
+        args = parse_args(['--config', name])
+        assert Path(args.config) == ROOT / 'train_configs' / 'quick_cifar10.yaml'
+        assert args.dataset == f'hfds/{SAMPLE}'
+    _fails(capsys, ['--config', 'quick_cifar100.yaml'], 'quick_cifar100.yaml not found', 'quick_cifar10.yaml')
+    copied = tmp_path / 'mine' / 'quick.yaml'  # a copy elsewhere finds the shipped sample too
+    copied.parent.mkdir()
+    copied.write_bytes((ROOT / 'train_configs' / 'quick_cifar10.yaml').read_bytes())
+    assert parse_args(['--config', str(copied)]).dataset == f'hfds/{SAMPLE}'
+
+
+def test_without_the_train_extra_one_line_names_it():
+    code = 'import sys\nsys.modules["accelerate"] = None\nfrom timm_dirac.train import main\nmain(["--help"])\n'
+    proc = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=120,
+                          env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert proc.returncode == 2 and 'Traceback' not in proc.stderr
+    (line,) = proc.stderr.strip().splitlines()
+    assert 'pip install "timm-dirac[train]"' in line and '-e ".[train]"' in line
+
+
+def test_torch_and_torchvision_from_two_indexes_get_one_line(tmp_path):
+    """ What torchvision raises at import when its build does not match torch's (two package indexes). """
+    code = ('import runpy, sys\n'
+            'class TwoIndexes:\n'
+            '    def find_spec(self, name, path=None, target=None):\n'
+            '        if name == "torchvision":\n'
+            '            raise RuntimeError("operator torchvision::nms does not exist")\n'
+            'sys.meta_path.insert(0, TwoIndexes())\n'
+            'sys.argv = ["train.py", "--help"]\n'
+            f'runpy.run_path({str(ROOT / "train.py")!r}, run_name="__main__")\n')
+    proc = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=120, cwd=tmp_path,
+                          env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert proc.returncode == 2 and 'Traceback' not in proc.stderr
+    (line,) = proc.stderr.strip().splitlines()
+    assert 'torchvision' in line and 'one index' in line and 'pip install' in line
+
+
+def test_a_model_input_far_from_the_data_image_size_gets_a_note():
+    from types import SimpleNamespace
+    from torch.utils.data import Subset
+    from timm_dirac.data import open_split
+    images = open_split(f'hfds/{SAMPLE}', None, 'train')
+    data = SimpleNamespace(train_loader=SimpleNamespace(dataset=Subset(images, [3, 4])))
+    note = train_module._image_size_note(data, dict(input_size=(3, 224, 224)))
+    assert 'the model takes 224 px inputs and the data\'s images are 32 px' in note and 'upscaled 7x' in note
+    assert '--img-size 32' in note
+    assert train_module._image_size_note(data, dict(input_size=(3, 32, 32))) == ''
+    assert train_module._image_size_note(data, dict(input_size=(3, 64, 64))) == ''  # CIFAR nets at 2x: not far
+
+
+def test_the_wheel_lists_every_package_and_ships_the_configs():
+    """ pyproject lists its packages (a package-dir entry maps train_configs/ into the package): every package
+    folder is listed, and the configs are package data. """
+    import tomllib
+    from setuptools import find_packages
+    tool = tomllib.loads((ROOT / 'pyproject.toml').read_text())['tool']['setuptools']
+    assert sorted(tool['packages']) == sorted(find_packages(str(ROOT), include=['timm_dirac*']) +
+                                              ['timm_dirac.train_configs'])
+    assert tool['package-dir']['timm_dirac.train_configs'] == 'train_configs'
+    assert tool['package-data']['timm_dirac.train_configs'] == ['*.yaml']
+
+
+@pytest.mark.slow
+def test_the_main_job_trains_from_a_wheel_in_an_empty_folder(tmp_path):
+    """ The wheel, installed apart from the clone: `timm-dirac-train --config quick_cifar10.yaml` in an empty folder
+    finds the shipped config and the shipped sample (shortened here to one small epoch). """
+    import shutil
+    src = tmp_path / 'src'
+    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(
+        '.git', '.ci', 'output', 'out', '__pycache__', '*.egg-info', 'build', 'dist', '.pytest_cache', 'bench'))
+    subprocess.run([sys.executable, '-m', 'pip', 'wheel', str(src), '--no-deps', '--no-build-isolation', '-q', '-w',
+                    str(tmp_path / 'wheel')], check=True, capture_output=True, timeout=300)
+    (wheel,) = (tmp_path / 'wheel').glob('timm_dirac-*.whl')
+    site = tmp_path / 'site'
+    subprocess.run([sys.executable, '-m', 'pip', 'install', '--no-deps', '-q', '--target', str(site), str(wheel)],
+                   check=True, capture_output=True, timeout=300)
+    empty = tmp_path / 'empty'
+    empty.mkdir()
+    env = dict(os.environ, PYTHONPATH=str(site), OMP_NUM_THREADS='1')  # the wheel's timm_dirac, not the clone's
+    proc = subprocess.run([str(site / 'bin' / 'timm-dirac-train'), '--config', 'quick_cifar10.yaml', '--epochs', '1',
+                           '--train-num-samples', '128', '--val-num-samples', '16', '--test-split', 'test[:16]',
+                           '-b', '64', '--experiment', 'run'], cwd=empty, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f'hfds/{site / "timm_dirac" / "assets" / "cifar10_sample"}' in proc.stdout
+    assert (empty / 'output' / 'train' / 'run' / 'hub-folded' / 'model.safetensors').is_file()

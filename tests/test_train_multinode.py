@@ -7,6 +7,10 @@ the data once, its evaluation shards cover theirs (metrics count each sample onc
 folder (checkpoints, links, summary.csv, Hub folders) while every rank's RNG state goes into the checkpoint; and the
 4-rank run resumed from its epoch-1 checkpoint sees the same samples and ends with the same weights and metrics as
 the uninterrupted run.
+
+Faults, on one machine with two ranks: SIGTERM to the launcher stops both ranks at the same step with a checkpoint
+there, which a resume on one process continues at the same sample with the same global batch (and a one-process
+run's on two); a rank killed, or stopped past --dist-timeout, is named by the other with the run to resume.
 """
 import csv
 import os
@@ -16,7 +20,12 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
+from typing import Tuple
+
+import yaml
 
 import pytest
 import torch
@@ -166,3 +175,115 @@ def test_two_machines_four_ranks_train_and_resume(tmp_path):
         assert [a[m] for m in ('lr', 'train_top1', 'val_top1', 'val_top5')] == [
             b[m] for m in ('lr', 'train_top1', 'val_top1', 'val_top5')]
         assert (a['train_loss'], a['val_loss']) == pytest.approx((b['train_loss'], b['val_loss']), rel=1e-6)
+
+
+# ------------------------------------------------------------------------------------------- faults
+def _launch(dump_dir: Path, tag: str, flags: list, processes: int = 2, fault: str = '', until: str = ''
+            ) -> Tuple[int, str]:
+    """ `rank_probe.py` on `processes` processes of this machine (`accelerate launch --multi_gpu`; plain `python` for
+    one), `fault` as its PROBE_FAULT; returns (exit code, output). With `until`, the launcher's whole session is
+    killed 2 s after that text appears (a rank it cannot end itself stays stopped for its 30 s). """
+    env = dict(os.environ, OMP_NUM_THREADS='1', PROBE_FAULT=fault,
+               PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get('PYTHONPATH', '')]))
+    launch = [sys.executable, '-m', 'accelerate.commands.launch', '--multi_gpu', '--num_processes', str(processes),
+              '--num_machines', '1', '--mixed_precision', 'no', '--dynamo_backend', 'no', '--main_process_port',
+              str(_free_port())] if processes > 1 else [sys.executable]
+    proc = subprocess.Popen(launch + [str(PROBE), str(dump_dir), tag, *flags], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True)
+    lines, seen_at = [], [None]
+
+    def read() -> None:
+        for line in proc.stdout:
+            lines.append(line)
+            if until and until in line and seen_at[0] is None:
+                seen_at[0] = time.monotonic()
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    deadline = time.monotonic() + TIMEOUT_S
+    try:
+        while proc.poll() is None and time.monotonic() < deadline:
+            if seen_at[0] is not None and time.monotonic() > seen_at[0] + 2:
+                break
+            time.sleep(0.2)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        reader.join(10)
+    return proc.returncode, ''.join(lines)
+
+
+def _trained(dump_dir: Path, tag: str, rank: int) -> list:
+    return [i for s, i in torch.load(dump_dir / f'rank{rank}-{tag}.pt', weights_only=True)['seen'] if s == 'train']
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(3 * TIMEOUT_S)
+def test_sigterm_to_the_launcher_stops_every_rank_and_one_process_resumes_at_the_same_sample(tmp_path):
+    """ SIGTERM to `accelerate launch` of 2 ranks (batch 8 each) in epoch 1: both stop at the same step with a
+    checkpoint there, exit 143 with the resume line and no traceback; resumed on 1 process the global batch of 16
+    stays (batch 8 x 2 accumulation, said and recorded), and epoch 1 trains on each of its samples once. """
+    out = tmp_path / 'out'
+    flags = FLAGS + ['--output', str(out), '--experiment', 'run']
+    code, log = _launch(tmp_path, 'stopped', flags, fault='0:9:sigterm-launcher')  # in step 1
+    run = out / 'run'
+    assert code == 143 and 'Traceback' not in log, log[-3000:]
+    (line,) = [l for l in log.splitlines() if l.startswith('timm-dirac-train: stopped by SIGTERM')]
+    (stopped,) = list(run.glob('checkpoint-0-step*'))
+    assert f'keeps {stopped.name}' in line and f'--resume {run}' in line
+    steps = int(stopped.name.rsplit('step', 1)[1])
+    assert 0 < steps < TRAIN // (BATCH * 2)
+
+    code, log = _launch(tmp_path, 'resumed', flags[:-2] + ['--resume', str(run)], processes=1)
+    assert code == 0, log[-3000:]
+    said = [l for l in log.splitlines() if l.startswith('resume: 1 process(es) instead of 2')]
+    assert len(said) == 1 and f'the global batch stays {BATCH * 2} (-b {BATCH} x 1 x 2 accumulation' in said[0]
+    assert yaml.safe_load((run / 'args.yaml').read_text())['grad_accum_steps'] == 2
+    first = [_trained(tmp_path, 'stopped', r)[:steps * BATCH] for r in (0, 1)]  # (each read one batch ahead)
+    rest = _trained(tmp_path, 'resumed', 0)[:TRAIN - 2 * steps * BATCH]
+    kept, _ = holdout_indices(len(load_split(f'hfds/{SAMPLE}', None, 'train')[0]), HOLDOUT)
+    assert sorted(first[0] + first[1] + rest) == sorted(fixed_subset(kept, TRAIN, 'train'))
+    state = torch.load(run / 'last' / 'train_state.pt', weights_only=True)
+    assert state['epoch'] == EPOCHS and state['num_updates'] == EPOCHS * TRAIN // (BATCH * 2)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(3 * TIMEOUT_S)
+def test_a_one_process_run_resumes_on_two_processes_with_its_global_batch(tmp_path):
+    """ Stopped by SIGTERM inside epoch 1 on one process (batch 16), resumed on two: batch 8 each, said once and
+    recorded in args.yaml; the checkpoint is continued, never refused. """
+    out = tmp_path / 'out'
+    flags = FLAGS[:FLAGS.index('-b')] + ['-b', '16'] + FLAGS[FLAGS.index('-b') + 2:] + ['--output', str(out),
+                                                                                          '--experiment', 'run']
+    code, log = _launch(tmp_path, 'one', flags, processes=1, fault='0:20:sigterm')
+    run = out / 'run'
+    assert code == 143, log[-3000:]
+    (stopped,) = list(run.glob('checkpoint-0-step*'))
+    steps = int(stopped.name.rsplit('step', 1)[1])
+    code, log = _launch(tmp_path, 'two', flags[:-2] + ['--resume', str(run)])
+    assert code == 0, log[-3000:]
+    said = [l for l in log.splitlines() if l.startswith('resume: 2 process(es) instead of 1')]
+    assert len(said) == 1 and 'the global batch stays 16 (-b 8 x 2 x 1 accumulation, was -b 16 x 1 x 1)' in said[0]
+    recorded = (run / 'args.yaml').read_text()
+    assert yaml.safe_load(recorded)['batch_size'] == 8 and '2 process(es) instead of 1' in recorded
+    first = _trained(tmp_path, 'one', 0)[:steps * 16]
+    rest = [_trained(tmp_path, 'two', r)[:(TRAIN - steps * 16) // 2] for r in (0, 1)]
+    kept, _ = holdout_indices(len(load_split(f'hfds/{SAMPLE}', None, 'train')[0]), HOLDOUT)
+    assert sorted(first + rest[0] + rest[1]) == sorted(fixed_subset(kept, TRAIN, 'train'))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(2 * TIMEOUT_S)
+@pytest.mark.parametrize('fault', ['kill', 'stop'])
+def test_a_rank_that_ends_or_hangs_is_named_with_the_run_to_resume(tmp_path, fault):
+    """ Rank 1 SIGKILLed (rank 0's gloo says only `Connection reset by peer`) or SIGSTOPped (rank 0 waits until
+    --dist-timeout) in epoch 2: rank 0 names rank 1 and the run to resume, in one line, and ends with code 2. """
+    out = tmp_path / 'out'
+    flags = FLAGS + ['--output', str(out), '--experiment', 'run', '--dist-timeout', '15']
+    code, log = _launch(tmp_path, fault, flags, fault=f'1:{TRAIN // 2 + 20}:{fault}', until='timm-dirac-train: error')
+    assert code != 0
+    (line,) = [l for l in log.splitlines() if l.startswith('timm-dirac-train: error')]
+    what = 'did not answer within --dist-timeout 15 s' if fault == 'stop' else 'stopped answering'
+    assert f"rank 1 (on {socket.gethostname()}) of the run's 2 processes {what}" in line, log[-3000:]
+    assert f'keeps checkpoint-1 (epoch 1): continue with --resume {out / "run"}' in line
+    assert torch.load(tmp_path / f'rank0-{fault}.pt', weights_only=True)['code'] == 2

@@ -2,20 +2,25 @@
 
 The YAML is read as timm's train.py reads it (a config parser, then `parser.set_defaults`), but each value goes
 through the flag's own parser first, so `epochs: true` or `lr: true` is refused as `--epochs True` would be, not
-carried into the run; unknown keys are refused too.
+carried into the run; unknown keys are refused too. `--config NAME` that is no file names a config shipped with the
+package (`train_configs/`, in the wheel as `timm_dirac/train_configs/`).
 """
 import argparse
 import math
 import os
 from pathlib import Path
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import yaml
 from timm.utils import ParseKwargs
 
 import timm
 
-__all__ = ['ConfigError', 'build_parser', 'parse_args', 'check_args']
+__all__ = ['ConfigError', 'build_parser', 'parse_args', 'check_args', 'shipped_configs', 'args_yaml', 'read_config']
+
+MAX_CONFIG_BYTES = 1 << 20  # a config is a page of flags; bigger is a mistake or an attack
+MAX_CONFIG_DEPTH = 16  # nesting of YAML collections (model_kwargs: {layers: [..]} is 3)
+NOT_RECORDED = ('config', 'resume', 'debug')  # how a run was invoked, not what it is: not in its args.yaml
 
 
 class ConfigError(ValueError):
@@ -39,6 +44,75 @@ class _Parser(argparse.ArgumentParser):
         if self.source:
             raise ConfigError(f'{self.source}: {message} (see timm-dirac-train --help).')
         self.exit(2, f'{self.prog}: error: {message} (see --help)\n')
+
+
+class _ConfigLoader(yaml.SafeLoader):
+    """ `yaml.safe_load` bounded: aliases (`*name`) are refused, since values are parsed again from their text and a
+    few nested aliases expand exponentially there (an alias bomb), and so is nesting deeper than MAX_CONFIG_DEPTH
+    (PyYAML composes recursively). The file's size is bounded by `read_config`. """
+    depth = 0
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            raise yaml.composer.ComposerError(None, None, 'an alias (*name): configs take plain values only, write '
+                                              'them out', self.peek_event().start_mark)
+        self.depth += 1
+        try:
+            if self.depth > MAX_CONFIG_DEPTH:
+                raise yaml.composer.ComposerError(None, None, f'values nested deeper than {MAX_CONFIG_DEPTH} levels',
+                                                  self.peek_event().start_mark)
+            return super().compose_node(parent, index)
+        finally:
+            self.depth -= 1
+
+
+def shipped_configs() -> Path:
+    """ The folder of the configs shipped with the package: `timm_dirac/train_configs/` in an installed wheel, the
+    clone's `train_configs/` beside the package otherwise. """
+    package = Path(__file__).resolve().parents[1]
+    installed = package / 'train_configs'
+    return installed if installed.is_dir() else package.parent / 'train_configs'
+
+
+def _find_config(name: str) -> Path:
+    """ `name` as a path, else the shipped config of that name (with or without .yaml). """
+    path = Path(os.path.expanduser(name))
+    if path.exists() or path.parent != Path('.'):
+        return path
+    folder = shipped_configs()
+    for candidate in (folder / name, folder / f'{name}.yaml'):
+        if candidate.is_file():
+            return candidate
+    shipped = ', '.join(sorted(p.name for p in folder.glob('*.yaml'))) or 'none found'
+    raise ConfigError(f'config file {name} not found: pass a path, or the name of a shipped config ({shipped}).')
+
+
+def read_config(name: str) -> Tuple[Path, Dict[str, Any]]:
+    """ The config file `name` (a path, or a shipped config's name) and its mapping, read with bounds. """
+    path = _find_config(name)
+    try:
+        if path.stat().st_size > MAX_CONFIG_BYTES:
+            raise ConfigError(f'config file {path} is {path.stat().st_size} bytes, more than a config of flags needs '
+                              f'({MAX_CONFIG_BYTES}): pass a file of flag: value lines.')
+        with open(path, encoding='utf-8') as f:
+            cfg = yaml.load(f, Loader=_ConfigLoader) or {}
+    except OSError as e:
+        raise ConfigError(f'cannot read config file {path}: {e.strerror}.') from e
+    except (yaml.YAMLError, UnicodeDecodeError) as e:  # also python/object tags, which safe_load never constructs
+        where = getattr(e, 'problem_mark', None)
+        line = f' line {where.line + 1}' if where else ''
+        problem = getattr(e, 'problem', None) or str(e).splitlines()[0]
+        raise ConfigError(f'{path}{line} is not plain YAML ({problem}); write flag: value lines only.') from e
+    if not isinstance(cfg, dict):
+        raise ConfigError(f'{path} must be a YAML mapping of flag names to values.')
+    return path, cfg
+
+
+def args_yaml(args: argparse.Namespace, notes: Sequence[str] = ()) -> str:
+    """ A run's args.yaml: its flags (reusable as `--config`), `notes` as comment lines above them. """
+    values = {k: v for k, v in vars(args).items() if k not in NOT_RECORDED}
+    header = ''.join(f'# {line}\n' for note in notes for line in note.splitlines())
+    return header + yaml.safe_dump(values, sort_keys=False)
 
 
 def build_parser() -> _Parser:
@@ -138,6 +212,10 @@ def build_parser() -> _Parser:
                    help='run folder name inside --output (default: time-model-size)')
     g.add_argument('--resume', default='', metavar='DIR', help='run folder to continue (or its last checkpoint)')
     g.add_argument('--checkpoint-hist', type=int, default=3, metavar='N', help='best checkpoints to keep')
+    g.add_argument('--dist-timeout', type=float, default=600, metavar='S',
+                   help='seconds a process waits for the others in a collective (torch.distributed) before the run '
+                   'stops naming the process that did not answer; raise it where one process legitimately works '
+                   'alone longer (e.g. rank 0 downloading a dataset the others wait for)')
     g.add_argument('--eval-metric', default='top1', choices=['top1', 'top5', 'loss'])
     g.add_argument('--debug', action='store_true', help='tracebacks instead of one-line refusals')
     return p
@@ -172,12 +250,17 @@ def _config_value(parser: _Parser, key: Any, value: Any, path: str) -> Any:
 
 def _resolve_paths(cfg: Dict[str, Any], config_dir: Path) -> Dict[str, Any]:
     """ A config's relative data and weights paths as a user expects: from the working directory if they exist
-    there, else from the config file's folder (so a config runs from anywhere); other values unchanged. """
+    there, else from the config file's folder, else from the folder that holds the installed package (so that the
+    shipped configs' `timm_dirac/assets/...` resolves in a clone and from a wheel alike); other values unchanged. """
+    bases = (config_dir, Path(__file__).resolve().parents[2])
+
     def resolve(path: str) -> str:
         if os.path.isabs(os.path.expanduser(path)) or os.path.exists(path):
             return path
-        beside = config_dir / path
-        return str(beside.resolve()) if beside.exists() else path
+        for base in bases:
+            if (base / path).exists():
+                return str((base / path).resolve())
+        return path
 
     out = dict(cfg)
     for key in ('data_dir', 'data-dir', 'initial_checkpoint', 'initial-checkpoint'):
@@ -198,25 +281,53 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     config_parser.add_argument('-c', '--config', default='')
     known, _ = config_parser.parse_known_args(argv)
     if known.config:
-        path = known.config
-        try:
-            with open(path, encoding='utf-8') as f:
-                cfg = yaml.safe_load(f) or {}
-        except OSError as e:
-            raise ConfigError(f'cannot read config file {path}: {e.strerror}.') from e
-        except yaml.YAMLError as e:  # also python/object tags, which safe_load never constructs
-            where = getattr(e, 'problem_mark', None)
-            line = f' line {where.line + 1}' if where else ''
-            problem = getattr(e, 'problem', None) or str(e).splitlines()[0]
-            raise ConfigError(f'{path}{line} is not plain YAML ({problem}); write flag: value lines only.') from e
-        if not isinstance(cfg, dict):
-            raise ConfigError(f'{path} must be a YAML mapping of flag names to values.')
+        path, cfg = read_config(known.config)
+        # a run's args.yaml of an earlier version records `config` (the file its values came from): not a value
+        cfg = {k: v for k, v in cfg.items() if str(k) != 'config'}
         checker = build_parser()
-        parser.set_defaults(**{str(key).replace('-', '_'): _config_value(checker, key, value, path)
-                               for key, value in _resolve_paths(cfg, Path(path).parent).items()})
+        parser.set_defaults(**{str(key).replace('-', '_'): _config_value(checker, key, value, str(path))
+                               for key, value in _resolve_paths(cfg, path.parent).items()})
     args = parser.parse_args(argv)
+    if known.config:
+        args.config = str(path)  # the file read (a shipped config's name found in the package)
     args.model_kwargs = {**parser.get_default('model_kwargs'), **args.model_kwargs}  # the command line's over YAML's
     return args
+
+
+# the bounds of the numeric flags (any other numeric flag: a finite number >= 0; none may be NaN or infinite)
+_AT_LEAST = dict(
+    **dict.fromkeys(('batch_size', 'validation_batch_size', 'epochs', 'grad_accum_steps', 'log_interval',
+                     'checkpoint_hist', 'lr_base_size', 'train_num_samples', 'val_num_samples', 'decay_milestones',
+                     'img_size', 'input_size'), 1),
+    num_classes=2)
+_ABOVE_0 = ('decay_epochs', 'dist_timeout')  # a step every 0 epochs divides by zero; a 0 s timeout fails every wait
+_AT_MOST_1 = ('drop', 'mixup_prob', 'mixup_switch_prob', 'model_ema_decay', 'reprob', 'hflip', 'scale')
+_BELOW_1 = ('smoothing', 'momentum')  # smoothing 1 leaves no label, momentum 1 never forgets a gradient
+_RANGES = ('scale', 'ratio')  # (min, max), both above 0
+
+
+def _check_numbers(args: argparse.Namespace) -> None:
+    """ Every numeric flag of the parser within its bounds (finite, not negative, and the bounds above). """
+    for action in build_parser()._actions:
+        if action.type not in (int, float) or getattr(args, action.dest, None) is None:
+            continue
+        name, value = action.dest, getattr(args, action.dest)
+        values = list(value) if isinstance(value, (list, tuple)) else [value]
+        flag = f'--{name.replace("_", "-")}'
+        low = _AT_LEAST.get(name, 0)
+        if not all(math.isfinite(v) for v in values):
+            raise ConfigError(f'{flag} must be a finite number, got {value}.')
+        if min(values) < low or (name in _ABOVE_0 + _RANGES and min(values) <= 0):
+            what = 'above 0' if name in _ABOVE_0 + _RANGES else f'at least {low}'
+            raise ConfigError(f'{flag} must be {what}, got {value}.')
+        if name in _AT_MOST_1 and max(values) > 1:
+            raise ConfigError(f'{flag} is a fraction between 0 and 1, got {value}.')
+        if name in _BELOW_1 and max(values) >= 1:
+            raise ConfigError(f'{flag} must be below 1, got {value}.')
+        if name in _RANGES and values[0] > values[1]:
+            raise ConfigError(f'{flag} is MIN MAX, got {value}: the first must not be larger.')
+        if name == 'seed' and value >= 2 ** 32:
+            raise ConfigError(f'{flag} must be below 2**32 (numpy\'s seeds), got {value}.')
 
 
 def check_args(args: argparse.Namespace) -> None:
@@ -226,22 +337,7 @@ def check_args(args: argparse.Namespace) -> None:
     if not args.model.startswith(('hf-hub:', 'local-dir:')) and not timm.is_model(args.model):
         dirac = ', '.join(timm.list_models('diracnet*'))
         raise ConfigError(f'unknown model {args.model!r}; DiracNets are {dirac} (any timm model name works too).')
-    for low, names in ((1, ('batch_size', 'epochs', 'grad_accum_steps', 'log_interval', 'checkpoint_hist',
-                            'lr_base_size', 'validation_batch_size', 'train_num_samples', 'val_num_samples',
-                            'decay_milestones')), (0, ('workers', 'warmup_epochs', 'holdout'))):
-        for name in names:
-            value = getattr(args, name)
-            if value is not None and min(value if isinstance(value, list) else [value]) < low:
-                raise ConfigError(f'--{name.replace("_", "-")} must be at least {low}, got {value}.')
-    for name in ('lr', 'lr_base', 'momentum', 'weight_decay', 'warmup_lr', 'min_lr', 'decay_rate', 'decay_epochs',
-                 'clip_grad', 'drop', 'smoothing', 'mixup', 'cutmix', 'mixup_prob', 'model_ema_decay', 'reprob',
-                 'color_jitter', 'hflip'):
-        value = getattr(args, name)
-        if value is not None and not (math.isfinite(value) and value >= 0):
-            raise ConfigError(f'--{name.replace("_", "-")} must be a finite number >= 0, got {value}.')
-    for name in ('drop', 'smoothing', 'mixup_prob', 'model_ema_decay', 'reprob', 'hflip'):
-        if getattr(args, name) > 1:
-            raise ConfigError(f'--{name.replace("_", "-")} is a fraction between 0 and 1, got {getattr(args, name)}.')
+    _check_numbers(args)
     if (args.mixup or args.cutmix) and args.batch_size % 2:
         raise ConfigError(f'mixup/cutmix pair samples within a batch: --batch-size must be even, '
                           f'got {args.batch_size}.')
