@@ -51,7 +51,8 @@ def test_shipped_files_resolve_inside_the_package():
 def test_an_installed_wheel_loads_the_weights_and_the_sample_outside_a_clone(tmp_path):
     pytest.importorskip('setuptools', reason='the wheel is built offline with this environment\'s setuptools')
     source = tmp_path / 'source'  # what the build reads, without build/ or *.egg-info left over in the clone
-    shutil.copytree(ROOT / 'timm_dirac', source / 'timm_dirac', ignore=shutil.ignore_patterns('__pycache__'))
+    for folder in ('timm_dirac', 'train_configs'):  # train_configs/ ships as timm_dirac/train_configs/
+        shutil.copytree(ROOT / folder, source / folder, ignore=shutil.ignore_patterns('__pycache__'))
     for name in ('pyproject.toml', 'README.md'):
         shutil.copy(ROOT / name, source / name)
     pip = [sys.executable, '-m', 'pip', '--disable-pip-version-check', '-q']
