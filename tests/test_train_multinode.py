@@ -27,6 +27,7 @@ from typing import Tuple
 
 import yaml
 
+import psutil
 import pytest
 import torch
 from accelerate.utils import RNG_STATE_NAME
@@ -206,7 +207,9 @@ def _launch(dump_dir: Path, tag: str, flags: list, processes: int = 2, fault: st
                 break
             time.sleep(0.2)
     finally:
-        if proc.poll() is None:
+        if proc.poll() is None:  # its ranks too: torchrun starts each in a session of its own
+            for process in psutil.Process(proc.pid).children(recursive=True):
+                process.kill()
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
         reader.join(10)
