@@ -161,7 +161,7 @@ def test_card_usage_runs_on_a_fresh_machine(tmp_path, fake_hub):
     add_to_hf_cache(uploaded, repo_id, tmp_path / 'hf_cache')
     card = (uploaded / 'README.md').read_text()
 
-    installs = re.findall(r'^pip install (\S+)', card, re.M)
+    installs = re.findall(r'^git clone .* && pip install -e \./(\S+)$', card, re.M)  # from a clone, until an index serves it
     assert installs == [tomllib.loads((ROOT / 'pyproject.toml').read_text())['project']['name']]
     image = tmp_path / 'image.png'
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (48, 64, 3), dtype=np.uint8)).save(image)
